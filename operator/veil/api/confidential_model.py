@@ -1,0 +1,277 @@
+"""ConfidentialModel: a sealed ONNX model served only inside attested confidential capacity."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, Field
+
+from veil.api.base import (
+    DNS_LABEL_PATTERN,
+    DNS_NAME_PATTERN,
+    SHA256_PATTERN,
+    Condition,
+    CustomResource,
+    LabelSelector,
+    ObjectReference,
+    ResourceRequirements,
+    Rule,
+    WireModel,
+    conditions_field,
+)
+
+Isolation = Literal["confidentialVM", "confidentialACI", "coco"]
+Platform = Literal["sevsnp", "tdx"]
+
+# Azure confidential VM families: DCasv5/ECasv5 (AMD SEV-SNP), DCesv5/ECesv5 (Intel TDX),
+# and their v6 successors. Sizes look like Standard_DC4as_v5 or Standard_EC8es_v5.
+CONFIDENTIAL_VM_SIZE_PATTERN = r"^Standard_[DE]C[0-9]+(as|ads|es|eds)_v[56]$"
+HTTPS_URL_PATTERN = r"^https://[^\s/$.?#][^\s]*$"
+
+
+def _check_cidr(value: str) -> str:
+    if "/" not in value:
+        raise ValueError("must be a CIDR such as 20.0.0.0/24")
+    ipaddress.ip_network(value, strict=True)
+    return value
+
+
+Cidr = Annotated[
+    str,
+    AfterValidator(_check_cidr),
+    Field(
+        max_length=43,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "isCIDR(self)", "message": "must be a CIDR such as 20.0.0.0/24"}
+            ]
+        },
+    ),
+]
+
+
+class SealedArtifact(WireModel):
+    """Where the sealed model lives and the digest of its sealed bytes."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(https|file|az|oci)://\S+$",
+        description="Location of the sealed model (https://, az://container/blob, file://, oci://).",
+    )
+    sha256: str = Field(pattern=SHA256_PATTERN, description="Hex sha256 of the sealed file.")
+    format: Literal["onnx"] = "onnx"
+
+
+class NodePool(WireModel):
+    """An AKS node pool of confidential VMs that Veil ensures before scheduling."""
+
+    subscription_id: str = Field(min_length=1, max_length=64)
+    resource_group: str = Field(min_length=1, max_length=90)
+    cluster_name: str = Field(min_length=1, max_length=63)
+    name: str = Field(
+        min_length=1,
+        max_length=12,
+        pattern=r"^[a-z][a-z0-9]{0,11}$",
+        description="AKS pool names: lowercase alphanumerics, at most 12 characters.",
+    )
+    vm_size: str = Field(
+        max_length=64,
+        pattern=CONFIDENTIAL_VM_SIZE_PATTERN,
+        description="A confidential VM size: DCasv5/ECasv5 (SEV-SNP) or DCesv5/ECesv5 (TDX).",
+    )
+    count: int = Field(default=1, ge=0, le=1000)
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+
+def _platform_matches_size(tee: TrustedExecution) -> bool:
+    if tee.node_pool is None:
+        return True
+    # The letter after the core count names the processor: a (AMD SEV-SNP), e (Intel TDX).
+    family_letter = "a" if tee.platform == "sevsnp" else "e"
+    return re.match(rf"^Standard_[DE]C[0-9]+{family_letter}", tee.node_pool.vm_size) is not None
+
+
+class TrustedExecution(WireModel):
+    """The trusted execution environment the model may be decrypted in."""
+
+    isolation: Isolation = Field(description="confidentialVM, confidentialACI or coco.")
+    platform: Platform = Field(default="sevsnp", description="sevsnp (AMD) or tdx (Intel).")
+    node_pool: NodePool | None = None
+    runtime_class_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+        description="Runtime class for coco isolation, e.g. kata-qemu-snp.",
+    )
+    cce_policy: str | None = Field(
+        default=None,
+        max_length=65536,
+        pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+        description="Base64 confidential-computing enforcement policy for confidentialACI.",
+    )
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.isolation != 'coco' || has(self.runtimeClassName)",
+            message="isolation coco requires runtimeClassName (e.g. kata-qemu-snp)",
+            check=lambda t: t.isolation != "coco" or t.runtime_class_name is not None,
+            field_path=".runtimeClassName",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.isolation != 'confidentialACI' || has(self.ccePolicy)",
+            message="isolation confidentialACI requires ccePolicy (the base64 CCE policy)",
+            check=lambda t: t.isolation != "confidentialACI" or t.cce_policy is not None,
+            field_path=".ccePolicy",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.isolation != 'confidentialACI' || self.platform == 'sevsnp'",
+            message="confidentialACI runs on AMD SEV-SNP only: platform must be sevsnp",
+            check=lambda t: t.isolation != "confidentialACI" or t.platform == "sevsnp",
+            field_path=".platform",
+        ),
+        Rule(
+            cel="!has(self.nodePool) || self.isolation == 'confidentialVM'",
+            message="nodePool can only be ensured for isolation confidentialVM",
+            check=lambda t: t.node_pool is None or t.isolation == "confidentialVM",
+            field_path=".nodePool",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel=(
+                "!has(self.nodePool) || (self.platform == 'sevsnp' ? "
+                "self.nodePool.vmSize.matches('^Standard_[DE]C[0-9]+a') : "
+                "self.nodePool.vmSize.matches('^Standard_[DE]C[0-9]+e'))"
+            ),
+            message="nodePool.vmSize must match the platform: DCas/ECas sizes for sevsnp, "
+            "DCes/ECes sizes for tdx",
+            check=_platform_matches_size,
+            field_path=".nodePool.vmSize",
+        ),
+    )
+
+
+class RequiredClaim(WireModel):
+    """An extra attestation claim the release policy demands, e.g. a measurement."""
+
+    claim: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")
+    equals: str | bool = Field(description="The value the claim must equal.")
+
+
+class KeyRelease(WireModel):
+    """The Key Vault key that wraps the model's data key, and who may have it released."""
+
+    vault_url: str = Field(max_length=512, pattern=HTTPS_URL_PATTERN)
+    key_name: str = Field(
+        min_length=1,
+        max_length=127,
+        pattern=r"^[0-9a-zA-Z-]+$",
+        description="Key Vault key names: letters, digits and dashes.",
+    )
+    attestation_authority: str = Field(
+        max_length=512,
+        pattern=HTTPS_URL_PATTERN,
+        description="The Microsoft Azure Attestation instance whose tokens may release the key.",
+    )
+    required_claims: list[RequiredClaim] = Field(default_factory=list, max_length=16)
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain", description="What happens to the key when the model is deleted."
+    )
+
+
+class Serving(WireModel):
+    """How the inference runtime is run."""
+
+    replicas: int = Field(default=1, ge=0, le=100)
+    port: int = Field(default=8000, ge=1024, le=65535)
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+
+
+class NetworkPeer(WireModel):
+    """Callers allowed in: pods matching both selectors (an absent selector matches all)."""
+
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.namespaceSelector) || has(self.podSelector)",
+            message="a peer needs namespaceSelector, podSelector or both",
+            check=lambda p: p.namespace_selector is not None or p.pod_selector is not None,
+            reason="FieldValueRequired",
+        ),
+    )
+
+
+class Network(WireModel):
+    """Who may call the model; everything else is denied."""
+
+    allow_from: list[NetworkPeer] = Field(default_factory=list, max_length=32)
+    egress_cidrs: list[Cidr] = Field(
+        default_factory=list,
+        max_length=32,
+        description="CIDRs of the attestation and Key Vault endpoints the sidecar must reach.",
+    )
+    fqdn_egress: bool = Field(
+        default=False,
+        description="Also emit a CiliumNetworkPolicy with toFQDNs (needs Cilium).",
+    )
+
+
+class Training(WireModel):
+    """Train the model with differential privacy instead of bringing a sealed one."""
+
+    budget_ref: ObjectReference
+    dataset_uri: str = Field(min_length=1, max_length=2048)
+    target_column: str = Field(min_length=1, max_length=256)
+    family: Literal["logisticRegression", "gaussianNB", "randomForest"] = "logisticRegression"
+    epsilon: float = Field(gt=0, le=100)
+    delta: float = Field(default=0.0, ge=0, lt=1)
+
+
+class ConfidentialModelSpec(WireModel):
+    model: SealedArtifact | None = None
+    tee: TrustedExecution
+    key_release: KeyRelease
+    serving: Serving = Field(default_factory=Serving)
+    network: Network = Field(default_factory=Network)
+    training: Training | None = None
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.model) || has(self.training)",
+            message="set model (a sealed ONNX artifact) or training (a DP training stage)",
+            check=lambda s: s.model is not None or s.training is not None,
+            reason="FieldValueRequired",
+        ),
+    )
+
+
+class ConfidentialModelStatus(WireModel):
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: list[Condition] = conditions_field()
+    key_id: str | None = Field(default=None, max_length=1024)
+    key_version: str | None = Field(default=None, max_length=128)
+    ready_replicas: int | None = Field(default=None, ge=0)
+    node_pool_state: str | None = Field(default=None, max_length=64)
+    service_name: str | None = Field(default=None, max_length=253, pattern=DNS_NAME_PATTERN)
+
+
+class ConfidentialModel(CustomResource):
+    kind_name: ClassVar[str] = "ConfidentialModel"
+    plural: ClassVar[str] = "confidentialmodels"
+    short_names: ClassVar[tuple[str, ...]] = ("cmodel", "cm-veil")
+    key_columns: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "Isolation", "type": "string", "jsonPath": ".spec.tee.isolation"},
+        {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Key-Version", "type": "string", "jsonPath": ".status.keyVersion", "priority": 1},
+    )
+
+    kind: Literal["ConfidentialModel"] = "ConfidentialModel"
+    spec: ConfidentialModelSpec
+    status: ConfidentialModelStatus = Field(default_factory=ConfidentialModelStatus)

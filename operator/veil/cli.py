@@ -1,0 +1,89 @@
+"""The one `veil` command: every role Veil plays is a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _write_crds(args: argparse.Namespace) -> int:
+    from veil.api.crd import all_crds
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file_name, crd in all_crds().items():
+        (out_dir / file_name).write_text(render_yaml(crd))
+        print(f"wrote {out_dir / file_name}")
+    return 0
+
+
+def render_yaml(document: object) -> str:
+    """YAML as committed under crds/: stable key order, readable unicode."""
+    import yaml
+
+    return "---\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from veil.operator_main import run
+
+    return run(
+        namespaces=args.namespace,
+        all_namespaces=args.all_namespaces,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        peering=args.peering,
+        standalone=args.standalone,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veil", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="write the CustomResourceDefinitions from the API models")
+    crds.add_argument("--output", "-o", default="crds", help="directory to write (default: crds)")
+    crds.set_defaults(func=_write_crds)
+
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; glob patterns allowed)",
+    )
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        default=True,
+        help="watch every namespace (default)",
+    )
+    run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port")
+    run.add_argument("--health-port", type=int, default=8081, help="liveness /healthz port")
+    run.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering object for HA (needs the peering CRDs); default: standalone",
+    )
+    run.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no peering even if --peering is given (local development)",
+    )
+    run.set_defaults(func=_run_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin kopf handlers: read the object, call the domain, write status."""

@@ -1,0 +1,124 @@
+"""The reconcile skeleton every kind shares: validate, run the domain, write status once.
+
+Status is written at the end of every reconcile, and only when it differs from what the
+object already has, so a no-op resync issues no write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import kopf
+from pydantic import BaseModel, ValidationError
+
+from veil.conditions import Outcome, apply_outcome, now_rfc3339
+from veil.metrics import RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL, RESOURCE_READY
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+@dataclass
+class Result:
+    """A domain reconcile's answer: the conditions' outcome and the kind's own status fields.
+
+    A status field set to None is removed from the object.
+    """
+
+    outcome: Outcome
+    status: dict[str, Any] = field(default_factory=dict)
+    requeue_after: float | None = None
+
+
+DomainFn = Callable[[SpecT, Mapping[str, Any], Any], Awaitable[Result]]
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field by its wire path."""
+    lines = []
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"]) or "spec"
+        lines.append(f"spec.{path}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns `current` status into `desired`; empty when they agree."""
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        if value is None:
+            if key in current:
+                patch[key] = None
+        elif current.get(key) != value:
+            patch[key] = value
+    return patch
+
+
+async def reconcile(
+    *,
+    kind: str,
+    spec_model: type[SpecT],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    domain: DomainFn[SpecT],
+    logger: Any,
+) -> None:
+    started = time.monotonic()
+    meta = body.get("metadata", {})
+    generation = int(meta.get("generation", 0))
+    current_status: Mapping[str, Any] = body.get("status") or {}
+    result_label = "success"
+    error: Exception | None = None
+    try:
+        spec = spec_model.model_validate(dict(body.get("spec") or {}))
+    except ValidationError as invalid:
+        # The CRD should have refused this; an older CRD may not have. Nothing to retry.
+        result = Result(Outcome.stalled_with("InvalidSpec", describe_validation_error(invalid)))
+        result_label = "invalid"
+    else:
+        try:
+            result = await domain(spec, body, logger)
+        except kopf.PermanentError as failure:
+            result = Result(Outcome.stalled_with("ReconcileFailed", str(failure)))
+            result_label = "error"
+        except Exception as failure:  # every other failure is retried, and said in status
+            logger.exception("reconcile of %s failed", kind)
+            result = Result(
+                Outcome.failed("ReconcileError", f"{type(failure).__name__}: {failure}")
+            )
+            result_label = "error"
+            error = failure
+
+    desired = dict(result.status)
+    desired["observedGeneration"] = generation
+    desired["conditions"] = apply_outcome(
+        current_status.get("conditions", []), result.outcome, generation, now_rfc3339()
+    )
+    # A condition whose only change would be its timestamp keeps the old one (set_condition);
+    # so an unchanged outcome yields an empty patch.
+    for key, value in status_patch(current_status, desired).items():
+        patch.status[key] = value
+
+    RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
+    RESOURCE_READY.labels(kind, meta.get("namespace", ""), meta.get("name", "")).set(
+        1.0 if result.outcome.ready == "True" else 0.0
+    )
+    if error is not None:
+        RECONCILE_ERRORS.labels(kind).inc()
+        RECONCILE_TOTAL.labels(kind, "error").inc()
+        raise kopf.TemporaryError(str(error), delay=30) from error
+    if result.requeue_after is not None:
+        RECONCILE_TOTAL.labels(kind, "requeue").inc()
+        raise kopf.TemporaryError(result.outcome.message or "requeue", delay=result.requeue_after)
+    RECONCILE_TOTAL.labels(kind, result_label).inc()
+
+
+def forget(kind: str, body: kopf.Body) -> None:
+    """Drop a deleted object's per-object series."""
+    meta = body.get("metadata", {})
+    try:
+        RESOURCE_READY.remove(kind, meta.get("namespace", ""), meta.get("name", ""))
+    except KeyError:
+        return

@@ -1,0 +1,67 @@
+"""Start kopf with Veil's names, a liveness endpoint and a Prometheus endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from veil import API_GROUP
+from veil.metrics import REGISTRY
+
+FINALIZER = f"{API_GROUP}/finalizer"
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's defaults renamed under Veil's API group, and quieter events."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # Kubernetes Events for failures only: Veil posts its own on meaningful changes.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure(settings)
+
+
+@kopf.on.probe(id="handlers")
+def _probe(**_: Any) -> str:
+    return "ok"
+
+
+def import_handlers() -> None:
+    # Importing registers the handlers with kopf's default registry.
+    import veil.controllers.confidential_model
+    import veil.controllers.privacy_budget
+    import veil.controllers.synthetic_dataset  # noqa: F401
+
+
+def run(
+    *,
+    namespaces: list[str],
+    all_namespaces: bool,
+    metrics_port: int,
+    health_port: int,
+    peering: str | None,
+    standalone: bool,
+) -> int:
+    import_handlers()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if metrics_port:
+        start_http_server(metrics_port, registry=REGISTRY)
+    kopf.run(
+        standalone=standalone or peering is None,
+        peering_name=peering,
+        clusterwide=not namespaces and all_namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+    )
+    return 0

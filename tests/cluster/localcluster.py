@@ -1,0 +1,309 @@
+"""A real Kubernetes control plane as local processes: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kwok (fake nodes that run fake pods).
+
+The binaries come from hack/build-control-plane.sh (built from Go modules, cached).
+Everything listens on 127.0.0.1 only.
+
+    python -m tests.cluster.localcluster up --dir .cache/cluster   # start, print kubeconfig
+    python -m tests.cluster.localcluster down --dir .cache/cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster import certs
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+
+# Labels and taints of Azure confidential VM node pools, as Veil's placement expects them.
+CONFIDENTIAL_LABEL = ("kubernetes.azure.com/security-type", "ConfidentialVM")
+CONFIDENTIAL_TAINT = {"key": "veil.dev/confidential", "value": "true", "effect": "NoSchedule"}
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be built or started; the message says which part."""
+
+
+def build_binaries() -> Path:
+    """Run the build script (a no-op when cached) and return the bin directory."""
+    completed = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], check=False, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise ClusterError(
+            f"{BUILD_SCRIPT.name} failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+        )
+    return Path(completed.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LocalCluster:
+    directory: Path
+    bin_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    api_port: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    # --- processes -----------------------------------------------------------------------
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = (self.directory / "logs" / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [str(self.bin_dir / name.split("#")[0]), *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        (self.directory / "pids").mkdir(exist_ok=True)
+        (self.directory / "pids" / name).write_text(str(process.pid))
+
+    def _fail(self, name: str, why: str) -> ClusterError:
+        log = self.directory / "logs" / f"{name}.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        return ClusterError(f"{name} {why}; last log lines:\n{tail}")
+
+    def _wait_http(self, name: str, url: str, timeout: float, context: ssl.SSLContext | None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes[name]
+            if process.poll() is not None:
+                raise self._fail(name, f"exited with {process.returncode}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.2)
+        raise self._fail(name, f"not healthy at {url} after {timeout:.0f}s")
+
+    def _client_context(self, paths: certs.Paths) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(paths.ca_cert))
+        context.load_cert_chain(str(paths.admin_cert), str(paths.admin_key))
+        return context
+
+    def start(self) -> None:
+        for sub in ("logs", "etcd", "certs"):
+            (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        paths = certs.generate(self.directory / "certs", ["127.0.0.1", "localhost", "10.96.0.1"])
+        etcd_port, peer_port = free_port(), free_port()
+        self.api_port = free_port()
+
+        self._start("etcd", [
+            "--name=veil", f"--data-dir={self.directory / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=veil=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=4294967296",
+        ])
+        self._wait_http("etcd", f"http://127.0.0.1:{etcd_port}/health", 30, None)
+
+        self._start("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            f"--secure-port={self.api_port}", "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--tls-cert-file={paths.serving_cert}", f"--tls-private-key-file={paths.serving_key}",
+            f"--client-ca-file={paths.ca_cert}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={paths.service_account_pub}",
+            f"--service-account-signing-key-file={paths.service_account_key}",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false",
+            "--profiling=false", "--v=1",
+        ])
+        self._write_kubeconfig(paths)
+        self._wait_http(
+            "kube-apiserver", f"{self.server}/readyz", 90, self._client_context(paths)
+        )
+
+        self._start("kube-controller-manager", [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+            f"--service-account-private-key-file={paths.service_account_key}",
+            f"--root-ca-file={paths.ca_cert}",
+            f"--cluster-signing-cert-file={paths.ca_cert}",
+            f"--cluster-signing-key-file={paths.ca_key}",
+            "--use-service-account-credentials=false",
+            # No cloud and no real kubelets: IPAM and routes have nothing to do.
+            "--controllers=*,-nodeipam,-route,-cloud-node-lifecycle,-service-lb-controller",
+            f"--cluster-cidr={POD_CIDR}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--concurrent-gc-syncs=5", "--v=1",
+        ])
+        self._start("kube-scheduler", [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+            "--v=1",
+        ])
+        self._start("kwok", [
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}", "--node-ip=10.244.0.1",
+            "--node-lease-duration-seconds=40",
+            "--server-address=127.0.0.1:0",
+        ])
+        time.sleep(0.5)
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+            process = self.processes[name]
+            if process.poll() is not None:
+                raise self._fail(name, f"exited with {process.returncode}")
+        (self.directory / "server").write_text(self.server)
+
+    def _write_kubeconfig(self, paths: certs.Paths) -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "veil-local", "cluster": {
+                "server": self.server, "certificate-authority": str(paths.ca_cert)}}],
+            "users": [{"name": "veil-admin", "user": {
+                "client-certificate": str(paths.admin_cert),
+                "client-key": str(paths.admin_key)}}],
+            "contexts": [{"name": "veil-local", "context": {
+                "cluster": "veil-local", "user": "veil-admin", "namespace": "default"}}],
+            "current-context": "veil-local",
+        }
+        # JSON is YAML: every Kubernetes client reads it.
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+
+    def stop(self) -> None:
+        # Reverse start order: clients first, etcd last.
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / "pids" / name).unlink()
+        self.processes.clear()
+
+    # --- fake nodes ----------------------------------------------------------------------
+
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        completed = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text, capture_output=True, text=True, check=False,
+        )
+        if check and completed.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {completed.stderr.strip()}")
+        return completed.stdout
+
+    def add_nodes(self, ordinary: int = 2, confidential: int = 2) -> list[str]:
+        names = []
+        for index in range(ordinary + confidential):
+            is_confidential = index >= ordinary
+            name = f"{'cvm' if is_confidential else 'node'}-{index}"
+            labels = {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64", "type": "kwok",
+                "topology.kubernetes.io/zone": f"zone-{index % 2}",
+            }
+            spec: dict[str, object] = {}
+            if is_confidential:
+                labels[CONFIDENTIAL_LABEL[0]] = CONFIDENTIAL_LABEL[1]
+                spec["taints"] = [CONFIDENTIAL_TAINT]
+            node = {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": labels,
+                             "annotations": {"kwok.x-k8s.io/node": "fake"}},
+                "spec": spec,
+                "status": {
+                    "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+                    "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+                    "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                                 "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
+                },
+            }
+            self.kubectl("apply", "-f", "-", input_text=json.dumps(node))
+            names.append(name)
+        self.kubectl("wait", "--for=condition=Ready", "node", *names, "--timeout=60s")
+        return names
+
+
+@contextlib.contextmanager
+def running(directory: Path, nodes: bool = True) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(directory=directory, bin_dir=build_binaries())
+    try:
+        cluster.start()
+        if nodes:
+            cluster.add_nodes()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _down(directory: Path) -> None:
+    for pid_file in sorted((directory / "pids").glob("*")) if (directory / "pids").exists() else []:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["build", "up", "down"])
+    parser.add_argument("--dir", type=Path, default=REPO / ".cache" / "cluster")
+    args = parser.parse_args(argv)
+    if args.action == "build":
+        print(build_binaries())
+        return 0
+    if args.action == "down":
+        _down(args.dir)
+        return 0
+    _down(args.dir)
+    cluster = LocalCluster(directory=args.dir, bin_dir=build_binaries())
+    try:
+        cluster.start()
+        cluster.add_nodes()
+    except ClusterError:
+        cluster.stop()
+        raise
+    # Leave the processes running for `down`; they are in their own sessions.
+    cluster.processes.clear()
+    print(cluster.kubeconfig)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
