@@ -68,6 +68,10 @@ class LocalCluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     api_port: int = 0
 
+    def __post_init__(self) -> None:
+        # Paths end up in kubeconfigs read from other working directories.
+        self.directory = self.directory.resolve()
+
     @property
     def kubeconfig(self) -> Path:
         return self.directory / "kubeconfig"
@@ -274,10 +278,34 @@ def running(directory: Path, nodes: bool = True) -> Iterator[LocalCluster]:
 
 
 def _down(directory: Path) -> None:
-    for pid_file in sorted((directory / "pids").glob("*")) if (directory / "pids").exists() else []:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    """Stop processes that `up` left running: TERM, then KILL after a grace period."""
+    pid_dir = directory / "pids"
+    pids = {}
+    for pid_file in sorted(pid_dir.glob("*")) if pid_dir.exists() else []:
+        with contextlib.suppress(ValueError):
+            pids[pid_file] = int(pid_file.read_text())
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for pid_file, pid in pids.items():
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         pid_file.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has stopped all the same.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

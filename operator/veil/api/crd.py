@@ -100,7 +100,18 @@ def _object(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if node.get("required"):
             out["required"] = sorted(node["required"])
     extra = node.get("additionalProperties")
-    if isinstance(extra, dict) and extra:
+    patterned = node.get("patternProperties", {})
+    if len(patterned) == 1:
+        # A CRD has no patternProperties: values keep their schema, keys get a CEL rule.
+        ((key_pattern, value_schema),) = patterned.items()
+        out["additionalProperties"] = to_structural(value_schema, defs)
+        out.setdefault("x-kubernetes-validations", []).append(
+            {
+                "rule": f"self.all(k, k.matches('{key_pattern}'))",
+                "message": f"keys must match {key_pattern}",
+            }
+        )
+    elif isinstance(extra, dict) and extra:
         out["additionalProperties"] = to_structural(extra, defs)
     elif "properties" not in node:
         out["x-kubernetes-preserve-unknown-fields"] = True
