@@ -179,6 +179,11 @@ class KeyRelease(WireModel):
         description="The Microsoft Azure Attestation instance whose tokens may release the key.",
     )
     required_claims: list[RequiredClaim] = Field(default_factory=list, max_length=16)
+    workload_identity_client_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$",
+        description="Client id of the managed identity the pods use to call Key Vault.",
+    )
     deletion_policy: Literal["Retain", "Delete"] = Field(
         default="Retain", description="What happens to the key when the model is deleted."
     )

@@ -1,48 +1,227 @@
-"""ConfidentialModel handlers."""
+"""ConfidentialModel handlers: key, placement, network lockdown, drift correction.
+
+The handlers are thin: `converge` does the work through three narrow ports (Key Vault keys,
+AKS node pools, the Kubernetes API) and reports an outcome; `evaluate` turns it into status.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
 
 import kopf
 
-from veil import API_GROUP, API_VERSION
-from veil.api.confidential_model import ConfidentialModelSpec
+from veil import API_GROUP, API_VERSION, labels
+from veil.api.confidential_model import ConfidentialModelSpec, NodePool
 from veil.conditions import Outcome
-from veil.controllers.reconcile import Result, forget, reconcile
+from veil.config import OperatorConfig
+from veil.controllers.reconcile import Result, evaluate, forget, reconcile
+from veil.kube import apply
+from veil.resources import confidential_model as build
 
 KIND = "ConfidentialModel"
+PLURAL = "confidentialmodels"
+NODE_POOL_POLL_SECONDS = 30.0
 
 
-async def reconcile_model(
-    spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: Any
-) -> Result:
-    # Key Vault, placement and network children arrive with the ConfidentialModel reconciler;
-    # until then the object is accepted and honestly reported as not serving.
-    return Result(
-        Outcome.progressing(
-            "AwaitingRollout",
-            f"accepted: {spec.tee.isolation} model, {spec.serving.replicas} replica(s); "
-            "children not yet rolled out",
-        )
+class KeyVaultError(Exception):
+    """Key Vault refused or failed; the message says why in plain words."""
+
+
+@dataclass(frozen=True)
+class PoolState:
+    name: str
+    provisioning_state: str
+
+
+KeyEnsurer = Callable[[Mapping[str, Any], ConfidentialModelSpec], build.KeyRef]
+KeyRemover = Callable[[Mapping[str, Any], ConfidentialModelSpec], str]
+PoolEnsurer = Callable[[NodePool], PoolState]
+
+
+@dataclass
+class Ports:
+    """The outside world the reconciler talks to; the operator wires real ones at startup."""
+
+    ensure_key: KeyEnsurer
+    remove_key: KeyRemover
+    ensure_pool: PoolEnsurer
+    config: OperatorConfig
+
+
+def _unconfigured(*_: Any) -> Any:
+    raise KeyVaultError("the operator started without Azure ports (see veil.operator_main)")
+
+
+PORTS = Ports(_unconfigured, _unconfigured, _unconfigured, OperatorConfig())
+
+
+def _rollout_outcome(deployment: Mapping[str, Any] | None, replicas: int) -> tuple[Outcome, int]:
+    status = (deployment or {}).get("status") or {}
+    ready = int(status.get("readyReplicas") or 0)
+    current = (deployment or {}).get("metadata", {}).get("generation") == status.get(
+        "observedGeneration"
+    )
+    updated = int(status.get("updatedReplicas") or 0)
+    if current and ready >= replicas and updated >= replicas:
+        return Outcome.done("ModelServing", f"{ready}/{replicas} replica(s) ready"), ready
+    return (
+        Outcome.progressing("RollingOut", f"{ready}/{replicas} replica(s) ready; rolling out"),
+        ready,
     )
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, "confidentialmodels")
-@kopf.on.create(API_GROUP, API_VERSION, "confidentialmodels")
-@kopf.on.update(API_GROUP, API_VERSION, "confidentialmodels")
+def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
+    """Bring the model's world to its spec. Blocking; runs in a worker thread."""
+    meta = owner["metadata"]
+    status: dict[str, Any] = {}
+    if spec.tee.node_pool is not None:
+        pool = ports.ensure_pool(spec.tee.node_pool)
+        status["nodePoolState"] = pool.provisioning_state
+        if pool.provisioning_state != "Succeeded":
+            return Result(
+                Outcome.progressing(
+                    "NodePoolProvisioning",
+                    f"AKS node pool {pool.name} is {pool.provisioning_state}",
+                ),
+                status=status,
+                requeue_after=NODE_POOL_POLL_SECONDS,
+            )
+    if spec.model is None:
+        return Result(
+            Outcome.progressing("AwaitingTraining", "no sealed model yet: waiting for training"),
+            status=status,
+        )
+    try:
+        key = ports.ensure_key(owner, spec)
+    except KeyVaultError as refused:
+        return Result(
+            Outcome.failed("KeyVaultError", str(refused)), status=status, requeue_after=60
+        )
+    status.update(keyId=key.kid, keyVersion=key.version)
+
+    children = build.children(owner, spec, key, ports.config)
+    report = apply.ApplyReport()
+    stalled: Outcome | None = None
+    for manifest in children.apply:
+        try:
+            apply.ensure([manifest], report)
+        except apply.KindNotInstalledError as missing:
+            stalled = Outcome.stalled_with(
+                "CiliumNotInstalled",
+                f"network.fqdnEgress needs Cilium: {missing}; the other policies are applied",
+            )
+    apply.ensure_absent(children.absent, meta["namespace"], meta["uid"], report)
+    if report.writes:
+        kopf_event(owner, "Applied", _describe(report))
+
+    deployment = apply.get_object("apps/v1", "Deployment", meta["name"], meta["namespace"])
+    outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
+    status.update(readyReplicas=ready, serviceName=meta["name"])
+    return Result(stalled or outcome, status=status)
+
+
+def _describe(report: apply.ApplyReport) -> str:
+    parts = []
+    for verb, items in (
+        ("created", report.created),
+        ("updated", report.updated),
+        ("deleted", report.deleted),
+    ):
+        if items:
+            parts.append(f"{verb} {', '.join(items)}")
+    return "; ".join(parts)
+
+
+def kopf_event(owner: Mapping[str, Any], reason: str, message: str) -> None:
+    # kopf posts events for any mapping with apiVersion, kind and metadata.
+    kopf.info(cast(kopf.Body, owner), reason=reason, message=message)
+
+
+async def _domain(spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: Any) -> Result:
+    return await asyncio.to_thread(converge, body, spec, PORTS)
+
+
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
 async def on_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
     await reconcile(
         kind=KIND,
         spec_model=ConfidentialModelSpec,
         body=body,
         patch=patch,
-        domain=reconcile_model,
+        domain=_domain,
         logger=logger,
     )
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, "confidentialmodels", optional=True)
-async def on_model_deleted(body: kopf.Body, **_: Any) -> None:
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=60, idle=30)
+async def resync_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    """A periodic check for drift that no watch event reported; writes nothing when settled."""
+    await reconcile(
+        kind=KIND,
+        spec_model=ConfidentialModelSpec,
+        body=body,
+        patch=patch,
+        domain=_domain,
+        logger=logger,
+    )
+
+
+async def _on_child_event(event: Mapping[str, Any], logger: Any) -> None:
+    child = event.get("object") or {}
+    child_meta = child.get("metadata", {})
+    owner_name = (child_meta.get("labels") or {}).get(labels.INSTANCE)
+    namespace = child_meta.get("namespace")
+    if not owner_name or not namespace:
+        return
+    owner = await asyncio.to_thread(
+        apply.get_object, f"{API_GROUP}/{API_VERSION}", KIND, owner_name, namespace
+    )
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return  # the owner is gone or going: garbage collection takes the children
+    evaluation = await evaluate(
+        kind=KIND, spec_model=ConfidentialModelSpec, body=owner, domain=_domain, logger=logger
+    )
+    if evaluation.status_patch:
+        await asyncio.to_thread(
+            apply.patch_status,
+            f"{API_GROUP}/{API_VERSION}",
+            KIND,
+            owner_name,
+            namespace,
+            evaluation.status_patch,
+        )
+
+
+_CHILD_FILTER = {labels.OWNER_KIND: KIND}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=_CHILD_FILTER)
+@kopf.on.event("", "v1", "services", labels=_CHILD_FILTER)
+@kopf.on.event("", "v1", "serviceaccounts", labels=_CHILD_FILTER)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_CHILD_FILTER)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_CHILD_FILTER)
+async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
+    """A child was edited, deleted or changed status: restore it and refresh the owner."""
+    await _on_child_event(event, logger)
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Children go by garbage collection; the Key Vault key follows spec.deletionPolicy."""
     forget(KIND, body)
+    try:
+        spec = ConfidentialModelSpec.model_validate(dict(body.get("spec") or {}))
+    except ValueError:
+        logger.warning("spec unreadable at deletion: leaving the Key Vault key in place")
+        return
+    try:
+        outcome = await asyncio.to_thread(PORTS.remove_key, body, spec)
+    except KeyVaultError as refused:
+        message = f"could not delete the Key Vault key: {refused}"
+        raise kopf.TemporaryError(message, delay=30) from refused
+    logger.info(outcome)

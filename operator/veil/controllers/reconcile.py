@@ -56,15 +56,25 @@ def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return patch
 
 
-async def reconcile(
+@dataclass
+class Evaluation:
+    """A finished reconcile: the status merge patch to write, and whether to try again."""
+
+    status_patch: dict[str, Any]
+    retry_in: float | None = None
+    retry_reason: str = ""
+    error: Exception | None = None
+
+
+async def evaluate(
     *,
     kind: str,
     spec_model: type[SpecT],
-    body: kopf.Body,
-    patch: kopf.Patch,
+    body: Mapping[str, Any],
     domain: DomainFn[SpecT],
     logger: Any,
-) -> None:
+) -> Evaluation:
+    """Validate, run the domain, and compute the status patch; never raises for the domain."""
     started = time.monotonic()
     meta = body.get("metadata", {})
     generation = int(meta.get("generation", 0))
@@ -85,34 +95,52 @@ async def reconcile(
             result_label = "error"
         except Exception as failure:  # every other failure is retried, and said in status
             logger.exception("reconcile of %s failed", kind)
-            result = Result(
-                Outcome.failed("ReconcileError", f"{type(failure).__name__}: {failure}")
-            )
+            message = f"{type(failure).__name__}: {failure}"
+            result = Result(Outcome.failed("ReconcileError", message))
             result_label = "error"
             error = failure
 
     desired = dict(result.status)
     desired["observedGeneration"] = generation
+    # set_condition keeps an unchanged condition's timestamp, so an unchanged outcome
+    # yields an empty patch.
     desired["conditions"] = apply_outcome(
         current_status.get("conditions", []), result.outcome, generation, now_rfc3339()
     )
-    # A condition whose only change would be its timestamp keeps the old one (set_condition);
-    # so an unchanged outcome yields an empty patch.
-    for key, value in status_patch(current_status, desired).items():
-        patch.status[key] = value
-
     RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
     RESOURCE_READY.labels(kind, meta.get("namespace", ""), meta.get("name", "")).set(
         1.0 if result.outcome.ready == "True" else 0.0
     )
+    evaluation = Evaluation(status_patch(current_status, desired), error=error)
     if error is not None:
         RECONCILE_ERRORS.labels(kind).inc()
-        RECONCILE_TOTAL.labels(kind, "error").inc()
-        raise kopf.TemporaryError(str(error), delay=30) from error
-    if result.requeue_after is not None:
-        RECONCILE_TOTAL.labels(kind, "requeue").inc()
-        raise kopf.TemporaryError(result.outcome.message or "requeue", delay=result.requeue_after)
+        result_label = "error"
+        evaluation.retry_in, evaluation.retry_reason = 30, str(error)
+    elif result.requeue_after is not None:
+        result_label = "requeue"
+        evaluation.retry_in = result.requeue_after
+        evaluation.retry_reason = result.outcome.message or "requeue"
     RECONCILE_TOTAL.labels(kind, result_label).inc()
+    return evaluation
+
+
+async def reconcile(
+    *,
+    kind: str,
+    spec_model: type[SpecT],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    domain: DomainFn[SpecT],
+    logger: Any,
+) -> None:
+    """The kopf-handler form: status goes into kopf's patch; retries become TemporaryError."""
+    evaluation = await evaluate(
+        kind=kind, spec_model=spec_model, body=body, domain=domain, logger=logger
+    )
+    for key, value in evaluation.status_patch.items():
+        patch.status[key] = value
+    if evaluation.retry_in is not None:
+        raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
 
 
 def forget(kind: str, body: kopf.Body) -> None:

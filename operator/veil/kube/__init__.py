@@ -1,0 +1,1 @@
+"""Talking to the Kubernetes API: one client, idempotent apply, status writes."""

@@ -1,0 +1,134 @@
+"""Idempotent server-side apply of children, with Veil as the field manager."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+
+from veil.kube.drift import contains, first_difference
+from veil.labels import FIELD_MANAGER
+
+log = logging.getLogger(__name__)
+
+
+def api_client() -> client.ApiClient:
+    """In a pod: the service account; elsewhere: KUBECONFIG or ~/.kube/config."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+@functools.cache
+def dynamic_client() -> DynamicClient:
+    """One discovery-caching client per process."""
+    return DynamicClient(api_client())  # type: ignore[no-untyped-call]
+
+
+class KindNotInstalledError(Exception):
+    """The cluster does not serve this kind (e.g. Cilium's CRDs are absent)."""
+
+
+@dataclass
+class ApplyReport:
+    """What one apply pass did, so callers can count writes and explain them."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    @property
+    def writes(self) -> int:
+        return len(self.created) + len(self.updated) + len(self.deleted)
+
+
+def _resource(dyn: DynamicClient, api_version: str, kind: str) -> Any:
+    try:
+        return dyn.resources.get(api_version=api_version, kind=kind)
+    except ResourceNotFoundError as missing:
+        raise KindNotInstalledError(
+            f"{kind}.{api_version} is not served by this cluster"
+        ) from missing
+
+
+def _get(resource: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] = resource.get(name=name, namespace=namespace).to_dict()
+    except NotFoundError:
+        return None
+    return found
+
+
+def ensure(manifests: Iterable[dict[str, Any]], report: ApplyReport | None = None) -> ApplyReport:
+    """Apply each manifest that is missing or differs from the live object; skip the rest."""
+    dyn = dynamic_client()
+    report = report or ApplyReport()
+    for manifest in manifests:
+        meta = manifest["metadata"]
+        label = f"{manifest['kind']}/{meta['name']}"
+        resource = _resource(dyn, manifest["apiVersion"], manifest["kind"])
+        live = _get(resource, meta["name"], meta["namespace"])
+        if live is not None and contains(live, manifest):
+            report.unchanged.append(label)
+            continue
+        if live is not None:
+            log.info("correcting %s at %s", label, first_difference(live, manifest))
+        resource.server_side_apply(
+            body=manifest,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+        (report.created if live is None else report.updated).append(label)
+    return report
+
+
+def ensure_absent(
+    children: Iterable[tuple[str, str, str]],
+    namespace: str,
+    owner_uid: str,
+    report: ApplyReport | None = None,
+) -> ApplyReport:
+    """Delete children that should no longer exist, but only ones this owner controls."""
+    dyn = dynamic_client()
+    report = report or ApplyReport()
+    for api_version, kind, name in children:
+        try:
+            resource = _resource(dyn, api_version, kind)
+        except KindNotInstalledError:
+            continue
+        live = _get(resource, name, namespace)
+        if live is None:
+            continue
+        owners = live.get("metadata", {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == owner_uid for ref in owners):
+            continue
+        resource.delete(name=name, namespace=namespace)
+        report.deleted.append(f"{kind}/{name}")
+    return report
+
+
+def get_object(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+    return _get(_resource(dynamic_client(), api_version, kind), name, namespace)
+
+
+def patch_status(
+    api_version: str, kind: str, name: str, namespace: str, status: dict[str, Any]
+) -> None:
+    resource = _resource(dynamic_client(), api_version, kind)
+    resource.status.patch(
+        body={"status": status},
+        name=name,
+        namespace=namespace,
+        content_type="application/merge-patch+json",
+    )

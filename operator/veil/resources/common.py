@@ -1,0 +1,70 @@
+"""Metadata every child of a Veil resource carries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from veil import labels
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """A controller reference, so garbage collection removes the child with its owner."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def selector_labels(owner: Mapping[str, Any], app: str) -> dict[str, str]:
+    return {labels.NAME: app, labels.INSTANCE: owner["metadata"]["name"]}
+
+
+def child_metadata(
+    owner: Mapping[str, Any],
+    name: str,
+    app: str,
+    component: str,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner["metadata"]["namespace"],
+        "labels": {
+            **selector_labels(owner, app),
+            labels.COMPONENT: component,
+            labels.PART_OF: "veil",
+            labels.MANAGED_BY: "veil",
+            labels.OWNER_KIND: owner["kind"],
+        },
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def restricted_container_security() -> dict[str, Any]:
+    """What Pod Security's `restricted` level asks of every container."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

@@ -1,0 +1,379 @@
+"""The children of a ConfidentialModel: ServiceAccount, Deployment, Service, NetworkPolicies,
+PodDisruptionBudget and, for FQDN egress, a CiliumNetworkPolicy.
+
+Builders are pure: the same owner, spec, key and config always give the same manifests, in
+the canonical forms the API server stores (so comparing them with live objects is exact).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from veil import labels
+from veil.api.confidential_model import ConfidentialModelSpec, NetworkPeer
+from veil.config import OperatorConfig
+from veil.resources.common import (
+    child_metadata,
+    restricted_container_security,
+    restricted_pod_security,
+    selector_labels,
+)
+
+APP = "veil-model"
+SEALED_DIR = "/var/run/veil/sealed"
+SEALED_FILE = f"{SEALED_DIR}/model.onnx.sealed"
+HTTP_PORT_NAME = "http"
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """The Key Vault key version the pods release: its full id, as Key Vault names it."""
+
+    kid: str
+    version: str
+    policy_digest: str
+
+
+@dataclass(frozen=True)
+class Children:
+    """Manifests to apply, and (apiVersion, kind, name) of children that must not exist."""
+
+    apply: list[dict[str, Any]]
+    absent: list[tuple[str, str, str]]
+
+
+def _maa_endpoint(spec: ConfidentialModelSpec) -> str:
+    # The SKR sidecar takes the attestation host without a scheme.
+    return urlparse(spec.key_release.attestation_authority).netloc
+
+
+def _akv_endpoint(spec: ConfidentialModelSpec) -> str:
+    return urlparse(spec.key_release.vault_url).netloc
+
+
+def service_account(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
+    annotations = {}
+    if spec.key_release.workload_identity_client_id:
+        annotations[labels.WORKLOAD_IDENTITY_CLIENT_ID] = (
+            spec.key_release.workload_identity_client_id
+        )
+    meta = child_metadata(owner, owner["metadata"]["name"], APP, "identity", annotations)
+    meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta,
+        "automountServiceAccountToken": False,
+    }
+
+
+def _placement(spec: ConfidentialModelSpec) -> dict[str, Any]:
+    tee = spec.tee
+    if tee.isolation == "confidentialVM":
+        return {
+            "nodeSelector": {labels.CVM_SECURITY_TYPE_LABEL: labels.CVM_SECURITY_TYPE},
+            "tolerations": [
+                {"key": labels.CONFIDENTIAL_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        }
+    if tee.isolation == "confidentialACI":
+        return {
+            "nodeSelector": dict(labels.ACI_NODE_SELECTOR),
+            "tolerations": [
+                {"key": labels.ACI_TOLERATION_KEY, "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        }
+    return {"runtimeClassName": tee.runtime_class_name}
+
+
+def _key_release_sidecar(
+    spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+) -> dict[str, Any]:
+    # The SKR sidecar reads its defaults from base64 JSON; the runtime names the key anyway.
+    args = {
+        "maa_endpoint": _maa_endpoint(spec),
+        "akv_endpoint": _akv_endpoint(spec),
+        "kid": key.kid,
+    }
+    encoded = base64.b64encode(json.dumps(args, sort_keys=True).encode()).decode()
+    return {
+        "name": "key-release",
+        "image": config.images.key_release,
+        # A native sidecar: started before the runtime, stopped after it.
+        "restartPolicy": "Always",
+        "env": [
+            {"name": "SkrSideCarArgs", "value": encoded},
+            {"name": "Port", "value": str(config.key_release_port)},
+        ],
+        "ports": [{"name": "skr", "containerPort": config.key_release_port, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"cpu": "200m", "memory": "128Mi"},
+        },
+        "securityContext": restricted_container_security(),
+    }
+
+
+def _fetcher(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, Any]:
+    assert spec.model is not None
+    return {
+        "name": "fetch-sealed-model",
+        "image": config.images.runtime,
+        "args": [
+            "fetch",
+            "--uri",
+            spec.model.uri,
+            "--sha256",
+            spec.model.sha256,
+            "--output",
+            SEALED_FILE,
+        ],
+        "volumeMounts": [{"name": "sealed", "mountPath": SEALED_DIR}],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "500m", "memory": "256Mi"},
+        },
+        "securityContext": restricted_container_security(),
+    }
+
+
+def _runtime(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+) -> dict[str, Any]:
+    port = spec.serving.port
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT_NAME}}
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": config.images.runtime,
+        "args": [
+            "serve",
+            "--model-name",
+            owner["metadata"]["name"],
+            "--sealed",
+            SEALED_FILE,
+            "--sidecar",
+            f"http://127.0.0.1:{config.key_release_port}",
+            "--maa-endpoint",
+            _maa_endpoint(spec),
+            "--akv-endpoint",
+            _akv_endpoint(spec),
+            "--kid",
+            key.kid,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+        ],
+        "ports": [{"name": HTTP_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        # Ready only once the model is released, unwrapped and loaded in memory.
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},
+        "volumeMounts": [
+            {"name": "sealed", "mountPath": SEALED_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": restricted_container_security(),
+    }
+    resources = spec.serving.resources.to_wire()
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def deployment(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+) -> dict[str, Any]:
+    assert spec.model is not None
+    name = owner["metadata"]["name"]
+    pod_labels = {**selector_labels(owner, APP), labels.WORKLOAD_IDENTITY_USE: "true"}
+    # Changing the model or the key rolls the pods.
+    pod_annotations = {
+        labels.MODEL_DIGEST: spec.model.sha256,
+        labels.POLICY_DIGEST: key.policy_digest,
+    }
+    if spec.tee.isolation == "confidentialACI" and spec.tee.cce_policy:
+        pod_annotations[labels.ACI_CCE_POLICY_ANNOTATION] = spec.tee.cce_policy
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": name,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": restricted_pod_security(),
+        **_placement(spec),
+        "initContainers": [_fetcher(spec, config), _key_release_sidecar(spec, key, config)],
+        "containers": [_runtime(owner, spec, key, config)],
+        "volumes": [
+            {"name": "sealed", "emptyDir": {"sizeLimit": "2Gi"}},
+            # Scratch space in memory: nothing the runtime writes reaches a disk.
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": child_metadata(owner, name, APP, "inference"),
+        "spec": {
+            "replicas": spec.serving.replicas,
+            "selector": {"matchLabels": selector_labels(owner, APP)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(owner, owner["metadata"]["name"], APP, "inference"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner, APP),
+            "ports": [
+                {
+                    "name": HTTP_PORT_NAME,
+                    "port": spec.serving.port,
+                    "targetPort": HTTP_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def default_deny(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Selects the model's pods and allows nothing: every allowance is in the allow policy."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(owner, f"{name}-default-deny", APP, "network"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner, APP)},
+            "policyTypes": ["Ingress", "Egress"],
+        },
+    }
+
+
+def _peer(peer: NetworkPeer) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if peer.namespace_selector is not None:
+        out["namespaceSelector"] = {"matchLabels": dict(peer.namespace_selector.match_labels)}
+    if peer.pod_selector is not None:
+        out["podSelector"] = {"matchLabels": dict(peer.pod_selector.match_labels)}
+    return out
+
+
+DNS_EGRESS = {
+    "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+
+
+def allow_list(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    egress: list[dict[str, Any]] = [DNS_EGRESS]
+    if spec.network.egress_cidrs:
+        egress.append(
+            {
+                "to": [{"ipBlock": {"cidr": cidr}} for cidr in spec.network.egress_cidrs],
+                "ports": [{"protocol": "TCP", "port": 443}],
+            }
+        )
+    policy_spec: dict[str, Any] = {
+        "podSelector": {"matchLabels": selector_labels(owner, APP)},
+        "policyTypes": ["Ingress", "Egress"],
+        "egress": egress,
+    }
+    if spec.network.allow_from:
+        policy_spec["ingress"] = [
+            {
+                "from": [_peer(peer) for peer in spec.network.allow_from],
+                "ports": [{"protocol": "TCP", "port": spec.serving.port}],
+            }
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(owner, f"{name}-allow", APP, "network"),
+        "spec": policy_spec,
+    }
+
+
+def cilium_fqdn_policy(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
+    """Egress by name to the attestation and Key Vault hosts: only Cilium enforces toFQDNs."""
+    name = owner["metadata"]["name"]
+    hosts = sorted({_maa_endpoint(spec), _akv_endpoint(spec)})
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": child_metadata(owner, f"{name}-fqdn-egress", APP, "network"),
+        "spec": {
+            "endpointSelector": {"matchLabels": selector_labels(owner, APP)},
+            "egress": [
+                {
+                    "toEndpoints": [
+                        {
+                            "matchLabels": {
+                                "k8s:io.kubernetes.pod.namespace": "kube-system",
+                                "k8s-app": "kube-dns",
+                            }
+                        }
+                    ],
+                    "toPorts": [
+                        {
+                            "ports": [{"port": "53", "protocol": "ANY"}],
+                            "rules": {"dns": [{"matchPattern": "*"}]},
+                        }
+                    ],
+                },
+                {
+                    "toFQDNs": [{"matchName": host} for host in hosts],
+                    "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}],
+                },
+            ],
+        },
+    }
+
+
+def disruption_budget(owner: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(owner, owner["metadata"]["name"], APP, "inference"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner, APP)}},
+    }
+
+
+def children(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+) -> Children:
+    """Everything the model needs, in the order it should be applied."""
+    name = owner["metadata"]["name"]
+    apply = [service_account(owner, spec), default_deny(owner), allow_list(owner, spec)]
+    absent: list[tuple[str, str, str]] = []
+    if spec.network.fqdn_egress:
+        apply.append(cilium_fqdn_policy(owner, spec))
+    else:
+        absent.append(("cilium.io/v2", "CiliumNetworkPolicy", f"{name}-fqdn-egress"))
+    apply += [deployment(owner, spec, key, config), service(owner, spec)]
+    if spec.serving.replicas > 1:
+        apply.append(disruption_budget(owner))
+    else:
+        absent.append(("policy/v1", "PodDisruptionBudget", name))
+    return Children(apply=apply, absent=absent)

@@ -1,0 +1,164 @@
+"""ConfidentialModel children: placement per isolation mode, restricted pods, lockdown."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from veil.api.confidential_model import ConfidentialModel
+from veil.config import OperatorConfig
+from veil.kube.drift import contains, first_difference
+from veil.resources import confidential_model as build
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+KEY = build.KeyRef("https://v.vault.azure.net/keys/k/0123abcd", "0123abcd", "ab" * 32)
+
+
+def _owner(example: str, **spec_changes: Any) -> tuple[dict[str, Any], ConfidentialModel]:
+    document = yaml.safe_load((EXAMPLES / example / "model.yaml").read_text())
+    document["spec"].update(spec_changes)
+    document["metadata"]["uid"] = "00000000-1111-2222-3333-444444444444"
+    return document, ConfidentialModel.model_validate(document)
+
+
+def _by_kind(children: build.Children) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for manifest in children.apply:
+        out.setdefault(manifest["kind"], []).append(manifest)
+    return out
+
+
+def _pod(children: build.Children) -> dict[str, Any]:
+    pod: dict[str, Any] = _by_kind(children)["Deployment"][0]["spec"]["template"]["spec"]
+    return pod
+
+
+def test_confidential_vm_is_pinned_and_tolerated() -> None:
+    owner, model = _owner("confidential-vm-model")
+    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    assert pod["nodeSelector"] == {"kubernetes.azure.com/security-type": "ConfidentialVM"}
+    assert pod["tolerations"][0]["key"] == "veil.dev/confidential"
+    assert "runtimeClassName" not in pod
+
+
+def test_confidential_aci_gets_virtual_node_and_cce_policy() -> None:
+    owner, model = _owner("confidential-aci-model")
+    children = build.children(owner, model.spec, KEY, OperatorConfig())
+    template = _by_kind(children)["Deployment"][0]["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == {"virtualization": "virtualnode2"}
+    assert template["spec"]["tolerations"][0]["key"] == "virtual-kubelet.io/provider"
+    policy = template["metadata"]["annotations"][
+        "microsoft.containerinstance.virtualnode.ccepolicy"
+    ]
+    assert policy == model.spec.tee.cce_policy
+
+
+def test_coco_uses_the_runtime_class() -> None:
+    owner, model = _owner(
+        "confidential-vm-model",
+        tee={"isolation": "coco", "platform": "sevsnp", "runtimeClassName": "kata-qemu-snp"},
+    )
+    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    assert pod["runtimeClassName"] == "kata-qemu-snp"
+    assert "nodeSelector" not in pod
+
+
+@pytest.mark.parametrize("example", ["confidential-vm-model", "confidential-aci-model"])
+def test_every_container_meets_restricted_pod_security(example: str) -> None:
+    owner, model = _owner(example)
+    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["containers"] + pod["initContainers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
+    owner, model = _owner("confidential-vm-model")
+    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    runtime = pod["containers"][0]
+    assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    args = runtime["args"]
+    assert args[args.index("--kid") + 1] == KEY.kid
+    assert args[args.index("--akv-endpoint") + 1] == "veil-demo.vault.azure.net"
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "key-release")
+    assert sidecar["restartPolicy"] == "Always"
+
+
+def test_network_is_default_deny_plus_allow_list() -> None:
+    owner, model = _owner("confidential-vm-model")
+    policies = _by_kind(build.children(owner, model.spec, KEY, OperatorConfig()))["NetworkPolicy"]
+    deny, allow = policies
+    assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny["spec"]
+    assert "egress" not in deny["spec"]
+    ingress = allow["spec"]["ingress"][0]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert ingress["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "clinical-apps"
+    }
+    egress_ports = [rule["ports"] for rule in allow["spec"]["egress"]]
+    assert {"protocol": "UDP", "port": 53} in egress_ports[0]
+    assert allow["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "20.49.97.0/24"}}]
+
+
+def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> None:
+    owner, model = _owner("confidential-aci-model")
+    children = build.children(owner, model.spec, KEY, OperatorConfig())
+    kinds = _by_kind(children)
+    fqdns = kinds["CiliumNetworkPolicy"][0]["spec"]["egress"][1]["toFQDNs"]
+    assert {"matchName": "veil-fraud.managedhsm.azure.net"} in fqdns
+    assert "PodDisruptionBudget" not in kinds
+    assert ("policy/v1", "PodDisruptionBudget", "fraud-scorer") in children.absent
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    owner, model = _owner("confidential-vm-model")
+    for manifest in build.children(owner, model.spec, KEY, OperatorConfig()).apply:
+        meta = manifest["metadata"]
+        assert meta["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+        assert meta["ownerReferences"][0]["controller"] is True
+        assert meta["labels"]["veil.dev/owner-kind"] == "ConfidentialModel"
+        assert meta["namespace"] == "veil-cvm"
+
+
+def test_builders_are_deterministic() -> None:
+    owner, model = _owner("confidential-vm-model")
+    first = build.children(owner, model.spec, KEY, OperatorConfig())
+    second = build.children(owner, model.spec, KEY, OperatorConfig())
+    assert first == second
+
+
+@pytest.mark.parametrize("example", ["confidential-vm-model", "confidential-aci-model"])
+def test_children_match_golden_files(example: str) -> None:
+    """A CR in, the expected children out (set VEIL_UPDATE_GOLDEN=1 to rewrite)."""
+    owner, model = _owner(example)
+    rendered = yaml.safe_dump_all(
+        build.children(owner, model.spec, KEY, OperatorConfig()).apply, sort_keys=True
+    )
+    golden = GOLDEN / f"{example}.yaml"
+    if os.environ.get("VEIL_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+
+
+def test_drift_ignores_server_defaults_but_sees_edits() -> None:
+    desired = {"spec": {"replicas": 2, "template": {"containers": [{"name": "a", "image": "x"}]}}}
+    live = {"spec": {"replicas": 2, "revisionHistoryLimit": 10,
+                     "template": {"containers": [{"name": "a", "image": "x",
+                                                  "terminationMessagePath": "/dev/x"}]}}}
+    assert contains(live, desired)
+    live["spec"]["template"]["containers"][0]["image"] = "y"  # type: ignore[index]
+    assert first_difference(live, desired) == ".spec.template.containers[0].image"
+    assert first_difference({"spec": {"replicas": 2}}, {"spec": {"replicas": 2.0}}) is None
+    assert first_difference({"a": True}, {"a": 1}) == ".a"
