@@ -39,6 +39,18 @@ def _run_operator(args: argparse.Namespace) -> int:
     )
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from veil.artifacts import ArtifactError, fetch
+
+    try:
+        digest = fetch(args.uri, Path(args.output), args.sha256)
+    except ArtifactError as failed:
+        print(f"veil fetch: {failed}", file=sys.stderr)
+        return 1
+    print(f"fetched {args.uri} → {args.output} (sha256 {digest})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions from the API models")
     crds.add_argument("--output", "-o", default="crds", help="directory to write (default: crds)")
     crds.set_defaults(func=_write_crds)
+
+    fetch = sub.add_parser("fetch", help="download an artifact and check its sha256")
+    fetch.add_argument(
+        "--uri", required=True, help="file://, https:// or az://account/container/blob"
+    )
+    fetch.add_argument("--sha256", help="refuse the download unless it has this digest")
+    fetch.add_argument("--output", required=True, help="where to write it")
+    fetch.set_defaults(func=_fetch)
 
     run = sub.add_parser("run", help="run the operator")
     scope = run.add_mutually_exclusive_group()
