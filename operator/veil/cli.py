@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--output", required=True, help="where to write it")
     fetch.set_defaults(func=_fetch)
 
+    from veil.runtime.commands import register as register_runtime
+
+    # seal, unseal, verify, serve: the programs that run inside the TEE.
+    register_runtime(sub)
+
     run = sub.add_parser("run", help="run the operator")
     scope = run.add_mutually_exclusive_group()
     scope.add_argument(

@@ -85,8 +85,10 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> None:
         log = (self.directory / "logs" / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [str(self.bin_dir / name.split("#")[0]), *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(self.bin_dir / name.split("#", maxsplit=1)[0]), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.processes[name] = process
@@ -98,16 +100,20 @@ class LocalCluster:
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
         return ClusterError(f"{name} {why}; last log lines:\n{tail}")
 
-    def _wait_http(self, name: str, url: str, timeout: float, context: ssl.SSLContext | None) -> None:
+    def _wait_http(
+        self, name: str, url: str, timeout: float, context: ssl.SSLContext | None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             process = self.processes[name]
             if process.poll() is not None:
                 raise self._fail(name, f"exited with {process.returncode}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(url, timeout=2, context=context) as response:
-                    if response.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=2, context=context) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.2)
         raise self._fail(name, f"not healthy at {url} after {timeout:.0f}s")
 
@@ -123,66 +129,94 @@ class LocalCluster:
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
 
-        self._start("etcd", [
-            "--name=veil", f"--data-dir={self.directory / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=veil=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=4294967296",
-        ])
+        self._start(
+            "etcd",
+            [
+                "--name=veil",
+                f"--data-dir={self.directory / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=veil=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+            ],
+        )
         self._wait_http("etcd", f"http://127.0.0.1:{etcd_port}/health", 30, None)
 
-        self._start("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--secure-port={self.api_port}", "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--tls-cert-file={paths.serving_cert}", f"--tls-private-key-file={paths.serving_key}",
-            f"--client-ca-file={paths.ca_cert}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={paths.service_account_pub}",
-            f"--service-account-signing-key-file={paths.service_account_key}",
-            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false",
-            "--profiling=false", "--v=1",
-        ])
-        self._write_kubeconfig(paths)
-        self._wait_http(
-            "kube-apiserver", f"{self.server}/readyz", 90, self._client_context(paths)
+        self._start(
+            "kube-apiserver",
+            [
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                f"--secure-port={self.api_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--tls-cert-file={paths.serving_cert}",
+                f"--tls-private-key-file={paths.serving_key}",
+                f"--client-ca-file={paths.ca_cert}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={paths.service_account_pub}",
+                f"--service-account-signing-key-file={paths.service_account_key}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--v=1",
+            ],
         )
+        self._write_kubeconfig(paths)
+        self._wait_http("kube-apiserver", f"{self.server}/readyz", 90, self._client_context(paths))
 
-        self._start("kube-controller-manager", [
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            f"--service-account-private-key-file={paths.service_account_key}",
-            f"--root-ca-file={paths.ca_cert}",
-            f"--cluster-signing-cert-file={paths.ca_cert}",
-            f"--cluster-signing-key-file={paths.ca_key}",
-            "--use-service-account-credentials=false",
-            # No cloud and no real kubelets: IPAM and routes have nothing to do.
-            "--controllers=*,-nodeipam,-route,-cloud-node-lifecycle,-service-lb-controller",
-            f"--cluster-cidr={POD_CIDR}", f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--concurrent-gc-syncs=5", "--v=1",
-        ])
-        self._start("kube-scheduler", [
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            "--v=1",
-        ])
-        self._start("kwok", [
-            f"--kubeconfig={self.kubeconfig}",
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}", "--node-ip=10.244.0.1",
-            "--node-lease-duration-seconds=40",
-            "--server-address=127.0.0.1:0",
-        ])
+        self._start(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--service-account-private-key-file={paths.service_account_key}",
+                f"--root-ca-file={paths.ca_cert}",
+                f"--cluster-signing-cert-file={paths.ca_cert}",
+                f"--cluster-signing-key-file={paths.ca_key}",
+                "--use-service-account-credentials=false",
+                # No cloud and no real kubelets: IPAM and routes have nothing to do.
+                "--controllers=*,-nodeipam,-route,-cloud-node-lifecycle,-service-lb-controller",
+                f"--cluster-cidr={POD_CIDR}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--concurrent-gc-syncs=5",
+                "--v=1",
+            ],
+        )
+        self._start(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--v=1",
+            ],
+        )
+        self._start(
+            "kwok",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}",
+                "--node-ip=10.244.0.1",
+                "--node-lease-duration-seconds=40",
+                "--server-address=127.0.0.1:0",
+            ],
+        )
         time.sleep(0.5)
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             process = self.processes[name]
@@ -194,13 +228,31 @@ class LocalCluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "veil-local", "cluster": {
-                "server": self.server, "certificate-authority": str(paths.ca_cert)}}],
-            "users": [{"name": "veil-admin", "user": {
-                "client-certificate": str(paths.admin_cert),
-                "client-key": str(paths.admin_key)}}],
-            "contexts": [{"name": "veil-local", "context": {
-                "cluster": "veil-local", "user": "veil-admin", "namespace": "default"}}],
+            "clusters": [
+                {
+                    "name": "veil-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(paths.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "veil-admin",
+                    "user": {
+                        "client-certificate": str(paths.admin_cert),
+                        "client-key": str(paths.admin_key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "veil-local",
+                    "context": {
+                        "cluster": "veil-local",
+                        "user": "veil-admin",
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "veil-local",
         }
         # JSON is YAML: every Kubernetes client reads it.
@@ -227,7 +279,10 @@ class LocalCluster:
     def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
         completed = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input_text, capture_output=True, text=True, check=False,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if check and completed.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)}: {completed.stderr.strip()}")
@@ -239,8 +294,10 @@ class LocalCluster:
             is_confidential = index >= ordinary
             name = f"{'cvm' if is_confidential else 'node'}-{index}"
             labels = {
-                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64", "type": "kwok",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
                 "topology.kubernetes.io/zone": f"zone-{index % 2}",
             }
             spec: dict[str, object] = {}
@@ -248,15 +305,23 @@ class LocalCluster:
                 labels[CONFIDENTIAL_LABEL[0]] = CONFIDENTIAL_LABEL[1]
                 spec["taints"] = [CONFIDENTIAL_TAINT]
             node = {
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": labels,
-                             "annotations": {"kwok.x-k8s.io/node": "fake"}},
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": labels,
+                    "annotations": {"kwok.x-k8s.io/node": "fake"},
+                },
                 "spec": spec,
                 "status": {
                     "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
                     "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
-                    "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                                 "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
+                    "nodeInfo": {
+                        "architecture": "amd64",
+                        "operatingSystem": "linux",
+                        "kubeletVersion": "fake",
+                        "kubeProxyVersion": "fake",
+                    },
                 },
             }
             self.kubectl("apply", "-f", "-", input_text=json.dumps(node))

@@ -32,9 +32,17 @@ def api(cluster: LocalCluster) -> client.ApiClient:
 
 @pytest.fixture(scope="session")
 def crds(cluster: LocalCluster) -> LocalCluster:
-    cluster.kubectl("apply", "--server-side", "--field-manager=veil-tests", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "-l",
-                    "app.kubernetes.io/part-of=veil", "--timeout=60s")
+    cluster.kubectl(
+        "apply", "--server-side", "--field-manager=veil-tests", "-f", str(REPO / "crds")
+    )
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=veil",
+        "--timeout=60s",
+    )
     return cluster
 
 
@@ -45,9 +53,18 @@ class OperatorProcess:
         self.log_path = log_path
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "veil.cli", "run", "--standalone",
-             f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"],
-            env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "veil.cli",
+                "run",
+                "--standalone",
+                f"--metrics-port={self.metrics_port}",
+                f"--health-port={self.health_port}",
+            ],
+            env=env,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
         )
 
     def get(self, path: str, port: int) -> str:
@@ -80,7 +97,9 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     running_operator = OperatorProcess(crds, tmp_path_factory.mktemp("operator") / "veil.log")
     try:
         running_operator.wait_healthy()

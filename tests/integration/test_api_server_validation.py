@@ -27,8 +27,14 @@ def namespace(crds: LocalCluster) -> str:
 
 
 def test_crds_are_established_with_names_and_category(crds: LocalCluster) -> None:
-    names = crds.kubectl("get", "crd", "-l", "app.kubernetes.io/part-of=veil", "-o",
-                         "jsonpath={.items[*].metadata.name}").split()
+    names = crds.kubectl(
+        "get",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=veil",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ).split()
     assert sorted(names) == sorted(f"{kind.plural}.{API_GROUP}" for kind in KINDS)
     resources = crds.kubectl("api-resources", f"--api-group={API_GROUP}", "-o", "wide")
     for kind in KINDS:
@@ -73,7 +79,11 @@ def test_immutable_field_change_is_rejected(
     objects = client.CustomObjectsApi(api)
     with pytest.raises(ApiException) as rejected:
         objects.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURALS[changed["kind"]], case.id,
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            PLURALS[changed["kind"]],
+            case.id,
             {"spec": changed["spec"]},
         )
     assert rejected.value.status == 422, rejected.value.body

@@ -19,10 +19,12 @@ outcomes = st.builds(
 
 def test_transition_time_moves_only_on_status_change() -> None:
     first = set_condition([], "Ready", status="False", reason="A", message="", generation=1, now=T0)
-    same = set_condition(first, "Ready", status="False", reason="B", message="x", generation=2,
-                         now=T1)
-    changed = set_condition(same, "Ready", status="True", reason="C", message="", generation=2,
-                            now=T1)
+    same = set_condition(
+        first, "Ready", status="False", reason="B", message="x", generation=2, now=T1
+    )
+    changed = set_condition(
+        same, "Ready", status="True", reason="C", message="", generation=2, now=T1
+    )
     assert same[0]["lastTransitionTime"] == T0
     assert same[0]["reason"] == "B"
     assert changed[0]["lastTransitionTime"] == T1
@@ -35,9 +37,10 @@ def test_constructors_obey_kstatus() -> None:
         Outcome.stalled_with("InvalidSpec", "bad"),
         Outcome.failed("ReconcileError", "boom"),
     ):
-        obj = {"metadata": {"generation": 3},
-               "status": {"observedGeneration": 3,
-                          "conditions": apply_outcome([], outcome, 3, T0)}}
+        obj = {
+            "metadata": {"generation": 3},
+            "status": {"observedGeneration": 3, "conditions": apply_outcome([], outcome, 3, T0)},
+        }
         assert kstatus_violations(obj) == []
 
 
@@ -55,15 +58,28 @@ def test_any_sequence_of_constructed_outcomes_keeps_ready_present(seq: list[Outc
 
 def test_checker_catches_each_violation() -> None:
     def obj(conditions: list[dict[str, object]], observed: int = 1) -> dict[str, object]:
-        return {"metadata": {"generation": 1},
-                "status": {"observedGeneration": observed, "conditions": conditions}}
+        return {
+            "metadata": {"generation": 1},
+            "status": {"observedGeneration": observed, "conditions": conditions},
+        }
 
     ready_true = {"type": "Ready", "status": "True", "reason": "X"}
     assert "Ready condition missing" in kstatus_violations(obj([]))
-    assert any("both True" in p for p in kstatus_violations(obj([
-        {"type": "Ready", "status": "False"},
-        {"type": "Reconciling", "status": "True"}, {"type": "Stalled", "status": "True"}])))
-    assert any("Ready is True" in p for p in kstatus_violations(obj([
-        ready_true, {"type": "Reconciling", "status": "True"}])))
+    assert any(
+        "both True" in p
+        for p in kstatus_violations(
+            obj(
+                [
+                    {"type": "Ready", "status": "False"},
+                    {"type": "Reconciling", "status": "True"},
+                    {"type": "Stalled", "status": "True"},
+                ]
+            )
+        )
+    )
+    assert any(
+        "Ready is True" in p
+        for p in kstatus_violations(obj([ready_true, {"type": "Reconciling", "status": "True"}]))
+    )
     assert any("observedGeneration" in p for p in kstatus_violations(obj([ready_true], 2)))
     assert kstatus_violations(obj([ready_true])) == []

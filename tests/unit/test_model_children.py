@@ -154,9 +154,15 @@ def test_children_match_golden_files(example: str) -> None:
 
 def test_drift_ignores_server_defaults_but_sees_edits() -> None:
     desired = {"spec": {"replicas": 2, "template": {"containers": [{"name": "a", "image": "x"}]}}}
-    live = {"spec": {"replicas": 2, "revisionHistoryLimit": 10,
-                     "template": {"containers": [{"name": "a", "image": "x",
-                                                  "terminationMessagePath": "/dev/x"}]}}}
+    live = {
+        "spec": {
+            "replicas": 2,
+            "revisionHistoryLimit": 10,
+            "template": {
+                "containers": [{"name": "a", "image": "x", "terminationMessagePath": "/dev/x"}]
+            },
+        }
+    }
     assert contains(live, desired)
     live["spec"]["template"]["containers"][0]["image"] = "y"  # type: ignore[index]
     assert first_difference(live, desired) == ".spec.template.containers[0].image"

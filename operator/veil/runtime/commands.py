@@ -1,0 +1,339 @@
+"""`veil seal | unseal | verify | serve`: the runtime's command-line entry points.
+
+`register(subparsers)` adds the four subcommands; each sets `func(args) -> exit code`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from veil.runtime.sealing import DEFAULT_CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from veil.runtime.keywrap import KeyWrapper
+
+log = logging.getLogger("veil.runtime.commands")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"veil: {message}", file=sys.stderr)
+    return code
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+# --- seal ---------------------------------------------------------------------------------
+
+
+def _vault_wrapper(vault_url: str, key_name: str, key_version: str | None) -> KeyWrapper:
+    from azure.identity import DefaultAzureCredential
+    from azure.keyvault.keys import KeyClient
+    from azure.keyvault.keys.crypto import CryptographyClient
+
+    from veil.runtime.jwk import b64url_encode, rsa_public_key_from_jwk
+    from veil.runtime.keywrap import KeyVaultKeyWrapper
+
+    credential = DefaultAzureCredential()
+    key = KeyClient(vault_url, credential).get_key(key_name, key_version)
+    public_key = None
+    modulus, exponent = getattr(key.key, "n", None), getattr(key.key, "e", None)
+    if modulus and exponent:
+        public_key = rsa_public_key_from_jwk(
+            {"kty": "RSA", "n": b64url_encode(modulus), "e": b64url_encode(exponent)}
+        )
+    return KeyVaultKeyWrapper(CryptographyClient(key, credential), public_key)
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from veil.runtime.keywrap import KeyMaterialError, RsaPublicKeyWrapper, load_public_key_pem
+    from veil.runtime.sealing import SealedModelError, seal_file
+
+    try:
+        wrapper: KeyWrapper
+        if args.public_key is not None:
+            wrapper = RsaPublicKeyWrapper(load_public_key_pem(args.public_key), args.key_id)
+        else:
+            if not args.key_name:
+                return _fail("--vault-url needs --key-name", EXIT_USAGE)
+            wrapper = _vault_wrapper(args.vault_url, args.key_name, args.key_version)
+        header = seal_file(args.model, args.output, wrapper, chunk_size=args.chunk_size)
+    except (KeyMaterialError, SealedModelError) as exc:
+        return _fail(str(exc))
+    print(json.dumps({"sealed": str(args.output), **header.describe()}, indent=2))
+    return EXIT_OK
+
+
+# --- unseal -------------------------------------------------------------------------------
+
+
+def _unseal(args: argparse.Namespace) -> int:
+    from veil.runtime.keywrap import KeyMaterialError, load_private_key_pem
+    from veil.runtime.sealing import SealedModelError, unseal_file
+
+    try:
+        key = load_private_key_pem(args.private_key)
+        plaintext = unseal_file(args.sealed, key)
+    except (KeyMaterialError, SealedModelError) as exc:
+        return _fail(str(exc))
+    del key
+    print(
+        "veil: writing a DECRYPTED model to disk — local debugging only, never inside a TEE",
+        file=sys.stderr,
+    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.output, flags, 0o600)
+    except FileExistsError:
+        return _fail(f"{args.output} exists; pass --force to overwrite it")
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror}")
+    with os.fdopen(fd, "wb") as sink:
+        sink.write(plaintext)
+    print(json.dumps({"unsealed": str(args.output), "bytes": len(plaintext)}))
+    return EXIT_OK
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from veil.runtime.attestation import AttestationError, AttestationPolicy, AttestationVerifier
+
+    token = sys.stdin.read().strip() if args.token == "-" else args.token.strip()
+    try:
+        policy = AttestationPolicy.from_file(args.policy)
+        verifier = AttestationVerifier(
+            args.issuer,
+            policy,
+            leeway_seconds=args.leeway,
+            allow_insecure_loopback_issuers=args.allow_http_loopback_issuer,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        result = asyncio.run(verifier.verify(token, expected_nonce=args.nonce))
+    except AttestationError as exc:
+        return _fail(f"attestation token refused ({exc.reason.value}): {exc}")
+    print(
+        json.dumps(
+            {
+                "verified": True,
+                "issuer": result.issuer,
+                "attestation_type": result.attestation_type,
+                "expires_at": result.expires_at.isoformat(),
+                "nonce": result.nonce,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from veil.runtime.key_release import KeyReleaseClient, ReleaseTarget, RetryPolicy
+    from veil.runtime.loader import ModelLoader, key_release_loader, private_key_file_loader
+    from veil.runtime.server import ServeOptions, ServerLimits, serve
+    from veil.runtime.state import ModelSlot
+
+    _configure_logging()
+    loader: ModelLoader
+    if args.private_key is not None:
+        loader = private_key_file_loader(
+            args.sealed, args.private_key, name=args.model_name, version=args.model_version
+        )
+    else:
+        missing = [
+            flag
+            for flag, value in (
+                ("--maa-endpoint", args.maa_endpoint),
+                ("--akv-endpoint", args.akv_endpoint),
+                ("--kid", args.kid),
+            )
+            if not value
+        ]
+        if missing:
+            return _fail(f"--sidecar needs {', '.join(missing)}", EXIT_USAGE)
+        access_token = None
+        if args.access_token_file is not None:
+            try:
+                access_token = args.access_token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                return _fail(f"cannot read {args.access_token_file}: {exc.strerror}")
+        client = KeyReleaseClient(
+            args.sidecar, retry=RetryPolicy(attempts=args.key_release_attempts)
+        )
+        target = ReleaseTarget(args.maa_endpoint, args.akv_endpoint, args.kid, access_token)
+        loader = key_release_loader(
+            args.sealed, client, target, name=args.model_name, version=args.model_version
+        )
+    try:
+        slot = ModelSlot(args.model_name, args.model_version)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        drain_seconds=args.drain_seconds,
+        limits=ServerLimits(
+            max_body_bytes=args.max_body_bytes, max_tensor_elements=args.max_tensor_elements
+        ),
+    )
+    return asyncio.run(serve(slot, loader, options))
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _add_seal(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    seal = subparsers.add_parser(
+        "seal",
+        help="encrypt an ONNX model for confidential serving",
+        description="Envelope-encrypt a model: AES-256-GCM in authenticated chunks under a "
+        "random data key, wrapped with RSA-OAEP-256 to a Key Vault key (or its public half).",
+    )
+    seal.add_argument("model", type=Path, help="the plaintext model file (e.g. model.onnx)")
+    seal.add_argument("output", type=Path, help="where to write the sealed model")
+    source = seal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--public-key", type=Path, help="PEM file of the RSA public key")
+    source.add_argument("--vault-url", help="Azure Key Vault URL (wrap through Key Vault)")
+    seal.add_argument("--key-name", help="Key Vault key name (with --vault-url)")
+    seal.add_argument("--key-version", help="Key Vault key version (default: latest)")
+    seal.add_argument(
+        "--key-id",
+        help="key id to record with --public-key (default: the key's RFC 7638 thumbprint)",
+    )
+    seal.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"plaintext bytes per authenticated chunk (default {DEFAULT_CHUNK_SIZE})",
+    )
+    seal.set_defaults(func=_seal)
+
+
+def _add_unseal(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    unseal = subparsers.add_parser(
+        "unseal",
+        help="decrypt a sealed model to a file (LOCAL DEBUGGING ONLY)",
+        description="LOCAL DEBUGGING ONLY: decrypts a sealed model with a PEM private key and "
+        "writes the plaintext to disk. In production the model is decrypted only in memory, "
+        "inside an attested TEE, by `veil serve`.",
+    )
+    unseal.add_argument("sealed", type=Path, help="the sealed model")
+    unseal.add_argument("output", type=Path, help="where to write the decrypted model")
+    unseal.add_argument(
+        "--private-key", type=Path, required=True, help="PEM file of the RSA private key"
+    )
+    unseal.add_argument("--force", action="store_true", help="overwrite an existing output")
+    unseal.set_defaults(func=_unseal)
+
+
+def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    verify = subparsers.add_parser(
+        "verify",
+        help="verify a Microsoft Azure Attestation token against a policy",
+        description="Verify an MAA JWT as a relying party: pinned issuers, keys from the issuer's "
+        "OpenID configuration, RS256, expiry, and the TEE claims of the policy file.",
+    )
+    verify.add_argument("token", help="the attestation JWT, or - to read it from stdin")
+    verify.add_argument(
+        "--policy",
+        type=Path,
+        required=True,
+        help='JSON policy: {"placement": "confidentialVM"|"confidentialACI", '
+        '"attestationTypes"?, "complianceStatus"?, "hostdata"?, "allowDebuggable"?, '
+        '"requireNonce"?}',
+    )
+    verify.add_argument(
+        "--issuer",
+        action="append",
+        required=True,
+        help="an allowed attestation issuer URL (repeatable)",
+    )
+    verify.add_argument("--nonce", help="the nonce the token must carry (checked for replay)")
+    verify.add_argument(
+        "--leeway", type=float, default=60.0, help="clock skew allowed, seconds (max 300)"
+    )
+    verify.add_argument(
+        "--allow-http-loopback-issuer",
+        action="store_true",
+        help="accept http:// issuers on loopback addresses (testing only)",
+    )
+    verify.set_defaults(func=_verify)
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a sealed model over the Open Inference Protocol v2",
+        description="Release the model key through the SKR sidecar, unseal the model in memory "
+        "and serve it with onnxruntime (KServe v2 REST). Ready only once the model is loaded.",
+    )
+    serve.add_argument("--model-name", required=True, help="name the model is served under")
+    serve.add_argument("--model-version", default="1", help="version reported (default 1)")
+    serve.add_argument("--sealed", type=Path, required=True, help="the sealed model file")
+    key = serve.add_mutually_exclusive_group(required=True)
+    key.add_argument("--sidecar", help="SKR sidecar URL, e.g. http://localhost:8080")
+    key.add_argument(
+        "--private-key",
+        type=Path,
+        help="PEM private key instead of key release (LOCAL DEBUGGING ONLY: no attestation)",
+    )
+    serve.add_argument("--maa-endpoint", help="attestation endpoint for the sidecar")
+    serve.add_argument("--akv-endpoint", help="Key Vault endpoint for the sidecar")
+    serve.add_argument("--kid", help="name of the key to release")
+    serve.add_argument(
+        "--access-token-file", type=Path, help="file holding an AAD token for the sidecar"
+    )
+    serve.add_argument(
+        "--key-release-attempts",
+        type=_positive_int,
+        default=6,
+        help="attempts to reach the sidecar before giving up",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=32 * 1024 * 1024)
+    serve.add_argument("--max-tensor-elements", type=_positive_int, default=16 * 1024 * 1024)
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=20.0, help="grace for in-flight requests"
+    )
+    serve.add_argument(
+        "--drain-seconds", type=float, default=3.0, help="time unready before shutting down"
+    )
+    serve.set_defaults(func=_serve)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `seal`, `unseal`, `verify` and `serve` to the `veil` command."""
+    _add_seal(subparsers)
+    _add_unseal(subparsers)
+    _add_verify(subparsers)
+    _add_serve(subparsers)

@@ -1,0 +1,99 @@
+"""Getting the served model into memory: release the key, unseal in memory, load onnxruntime.
+
+A loader is a zero-argument coroutine function returning the loaded model; the server runs it as
+a background task at startup and reports ready only when it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from veil.runtime.key_release import KeyReleaseClient, ReleaseTarget
+from veil.runtime.keywrap import load_private_key_pem
+from veil.runtime.model import OnnxModel
+from veil.runtime.sealing import unseal_file
+
+log = logging.getLogger("veil.runtime.loader")
+
+ModelLoader = Callable[[], Awaitable[OnnxModel]]
+
+
+async def unseal_and_load(
+    sealed: Path,
+    private_key: rsa.RSAPrivateKey,
+    *,
+    name: str,
+    version: str = "1",
+    max_model_bytes: int | None = None,
+) -> OnnxModel:
+    """Unseal `sealed` into memory with `private_key` and load it; CPU work runs off the loop."""
+    plaintext = await asyncio.to_thread(
+        unseal_file, sealed, private_key, max_plaintext_bytes=max_model_bytes
+    )
+    try:
+        model = await asyncio.to_thread(OnnxModel.from_bytes, name, plaintext, version=version)
+    finally:
+        del plaintext
+    log.info(
+        "model %r version %s loaded: inputs %s, outputs %s",
+        name,
+        version,
+        [spec.name for spec in model.inputs],
+        [spec.name for spec in model.outputs],
+    )
+    return model
+
+
+def key_release_loader(
+    sealed: Path,
+    client: KeyReleaseClient,
+    target: ReleaseTarget,
+    *,
+    name: str,
+    version: str = "1",
+    max_model_bytes: int | None = None,
+) -> ModelLoader:
+    """Production path: the SKR sidecar releases the key after attesting the TEE."""
+
+    async def load() -> OnnxModel:
+        key = await client.release(target)
+        try:
+            return await unseal_and_load(
+                sealed, key, name=name, version=version, max_model_bytes=max_model_bytes
+            )
+        finally:
+            del key
+
+    return load
+
+
+def private_key_file_loader(
+    sealed: Path,
+    private_key_pem: Path,
+    *,
+    name: str,
+    version: str = "1",
+    max_model_bytes: int | None = None,
+) -> ModelLoader:
+    """Local debugging path: the private key comes from a PEM file (no attestation at all)."""
+
+    async def load() -> OnnxModel:
+        log.warning(
+            "loading %s with the private key file %s: LOCAL DEBUGGING ONLY, no attestation",
+            sealed,
+            private_key_pem,
+        )
+        key = load_private_key_pem(private_key_pem)
+        try:
+            return await unseal_and_load(
+                sealed, key, name=name, version=version, max_model_bytes=max_model_bytes
+            )
+        finally:
+            del key
+
+    return load
