@@ -42,6 +42,19 @@ class Paths:
     service_account_pub: Path
 
 
+def paths_in(directory: Path) -> Paths:
+    return Paths(
+        ca_cert=directory / "ca.crt",
+        ca_key=directory / "ca.key",
+        serving_cert=directory / "apiserver.crt",
+        serving_key=directory / "apiserver.key",
+        admin_cert=directory / "admin.crt",
+        admin_key=directory / "admin.key",
+        service_account_key=directory / "sa.key",
+        service_account_pub=directory / "sa.pub",
+    )
+
+
 def generate(directory: Path, hosts: list[str]) -> Paths:
     """A CA, a serving certificate for `hosts`, an admin client in system:masters, SA keys."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,16 +116,7 @@ def generate(directory: Path, hosts: list[str]) -> Paths:
     admin = leaf(_name("veil-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, [])
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    paths = Paths(
-        ca_cert=directory / "ca.crt",
-        ca_key=directory / "ca.key",
-        serving_cert=directory / "apiserver.crt",
-        serving_key=directory / "apiserver.key",
-        admin_cert=directory / "admin.crt",
-        admin_key=directory / "admin.key",
-        service_account_key=directory / "sa.key",
-        service_account_pub=directory / "sa.pub",
-    )
+    paths = paths_in(directory)
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.ca_key.write_bytes(_pem_key(ca_key))
     paths.serving_cert.write_bytes(serving[0])
@@ -134,3 +138,29 @@ def generate(directory: Path, hosts: list[str]) -> Paths:
     for key_path in (paths.ca_key, paths.serving_key, paths.admin_key, paths.service_account_key):
         key_path.chmod(0o600)
     return paths
+
+
+def issue_client(paths: Paths, directory: Path, user: str, group: str) -> tuple[Path, Path]:
+    """A client certificate for `user` in `group`, signed by the cluster's CA."""
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError("the local CA key is an EC key")
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(user, group))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{user}.crt", directory / f"{user}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(_pem_key(key))
+    key_path.chmod(0o600)
+    return cert_path, key_path

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.cluster import certs
 
@@ -75,6 +76,35 @@ class LocalCluster:
     @property
     def kubeconfig(self) -> Path:
         return self.directory / "kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        """Every API request at Metadata level, one JSON event a line (who, verb, resource)."""
+        return self.directory / "logs" / "audit.jsonl"
+
+    def _write_audit_policy(self) -> Path:
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            # One event per request, once it has been answered.
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [{"level": "Metadata"}],
+        }
+        path = self.directory / "audit-policy.json"
+        path.write_text(json.dumps(policy))
+        return path
+
+    def audit_events(self, user: str | None = None) -> list[dict[str, Any]]:
+        """The audit log so far, optionally only the requests of one user."""
+        events: list[dict[str, Any]] = []
+        if not self.audit_log.exists():
+            return events
+        with self.audit_log.open() as log:
+            for line in log:
+                event = json.loads(line)
+                if user is None or event.get("user", {}).get("username") == user:
+                    events.append(event)
+        return events
 
     @property
     def server(self) -> str:
@@ -166,6 +196,10 @@ class LocalCluster:
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
             ],
         )
         self._write_kubeconfig(paths)
@@ -224,39 +258,42 @@ class LocalCluster:
                 raise self._fail(name, f"exited with {process.returncode}")
         (self.directory / "server").write_text(self.server)
 
-    def _write_kubeconfig(self, paths: certs.Paths) -> None:
-        config = {
+    def user_kubeconfig(self, user: str, group: str) -> Path:
+        """A kubeconfig for a user of its own, so audit events and RBAC can tell it apart."""
+        paths = certs.paths_in(self.directory / "certs")
+        cert, key = certs.issue_client(paths, self.directory / "certs", user, group)
+        path = self.directory / f"kubeconfig-{user}"
+        path.write_text(json.dumps(self._kubeconfig_document(paths.ca_cert, cert, key, user)))
+        return path
+
+    def _kubeconfig_document(self, ca: Path, cert: Path, key: Path, user: str) -> dict[str, Any]:
+        return {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {
                     "name": "veil-local",
-                    "cluster": {"server": self.server, "certificate-authority": str(paths.ca_cert)},
+                    "cluster": {"server": self.server, "certificate-authority": str(ca)},
                 }
             ],
             "users": [
-                {
-                    "name": "veil-admin",
-                    "user": {
-                        "client-certificate": str(paths.admin_cert),
-                        "client-key": str(paths.admin_key),
-                    },
-                }
+                {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
             ],
             "contexts": [
                 {
                     "name": "veil-local",
-                    "context": {
-                        "cluster": "veil-local",
-                        "user": "veil-admin",
-                        "namespace": "default",
-                    },
+                    "context": {"cluster": "veil-local", "user": user, "namespace": "default"},
                 }
             ],
             "current-context": "veil-local",
         }
+
+    def _write_kubeconfig(self, paths: certs.Paths) -> None:
+        document = self._kubeconfig_document(
+            paths.ca_cert, paths.admin_cert, paths.admin_key, "veil-admin"
+        )
         # JSON is YAML: every Kubernetes client reads it.
-        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.write_text(json.dumps(document, indent=2))
 
     def stop(self) -> None:
         # Reverse start order: clients first, etcd last.

@@ -47,11 +47,11 @@ def crds(cluster: LocalCluster) -> LocalCluster:
 
 
 class OperatorProcess:
-    def __init__(self, cluster: LocalCluster, log_path: Path) -> None:
+    def __init__(self, cluster: LocalCluster, log_path: Path, kubeconfig: Path) -> None:
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.log_path = log_path
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -96,11 +96,25 @@ class OperatorProcess:
             self.process.wait()
 
 
+OPERATOR_USER = "veil-operator"
+
+
 @pytest.fixture(scope="session")
 def operator(
     crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    running_operator = OperatorProcess(crds, tmp_path_factory.mktemp("operator") / "veil.log")
+    """The operator as its own user, so the audit log shows exactly what it did."""
+    kubeconfig = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
+    crds.kubectl(
+        "create",
+        "clusterrolebinding",
+        "veil-operator-tests",
+        "--clusterrole=cluster-admin",
+        f"--user={OPERATOR_USER}",
+    )
+    running_operator = OperatorProcess(
+        crds, tmp_path_factory.mktemp("operator") / "veil.log", kubeconfig
+    )
     try:
         running_operator.wait_healthy()
         yield running_operator

@@ -39,7 +39,7 @@ def _pod(children: build.Children) -> dict[str, Any]:
 
 
 def test_confidential_vm_is_pinned_and_tolerated() -> None:
-    owner, model = _owner("confidential-vm-model")
+    owner, model = _owner("confidential-model-cvm")
     pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
     assert pod["nodeSelector"] == {"kubernetes.azure.com/security-type": "ConfidentialVM"}
     assert pod["tolerations"][0]["key"] == "veil.dev/confidential"
@@ -47,7 +47,7 @@ def test_confidential_vm_is_pinned_and_tolerated() -> None:
 
 
 def test_confidential_aci_gets_virtual_node_and_cce_policy() -> None:
-    owner, model = _owner("confidential-aci-model")
+    owner, model = _owner("confidential-model-aci")
     children = build.children(owner, model.spec, KEY, OperatorConfig())
     template = _by_kind(children)["Deployment"][0]["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"virtualization": "virtualnode2"}
@@ -60,7 +60,7 @@ def test_confidential_aci_gets_virtual_node_and_cce_policy() -> None:
 
 def test_coco_uses_the_runtime_class() -> None:
     owner, model = _owner(
-        "confidential-vm-model",
+        "confidential-model-cvm",
         tee={"isolation": "coco", "platform": "sevsnp", "runtimeClassName": "kata-qemu-snp"},
     )
     pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
@@ -68,7 +68,7 @@ def test_coco_uses_the_runtime_class() -> None:
     assert "nodeSelector" not in pod
 
 
-@pytest.mark.parametrize("example", ["confidential-vm-model", "confidential-aci-model"])
+@pytest.mark.parametrize("example", ["confidential-model-cvm", "confidential-model-aci"])
 def test_every_container_meets_restricted_pod_security(example: str) -> None:
     owner, model = _owner(example)
     pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
@@ -83,7 +83,7 @@ def test_every_container_meets_restricted_pod_security(example: str) -> None:
 
 
 def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
-    owner, model = _owner("confidential-vm-model")
+    owner, model = _owner("confidential-model-cvm")
     pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
     runtime = pod["containers"][0]
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -95,7 +95,7 @@ def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
 
 
 def test_network_is_default_deny_plus_allow_list() -> None:
-    owner, model = _owner("confidential-vm-model")
+    owner, model = _owner("confidential-model-cvm")
     policies = _by_kind(build.children(owner, model.spec, KEY, OperatorConfig()))["NetworkPolicy"]
     deny, allow = policies
     assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
@@ -112,7 +112,7 @@ def test_network_is_default_deny_plus_allow_list() -> None:
 
 
 def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> None:
-    owner, model = _owner("confidential-aci-model")
+    owner, model = _owner("confidential-model-aci")
     children = build.children(owner, model.spec, KEY, OperatorConfig())
     kinds = _by_kind(children)
     fqdns = kinds["CiliumNetworkPolicy"][0]["spec"]["egress"][1]["toFQDNs"]
@@ -122,7 +122,7 @@ def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> 
 
 
 def test_every_child_is_owned_and_labelled() -> None:
-    owner, model = _owner("confidential-vm-model")
+    owner, model = _owner("confidential-model-cvm")
     for manifest in build.children(owner, model.spec, KEY, OperatorConfig()).apply:
         meta = manifest["metadata"]
         assert meta["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
@@ -132,13 +132,13 @@ def test_every_child_is_owned_and_labelled() -> None:
 
 
 def test_builders_are_deterministic() -> None:
-    owner, model = _owner("confidential-vm-model")
+    owner, model = _owner("confidential-model-cvm")
     first = build.children(owner, model.spec, KEY, OperatorConfig())
     second = build.children(owner, model.spec, KEY, OperatorConfig())
     assert first == second
 
 
-@pytest.mark.parametrize("example", ["confidential-vm-model", "confidential-aci-model"])
+@pytest.mark.parametrize("example", ["confidential-model-cvm", "confidential-model-aci"])
 def test_children_match_golden_files(example: str) -> None:
     """A CR in, the expected children out (set VEIL_UPDATE_GOLDEN=1 to rewrite)."""
     owner, model = _owner(example)
