@@ -18,8 +18,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DELETE = object()
 
 BASES = {
-    "cvm": EXAMPLES / "confidential-vm-model" / "model.yaml",
-    "aci": EXAMPLES / "confidential-aci-model" / "model.yaml",
+    "cvm": EXAMPLES / "confidential-model-cvm" / "model.yaml",
+    "aci": EXAMPLES / "confidential-model-aci" / "model.yaml",
     "training": EXAMPLES / "dp-training" / "model.yaml",
     "budget": EXAMPLES / "synthetic-data" / "budget.yaml",
     "synth": EXAMPLES / "synthetic-data" / "synthetic.yaml",

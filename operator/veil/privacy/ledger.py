@@ -1,0 +1,307 @@
+"""The ledger a PrivacyBudget keeps in its status: every claim, and what it has spent.
+
+Claim states and the only legal transitions:
+
+    Pending  -> Granted   the budget admits the claim (the charge starts here)
+    Pending  -> Denied    it does not fit, breaks a cap, or the budget is exhausted
+    Pending  -> Released  the consumer withdrew before a decision (nothing was charged)
+    Granted  -> Consumed  the consumer could read the dataset (terminal, charge is final)
+    Granted  -> Released  refund: the consumer never could read the dataset
+    Denied   -> Pending   only on a re-request with a higher `attempt`
+    Consumed, Released    terminal
+
+"Read" is defined conservatively as *could read*: the controller records Consumed (writes
+the budget status) before it creates anything that can read the dataset under the grant,
+i.e. before the Job or pod that mounts or downloads it, or the key release that decrypts
+it. A grant is refundable only while no such object has ever existed, so a Release after
+Consumed is refused: once data could have been read, its privacy cost is spent for good.
+
+Granted and Consumed claims are *charged*: `Ledger.charged` is their running composition
+(plus the folded part, see `veil.privacy.audit`), kept up to date on every transition so
+admission never recomposes thousands of claims. Every function returns a new ledger and
+leaves its input untouched; when nothing changes it returns the same object.
+
+On the wire `claims` is a list (a JSON merge patch replaces lists whole, so a compacted
+ledger drops folded claims instead of merging with the old ones): write the ledger whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Literal, get_args
+
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
+
+from veil.api.base import WireModel
+from veil.api.privacy_budget import ClaimCounts
+from veil.privacy.mechanisms import Composition, Mechanism, merge, subtract
+
+ClaimState = Literal["Pending", "Granted", "Denied", "Consumed", "Released"]
+CLAIM_STATES: tuple[ClaimState, ...] = get_args(ClaimState)
+CHARGED_STATES: frozenset[ClaimState] = frozenset({"Granted", "Consumed"})
+OPEN_STATES: frozenset[ClaimState] = frozenset({"Pending", "Granted"})
+TERMINAL_STATES: frozenset[ClaimState] = frozenset({"Denied", "Consumed", "Released"})
+
+TRANSITIONS: dict[ClaimState, frozenset[ClaimState]] = {
+    "Pending": frozenset({"Granted", "Denied", "Released"}),
+    "Granted": frozenset({"Consumed", "Released"}),
+    "Denied": frozenset({"Pending"}),
+    "Consumed": frozenset(),
+    "Released": frozenset(),
+}
+
+# Folded claim keys are kept as truncated SHA-256 digests: 8 bytes make a collision among
+# 10^5 keys about 3e-10 likely, and a collision could only refuse a claim, never charge twice.
+KEY_DIGEST_BYTES = 8
+
+
+class LedgerError(Exception):
+    """A request the ledger cannot honour; the message says why in plain words."""
+
+
+class IllegalTransitionError(LedgerError):
+    pass
+
+
+class ClaimConflictError(LedgerError):
+    """The same idempotency key came back with different mechanisms."""
+
+
+class UnknownClaimError(LedgerError):
+    pass
+
+
+class FoldedClaimError(LedgerError):
+    """The key belongs to a claim decided long ago and moved to the audit trail."""
+
+
+class ConsumerRef(WireModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(min_length=1, max_length=63)
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+
+
+class Claim(WireModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(min_length=1, max_length=128, description="Idempotency key: the consumer UID.")
+    consumer: ConsumerRef
+    mechanisms: tuple[Mechanism, ...] = Field(min_length=1)
+    state: ClaimState
+    seq: int = Field(ge=0, description="Arrival order within the budget.")
+    attempt: int = Field(default=0, ge=0)
+    requested_at: datetime
+    updated_at: datetime
+    decided_at: datetime | None = None
+    reason: str = ""
+    epsilon: float = Field(ge=0, description="The claim's own ε at the budget's δ.")
+    epsilon_left_at_decision: float | None = Field(
+        default=None,
+        description="ε left right after the decision, by the bound that decided it "
+        "(RDP's when RDP alone admitted the claim: conservative).",
+    )
+
+
+class Totals(WireModel):
+    """Monotonic outcome counters (they back the claims_total metric)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requested: int = 0
+    granted: int = 0
+    denied: int = 0
+    consumed: int = 0
+    released: int = 0
+
+    def bump(self, outcome: str) -> Totals:
+        return self.model_copy(update={outcome: getattr(self, outcome) + 1})
+
+
+class Folded(WireModel):
+    """Terminal claims moved to the audit trail, summarised without loss of ε."""
+
+    model_config = ConfigDict(frozen=True)
+
+    consumed: tuple[Mechanism, ...] = Field(
+        default=(), description="Composition of folded Consumed claims."
+    )
+    counts: dict[ClaimState, int] = Field(
+        default_factory=dict, description="Folded claims by state."
+    )
+    key_digests: str = Field(default="", description="base64 of sorted 8-byte SHA-256 key digests.")
+    batches: int = Field(default=0, ge=0, description="Audit batches written so far.")
+
+    @field_validator("key_digests")
+    @classmethod
+    def _whole_digests(cls, encoded: str) -> str:
+        if len(base64.b64decode(encoded, validate=True)) % KEY_DIGEST_BYTES:
+            raise ValueError(f"keyDigests must hold whole {KEY_DIGEST_BYTES}-byte digests")
+        return encoded
+
+    def holds(self, key: str) -> bool:
+        return key_digest(key) in decode_digests(self.key_digests)
+
+
+class Ledger(WireModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: Literal[1] = 1
+    next_seq: int = Field(default=0, ge=0)
+    charged: tuple[Mechanism, ...] = Field(
+        default=(), description="Running composition of Granted + Consumed, folded included."
+    )
+    claims: dict[str, Claim] = Field(default_factory=dict)
+    folded: Folded = Field(default_factory=Folded)
+    totals: Totals = Field(default_factory=Totals)
+
+    @field_validator("claims", mode="before")
+    @classmethod
+    def _claims_from_list(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        by_key: dict[str, Any] = {}
+        for item in value:
+            key = item.key if isinstance(item, Claim) else (
+                item.get("key") if isinstance(item, dict) else None
+            )
+            if not isinstance(key, str):
+                raise ValueError("every claim needs a string key")
+            if key in by_key:
+                raise ValueError(f"claim {key!r} appears twice")
+            by_key[key] = item
+        return by_key
+
+    @field_serializer("claims")
+    def _claims_as_list(self, claims: dict[str, Claim]) -> list[Claim]:
+        return list(claims.values())
+
+    @model_validator(mode="after")
+    def _charged_matches_claims(self) -> Ledger:
+        for key, claim in self.claims.items():
+            if key != claim.key:
+                raise ValueError(f"claim stored under {key!r} has key {claim.key!r}")
+        if merge(self.charged) != recompute_charged(self):
+            raise ValueError("ledger.charged does not match its claims: the status was edited")
+        return self
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any] | None) -> Ledger:
+        """Read `status.ledger` (None: a budget with no claims yet)."""
+        return cls() if data is None else cls.model_validate(data)
+
+    def counts(self) -> ClaimCounts:
+        by_state = dict.fromkeys(CLAIM_STATES, 0)
+        for claim in self.claims.values():
+            by_state[claim.state] += 1
+        for state, n in self.folded.counts.items():
+            by_state[state] += n
+        return ClaimCounts(**{state.lower(): n for state, n in by_state.items()})
+
+    def open_claims(self) -> int:
+        return sum(1 for c in self.claims.values() if c.state in OPEN_STATES)
+
+    def has_more_open_claims_than(self, limit: int) -> bool:
+        return len(self.claims) > limit and self.open_claims() > limit
+
+
+def recompute_charged(ledger: Ledger) -> Composition:
+    """The charged composition from scratch: folded consumption plus charged claims."""
+    return merge(
+        ledger.folded.consumed,
+        *(c.mechanisms for c in ledger.claims.values() if c.state in CHARGED_STATES),
+    )
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()[:KEY_DIGEST_BYTES]
+
+
+@lru_cache(maxsize=8)
+def decode_digests(encoded: str) -> frozenset[bytes]:
+    raw = base64.b64decode(encoded)
+    return frozenset(raw[i : i + KEY_DIGEST_BYTES] for i in range(0, len(raw), KEY_DIGEST_BYTES))
+
+
+def encode_digests(digests: frozenset[bytes]) -> str:
+    return base64.b64encode(b"".join(sorted(digests))).decode()
+
+
+def get_claim(ledger: Ledger, key: str) -> Claim:
+    try:
+        return ledger.claims[key]
+    except KeyError:
+        if ledger.folded.holds(key):
+            raise FoldedClaimError(
+                f"claim {key!r} was decided long ago and moved to the audit trail"
+            ) from None
+        raise UnknownClaimError(f"no claim {key!r} in this budget") from None
+
+
+def transition(
+    ledger: Ledger, key: str, to: ClaimState, now: datetime, reason: str, **changes: Any
+) -> Ledger:
+    """Move one claim to state `to`, keeping `charged` and `totals` in step. Raises if illegal."""
+    claim = get_claim(ledger, key)
+    if to not in TRANSITIONS[claim.state]:
+        raise IllegalTransitionError(
+            f"claim {key!r} of {claim.consumer.kind} {claim.consumer.namespace}/"
+            f"{claim.consumer.name} cannot go from {claim.state} to {to}"
+            + _why_not(claim.state, to)
+        )
+    updated = claim.model_copy(update={"state": to, "updated_at": now, "reason": reason, **changes})
+    was_charged, is_charged = claim.state in CHARGED_STATES, to in CHARGED_STATES
+    charged = ledger.charged
+    if is_charged and not was_charged:
+        charged = merge(charged, updated.mechanisms)
+    elif was_charged and not is_charged:
+        charged = subtract(charged, claim.mechanisms)
+    outcome = "requested" if to == "Pending" else to.lower()
+    return ledger.model_copy(update={
+        "claims": {**ledger.claims, key: updated},
+        "charged": charged,
+        "totals": ledger.totals.bump(outcome),
+    })
+
+
+def _why_not(state: ClaimState, to: ClaimState) -> str:
+    if state == "Consumed" and to == "Released":
+        return ": the consumer could already read the data, so its privacy cost is spent for good"
+    if state in TERMINAL_STATES:
+        return f": {state} is final"
+    if to == "Consumed":
+        return ": only a granted claim may be read"
+    return ""
+
+
+def add_claim(ledger: Ledger, claim: Claim) -> Ledger:
+    """Record a new Pending claim (admission fills in seq and its own ε)."""
+    if claim.key in ledger.claims or ledger.folded.holds(claim.key):
+        raise ClaimConflictError(f"claim {claim.key!r} already exists")
+    if claim.state != "Pending":
+        raise IllegalTransitionError("a new claim starts Pending")
+    return ledger.model_copy(update={
+        "claims": {**ledger.claims, claim.key: claim},
+        "next_seq": max(ledger.next_seq, claim.seq + 1),
+        "totals": ledger.totals.bump("requested"),
+    })
+
+
+def mark_consumed(ledger: Ledger, key: str, now: datetime) -> Ledger:
+    """Granted -> Consumed: call (and persist) before the consumer can read the data."""
+    if get_claim(ledger, key).state == "Consumed":
+        return ledger
+    return transition(ledger, key, "Consumed", now, "the consumer could read the dataset")
+
+
+def release(
+    ledger: Ledger, key: str, now: datetime, reason: str = "released by the consumer"
+) -> Ledger:
+    """Refund a Granted claim, or withdraw a Pending one. Refused once Consumed."""
+    if get_claim(ledger, key).state == "Released":
+        return ledger
+    return transition(ledger, key, "Released", now, reason)
