@@ -193,8 +193,11 @@ def _pld_native(unit: Mechanism) -> bool:
 def _pld_bound(composition: Composition, delta: float) -> float:
     basic_epsilon, basic_delta = _basic_part(composition)
     native = tuple(m for m in composition if _pld_native(m.unit()))
-    rho = sum(m.rho * m.count for m in composition
-              if isinstance(m, ZcdpMechanism) and not _pld_native(m.unit()))
+    rho = sum(
+        m.rho * m.count
+        for m in composition
+        if isinstance(m, ZcdpMechanism) and not _pld_native(m.unit())
+    )
     if not native and rho == 0:
         return basic_epsilon if basic_delta <= delta else math.inf
     available = delta - basic_delta

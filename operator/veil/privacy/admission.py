@@ -120,8 +120,15 @@ def decide(
     refusal = _refusal(after, demand, budget, max_open_claims)
     if refusal:
         spent = epsilon_spent(after.charged, budget.delta, budget.accountant)
-        after = transition(after, request.key, "Denied", now, refusal, decided_at=now,
-                           epsilon_left_at_decision=max(0.0, budget.epsilon - spent))
+        after = transition(
+            after,
+            request.key,
+            "Denied",
+            now,
+            refusal,
+            decided_at=now,
+            epsilon_left_at_decision=max(0.0, budget.epsilon - spent),
+        )
     else:
         after = schedule_pending(after, budget, now, unlocked_fraction, policy)
     return after, _decision(after, request.key, changed=True)
@@ -155,8 +162,10 @@ def _open(ledger: Ledger, request: ClaimRequest, demand: float, now: datetime) -
 
 def _refusal(ledger: Ledger, demand: float, budget: BudgetTerms, max_open_claims: int) -> str:
     if budget.max_epsilon_per_claim is not None and demand > budget.max_epsilon_per_claim:
-        return (f"the claim needs ε {demand:.4g}, over this budget's limit of "
-                f"{budget.max_epsilon_per_claim:g} per claim")
+        return (
+            f"the claim needs ε {demand:.4g}, over this budget's limit of "
+            f"{budget.max_epsilon_per_claim:g} per claim"
+        )
     if demand > budget.epsilon:
         return f"the claim needs ε {demand:.4g}, more than the whole budget ({budget.epsilon:g})"
     if ledger.has_more_open_claims_than(max_open_claims):

@@ -68,8 +68,10 @@ def compact(
     batch_size: int = AUDIT_BATCH_MAX_CLAIMS,
 ) -> tuple[Ledger, list[AuditBatch]]:
     """Fold all but the newest `keep_terminal` terminal claims; return them as audit batches."""
-    terminal = sorted((c for c in ledger.claims.values() if c.state in TERMINAL_STATES),
-                      key=lambda c: (c.updated_at, c.seq))
+    terminal = sorted(
+        (c for c in ledger.claims.values() if c.state in TERMINAL_STATES),
+        key=lambda c: (c.updated_at, c.seq),
+    )
     to_fold = terminal[: max(0, len(terminal) - keep_terminal)]
     if not to_fold:
         return ledger, []
@@ -118,12 +120,14 @@ def restore(ledger: Ledger, batches: Sequence[AuditBatch]) -> Ledger:
     verify_audit_trail(ledger, batches)
     claims = {c.key: c for b in sorted(batches, key=lambda b: b.sequence) for c in b.claims}
     claims.update(ledger.claims)
-    return Ledger.model_validate({
-        "nextSeq": ledger.next_seq,
-        "charged": ledger.charged,
-        "claims": sorted(claims.values(), key=lambda c: c.seq),
-        "totals": ledger.totals,
-    })
+    return Ledger.model_validate(
+        {
+            "nextSeq": ledger.next_seq,
+            "charged": ledger.charged,
+            "claims": sorted(claims.values(), key=lambda c: c.seq),
+            "totals": ledger.totals,
+        }
+    )
 
 
 def _batch(sequence: int, now: datetime, claims: Sequence[Claim]) -> AuditBatch:

@@ -166,8 +166,10 @@ class Ledger(WireModel):
             return value
         by_key: dict[str, Any] = {}
         for item in value:
-            key = item.key if isinstance(item, Claim) else (
-                item.get("key") if isinstance(item, dict) else None
+            key = (
+                item.key
+                if isinstance(item, Claim)
+                else (item.get("key") if isinstance(item, dict) else None)
             )
             if not isinstance(key, str):
                 raise ValueError("every claim needs a string key")
@@ -261,11 +263,13 @@ def transition(
     elif was_charged and not is_charged:
         charged = subtract(charged, claim.mechanisms)
     outcome = "requested" if to == "Pending" else to.lower()
-    return ledger.model_copy(update={
-        "claims": {**ledger.claims, key: updated},
-        "charged": charged,
-        "totals": ledger.totals.bump(outcome),
-    })
+    return ledger.model_copy(
+        update={
+            "claims": {**ledger.claims, key: updated},
+            "charged": charged,
+            "totals": ledger.totals.bump(outcome),
+        }
+    )
 
 
 def _why_not(state: ClaimState, to: ClaimState) -> str:
@@ -284,11 +288,13 @@ def add_claim(ledger: Ledger, claim: Claim) -> Ledger:
         raise ClaimConflictError(f"claim {claim.key!r} already exists")
     if claim.state != "Pending":
         raise IllegalTransitionError("a new claim starts Pending")
-    return ledger.model_copy(update={
-        "claims": {**ledger.claims, claim.key: claim},
-        "next_seq": max(ledger.next_seq, claim.seq + 1),
-        "totals": ledger.totals.bump("requested"),
-    })
+    return ledger.model_copy(
+        update={
+            "claims": {**ledger.claims, claim.key: claim},
+            "next_seq": max(ledger.next_seq, claim.seq + 1),
+            "totals": ledger.totals.bump("requested"),
+        }
+    )
 
 
 def mark_consumed(ledger: Ledger, key: str, now: datetime) -> Ledger:

@@ -62,16 +62,21 @@ class PrivacyMetrics:
         labels = ["namespace", "budget"]
         self.remaining = Gauge(
             "veil_privacy_budget_epsilon_remaining",
-            "ε a budget can still spend, at its δ", labels, registry=registry,
+            "ε a budget can still spend, at its δ",
+            labels,
+            registry=registry,
         )
         self.spent = Gauge(
             "veil_privacy_budget_epsilon_spent",
-            "ε a budget has spent (Granted + Consumed claims), at its δ", labels, registry=registry,
+            "ε a budget has spent (Granted + Consumed claims), at its δ",
+            labels,
+            registry=registry,
         )
         self.claims = Counter(
             "veil_privacy_claims_total",
             "Claim outcomes: requested, granted, denied, consumed, released",
-            [*labels, "outcome"], registry=registry,
+            [*labels, "outcome"],
+            registry=registry,
         )
         # Ledger totals already counted, per budget: counters only ever move forward.
         self._counted: dict[tuple[str, str], Totals] = {}

@@ -74,8 +74,11 @@ def next_unlock_at(schedule: Schedule, created_at: datetime, now: datetime) -> d
     if schedule is None or current >= 1.0:
         return None
     if isinstance(schedule, UnlockSteps):
-        later = [_step_time(s, created_at) for s in schedule.at
-                 if _step_time(s, created_at) > now and s.fraction > current]
+        later = [
+            _step_time(s, created_at)
+            for s in schedule.at
+            if _step_time(s, created_at) > now and s.fraction > current
+        ]
         return min(later, default=None)
     elapsed = max(0.0, (now - created_at).total_seconds())
     step = math.floor(elapsed / schedule.interval_seconds) + 1
@@ -110,26 +113,35 @@ def schedule_pending(
 ) -> Ledger:
     """Grant as many Pending claims as fit in `policy` order; deny those that never can."""
     limit = budget.epsilon * min(1.0, max(0.0, unlocked_fraction))
-    pending = sorted((c for c in ledger.claims.values() if c.state == "Pending"),
-                     key=_order(policy, budget))
+    pending = sorted(
+        (c for c in ledger.claims.values() if c.state == "Pending"), key=_order(policy, budget)
+    )
     blocked = False
     for claim in pending:
         if not blocked:
             fit = _fit(ledger, claim, limit, budget)
             if fit.fits:
                 ledger = transition(
-                    ledger, claim.key, "Granted", now,
+                    ledger,
+                    claim.key,
+                    "Granted",
+                    now,
                     f"granted: ε {fit.epsilon:.4g} of {limit:.4g} unlocked at δ {budget.delta:g}",
-                    decided_at=now, epsilon_left_at_decision=budget.epsilon - fit.epsilon,
+                    decided_at=now,
+                    epsilon_left_at_decision=budget.epsilon - fit.epsilon,
                 )
                 continue
         if not _fit(ledger, claim, budget.epsilon, budget).fits:
             spent = epsilon_spent(ledger.charged, budget.delta, budget.accountant)
             ledger = transition(
-                ledger, claim.key, "Denied", now,
+                ledger,
+                claim.key,
+                "Denied",
+                now,
                 f"budget exhausted: ε {spent:.4g} is spent of {budget.epsilon:g} and this claim "
                 f"(ε {claim.epsilon:.4g} alone) does not fit even when all is unlocked",
-                decided_at=now, epsilon_left_at_decision=max(0.0, budget.epsilon - spent),
+                decided_at=now,
+                epsilon_left_at_decision=max(0.0, budget.epsilon - spent),
             )
         elif policy == "fcfs":
             blocked = True

@@ -40,7 +40,9 @@ def test_dp_accounting_quirks_this_module_relies_on() -> None:
 
 def test_matches_dp_accounting_for_native_compositions() -> None:
     mechanisms: list[Mechanism] = [
-        SGD, GaussianMechanism(noise_multiplier=4.0, count=3), LaplaceMechanism(scale=20.0)
+        SGD,
+        GaussianMechanism(noise_multiplier=4.0, count=3),
+        LaplaceMechanism(scale=20.0),
     ]
     event = dp_event.ComposedDpEvent([m.to_dp_event() for m in mechanisms])
     assert rdp_epsilon(mechanisms, DELTA) == pytest.approx(

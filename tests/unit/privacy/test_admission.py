@@ -61,8 +61,9 @@ def test_a_repeated_claim_is_the_same_claim() -> None:
 
 def test_a_different_claim_under_the_same_key_is_an_error() -> None:
     budget = BudgetTerms(epsilon=1.0, delta=1e-5)
-    ledger, _ = decide(Ledger(), request("uid", GaussianMechanism(noise_multiplier=10.0)), budget,
-                       at(0))
+    ledger, _ = decide(
+        Ledger(), request("uid", GaussianMechanism(noise_multiplier=10.0)), budget, at(0)
+    )
     with pytest.raises(ClaimConflictError, match="cannot change"):
         decide(ledger, request("uid", GaussianMechanism(noise_multiplier=9.0)), budget, at(1))
 
@@ -91,8 +92,9 @@ def test_per_claim_cap_and_open_claim_limit() -> None:
     assert "limit of 0.5 per claim" in capped.reason
     ledger = Ledger()
     for key in ("a", "b", "c"):
-        ledger, decision = decide(ledger, request(key, LaplaceMechanism(scale=100.0)), budget,
-                                  at(0), max_open_claims=2)
+        ledger, decision = decide(
+            ledger, request(key, LaplaceMechanism(scale=100.0)), budget, at(0), max_open_claims=2
+        )
     assert decision.state == "Denied"
     assert "open claims" in decision.reason
 
@@ -133,13 +135,15 @@ def _run(accountant: str, ops: list[tuple[str, int]], total: float) -> None:
         granted = [k for k, c in ledger.claims.items() if c.state == "Granted"]
         open_ = [k for k, c in ledger.claims.items() if c.state in ("Pending", "Granted")]
         if op == "request":
-            ledger, _ = decide(ledger, request(f"uid-{clock}", PALETTE[n]), budget, at(clock),
-                               fraction)
+            ledger, _ = decide(
+                ledger, request(f"uid-{clock}", PALETTE[n]), budget, at(clock), fraction
+            )
         elif op == "repeat" and ledger.claims:
             key, claim = list(ledger.claims.items())[n % len(ledger.claims)]
             before = ledger.charged
-            ledger, decision = decide(ledger, request(key, *claim.mechanisms), budget, at(clock),
-                                      fraction)
+            ledger, decision = decide(
+                ledger, request(key, *claim.mechanisms), budget, at(clock), fraction
+            )
             assert claim.state == "Pending" or (not decision.changed and ledger.charged == before)
         elif op == "consume" and granted:
             ledger = mark_consumed(ledger, granted[n % len(granted)], at(clock))
@@ -156,8 +160,10 @@ def _run(accountant: str, ops: list[tuple[str, int]], total: float) -> None:
         assert spent <= total * fraction
         charged = [c for c in ledger.claims.values() if c.state in CHARGED_STATES]
         mechanisms = [m for c in charged for m in c.mechanisms]
-        if accountant == "rdp" and not ledger.folded.consumed and not any(
-            isinstance(m, EpsilonDeltaMechanism) for m in mechanisms
+        if (
+            accountant == "rdp"
+            and not ledger.folded.consumed
+            and not any(isinstance(m, EpsilonDeltaMechanism) for m in mechanisms)
         ):
             # Independently: every charged claim composed in one fresh dp_accounting accountant.
             fresh = RdpAccountant().compose(to_dp_event(mechanisms)).get_epsilon(budget.delta)

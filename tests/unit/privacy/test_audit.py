@@ -82,9 +82,11 @@ def test_ten_thousand_claims_compact_under_512_kib_without_losing_epsilon() -> N
     reread = Ledger.from_wire(json.loads(json.dumps(compacted.to_wire())))
     stored = [serialize_audit_batch(b) for b in trail]
     full = restore(reread, [parse_audit_batch(text) for text in stored])
-    print(f"status ledger: {size} bytes compacted ({len(compacted.claims)} claims in detail), "
-          f"{status_bytes(full)} uncompacted; {len(trail)} audit batches, "
-          f"largest {max(len(t.encode()) for t in stored)} bytes")
+    print(
+        f"status ledger: {size} bytes compacted ({len(compacted.claims)} claims in detail), "
+        f"{status_bytes(full)} uncompacted; {len(trail)} audit batches, "
+        f"largest {max(len(t.encode()) for t in stored)} bytes"
+    )
 
     counts = full.counts()
     assert len(full.claims) == 10_000

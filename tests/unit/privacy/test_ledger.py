@@ -54,9 +54,7 @@ def test_repeated_transitions_are_idempotent() -> None:
 
 
 def test_pending_claims_may_be_withdrawn_but_not_consumed() -> None:
-    ledger, decision = decide(
-        Ledger(), request("p", QUERY), BUDGET, at(0), unlocked_fraction=0.0
-    )
+    ledger, decision = decide(Ledger(), request("p", QUERY), BUDGET, at(0), unlocked_fraction=0.0)
     assert decision.state == "Pending"
     with pytest.raises(IllegalTransitionError, match="only a granted claim may be read"):
         mark_consumed(ledger, "p", at(1))
@@ -67,10 +65,12 @@ def test_every_transition_outside_the_table_raises() -> None:
     base = granted()
     claim = base.claims["a"]
     for state in CLAIM_STATES:
-        ledger = base.model_copy(update={
-            "claims": {"a": claim.model_copy(update={"state": state})},
-            "charged": (QUERY,) if state in ("Granted", "Consumed") else (),
-        })
+        ledger = base.model_copy(
+            update={
+                "claims": {"a": claim.model_copy(update={"state": state})},
+                "charged": (QUERY,) if state in ("Granted", "Consumed") else (),
+            }
+        )
         for target in CLAIM_STATES:
             if target in TRANSITIONS[state]:
                 continue

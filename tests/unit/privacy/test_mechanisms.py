@@ -24,9 +24,12 @@ def test_wire_is_camel_case_and_round_trips() -> None:
     wire = SGD.to_wire()
     assert wire == {"type": "dpsgd", "samplingRate": 0.01, "noiseMultiplier": 2.0, "steps": 2000}
     assert MECHANISM.validate_python(wire) == SGD
-    assert MECHANISM.validate_python(
-        {"type": "dpsgd", "sampling_rate": 0.01, "noise_multiplier": 2.0, "steps": 2000}
-    ) == SGD
+    assert (
+        MECHANISM.validate_python(
+            {"type": "dpsgd", "sampling_rate": 0.01, "noise_multiplier": 2.0, "steps": 2000}
+        )
+        == SGD
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,8 +70,6 @@ def test_merge_groups_equal_units_and_subtract_refunds() -> None:
     composition = merge([SGD, SGD], [query], [SGD])
     assert composition == merge([query, SGD.with_multiplicity(6000)])
     assert subtract(composition, [SGD]) == merge([SGD, SGD, query])
-    assert subtract(composition, [query]) == (
-        SGD.with_multiplicity(6000),
-    )
+    assert subtract(composition, [query]) == (SGD.with_multiplicity(6000),)
     with pytest.raises(ValueError, match="not in the composition"):
         subtract(composition, [LaplaceMechanism(scale=1.0)])

@@ -39,8 +39,13 @@ def test_equal_steps_unlock() -> None:
 
 def test_explicit_steps_unlock() -> None:
     schedule = UnlockSteps.model_validate(
-        {"at": [{"after": 0, "fraction": 0.1}, {"after": 7200, "fraction": 0.5},
-                {"after": "2026-01-02T00:00:00Z", "fraction": 1.0}]}
+        {
+            "at": [
+                {"after": 0, "fraction": 0.1},
+                {"after": 7200, "fraction": 0.5},
+                {"after": "2026-01-02T00:00:00Z", "fraction": 1.0},
+            ]
+        }
     )
     assert unlocked_fraction(schedule, T0, at(0)) == 0.1
     assert unlocked_fraction(schedule, T0, at(7199)) == 0.1
@@ -70,8 +75,7 @@ def test_fcfs_blocks_behind_the_head_and_dpf_does_not() -> None:
     for policy, expected in (("fcfs", ["Pending", "Pending"]), ("dpf", ["Pending", "Granted"])):
         ledger = Ledger()
         for key, mechanism in (("big", big), ("small", small)):
-            ledger, _ = decide(ledger, request(key, mechanism), budget, at(0), 0.5,
-                               policy=policy)  # type: ignore[arg-type]
+            ledger, _ = decide(ledger, request(key, mechanism), budget, at(0), 0.5, policy=policy)  # type: ignore[arg-type]
         assert [c.state for c in ledger.claims.values()] == expected, policy
 
 
@@ -82,11 +86,18 @@ def _simulate(policy: Policy, small: Mechanism, large: Mechanism, accountant: st
     for hour in range(12):
         for i, mechanism in enumerate([large, small, small, small] * 2):
             now = at(hour * HOUR + i)
-            ledger, _ = decide(ledger, request(f"h{hour}-{i}", mechanism), budget, now,
-                               unlocked_fraction(TEN_STEPS, T0, now), policy=policy)
+            ledger, _ = decide(
+                ledger,
+                request(f"h{hour}-{i}", mechanism),
+                budget,
+                now,
+                unlocked_fraction(TEN_STEPS, T0, now),
+                policy=policy,
+            )
         end = at(hour * HOUR + HOUR - 1)
-        ledger = schedule_pending(ledger, budget, end, unlocked_fraction(TEN_STEPS, T0, end),
-                                  policy)
+        ledger = schedule_pending(
+            ledger, budget, end, unlocked_fraction(TEN_STEPS, T0, end), policy
+        )
     assert epsilon_spent(ledger.charged, budget.delta, budget.accountant) <= budget.epsilon
     return ledger.counts().granted
 
@@ -100,8 +111,9 @@ def _simulate(policy: Policy, small: Mechanism, large: Mechanism, accountant: st
         (GaussianMechanism(noise_multiplier=8.0), GaussianMechanism(noise_multiplier=1.5), "rdp"),
     ],
 )
-def test_dpf_grants_more_claims_than_fcfs(small: Mechanism, large: Mechanism,
-                                          accountant: str) -> None:
+def test_dpf_grants_more_claims_than_fcfs(
+    small: Mechanism, large: Mechanism, accountant: str
+) -> None:
     dpf = _simulate("dpf", small, large, accountant)
     fcfs = _simulate("fcfs", small, large, accountant)
     print(f"granted: dpf {dpf}, fcfs {fcfs}")
