@@ -6,8 +6,9 @@ object already has, so a no-op resync issues no write.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -141,6 +142,21 @@ async def reconcile(
         patch.status[key] = value
     if evaluation.retry_in is not None:
         raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
+
+
+@contextlib.contextmanager
+def observed(kind: str) -> Iterator[None]:
+    """Count and time a reconcile that does not go through `evaluate`."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception:
+        RECONCILE_ERRORS.labels(kind).inc()
+        RECONCILE_TOTAL.labels(kind, "error").inc()
+        raise
+    finally:
+        RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
+    RECONCILE_TOTAL.labels(kind, "success").inc()
 
 
 def forget(kind: str, body: kopf.Body) -> None:

@@ -1,0 +1,237 @@
+"""PrivacyBudget admission on the real API server: concurrency, crashes, size, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.localcluster import LocalCluster
+from tests.integration.claimant import request
+from tests.integration.conftest import OperatorProcess, wait_for
+from veil import API_GROUP, API_VERSION
+from veil.controllers.budget_store import BudgetRef, BudgetStore, BudgetUnavailableError
+from veil.privacy import (
+    BudgetTerms,
+    ClaimRequest,
+    ConsumerRef,
+    DpSgdMechanism,
+    EpsilonDeltaMechanism,
+    Ledger,
+    compact,
+    decide,
+    epsilon_spent,
+    mark_consumed,
+)
+
+NAMESPACE = "veil-budgets"
+API_OBJECT_LIMIT = 1_572_864  # etcd's default request limit, 1.5 MiB
+
+
+@pytest.fixture(scope="module")
+def store(crds: LocalCluster, api: client.ApiClient) -> BudgetStore:
+    crds.kubectl("create", "namespace", NAMESPACE)
+    return BudgetStore(api)
+
+
+def _budget(
+    api: client.ApiClient, name: str, epsilon: float, accountant: str = "rdp", **spec: Any
+) -> BudgetRef:
+    body = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "PrivacyBudget",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "dataset": {"name": name},
+            "epsilon": epsilon,
+            "delta": 1e-5,
+            "accountant": accountant,
+            **spec,
+        },
+    }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", body
+    )
+    return BudgetRef(NAMESPACE, name)
+
+
+def _ledger(store: BudgetStore, ref: BudgetRef) -> Ledger:
+    return Ledger.from_wire(store.get(ref)["status"]["ledger"])
+
+
+def test_64_concurrent_claimants_never_overspend(store: BudgetStore, api: client.ApiClient) -> None:
+    ref = _budget(api, "concurrent", epsilon=3.0)
+    requests = [request(i, NAMESPACE) for i in range(64)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        decisions = list(pool.map(lambda r: store.claim(ref, r), requests))
+    assert len({d.key for d in decisions}) == 64, "every claimant gets an answer"
+    assert {d.state for d in decisions} <= {"Granted", "Denied"}
+    granted = [r for r, d in zip(requests, decisions, strict=True) if d.state == "Granted"]
+    assert 0 < len(granted) < 64
+    spent = epsilon_spent([m for r in granted for m in r.mechanisms], 1e-5, "rdp")
+    assert spent <= 3.0
+    # The budget agrees with the claimants, and one more claim would not have fitted.
+    ledger = _ledger(store, ref)
+    assert sorted(k for k, c in ledger.claims.items() if c.state == "Granted") == sorted(
+        r.key for r in granted
+    )
+    one_more = [m for r in granted for m in r.mechanisms] + list(requests[0].mechanisms)
+    assert epsilon_spent(one_more, 1e-5, "rdp") > 3.0
+    status = store.get(ref)["status"]
+    assert status["claims"]["granted"] == len(granted)
+    assert status["epsilonSpent"] == pytest.approx(spent, rel=1e-6)
+
+
+def test_repeated_claim_is_the_same_claim(store: BudgetStore, api: client.ApiClient) -> None:
+    ref = _budget(api, "idempotent", epsilon=10.0)
+    first = store.claim(ref, request(1, NAMESPACE))
+    again = store.claim(ref, request(1, NAMESPACE))
+    assert first.state == again.state == "Granted"
+    assert not again.changed
+    assert len(_ledger(store, ref).claims) == 1
+
+
+def test_killed_claimant_neither_double_grants_nor_loses(
+    store: BudgetStore, api: client.ApiClient, crds: LocalCluster
+) -> None:
+    ref = _budget(api, "crashes", epsilon=3.0)
+    args = [
+        sys.executable,
+        "-m",
+        "tests.integration.claimant",
+        str(crds.kubeconfig),
+        NAMESPACE,
+        ref.name,
+    ]
+    burst = subprocess.Popen([*args, "0", "40"], stdout=subprocess.PIPE, text=True)
+    assert burst.stdout is not None
+    for _ in range(5):
+        burst.stdout.readline()  # let it get going, then kill it mid-claim
+    burst.kill()
+    burst.wait()
+    answered_before = len(_ledger(store, ref).claims)
+    assert 5 <= answered_before < 40
+    # The restarted claimant asks again for everything.
+    subprocess.run([*args, "0", "40"], check=True, capture_output=True)
+    ledger = _ledger(store, ref)
+    assert sorted(ledger.claims) == sorted(f"claimant-{i:04d}" for i in range(40))
+    assert ledger.totals.requested == 40, "a retried claim is never a second request"
+    granted = [m for c in ledger.claims.values() if c.state == "Granted" for m in c.mechanisms]
+    assert epsilon_spent(granted, 1e-5, "rdp") <= 3.0
+
+
+def test_ten_thousand_claims_fit_in_the_object(store: BudgetStore, api: client.ApiClient) -> None:
+    ref = _budget(api, "ten-thousand", epsilon=1000.0)
+    terms = BudgetTerms(epsilon=1000.0, delta=1e-5, accountant="rdp")
+    ledger, trail = Ledger(), []
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for index in range(10_000):
+        now = start + timedelta(seconds=index)
+        claim = ClaimRequest(
+            key=f"job-{index:05d}",
+            consumer=ConsumerRef(kind="SyntheticDataset", namespace=NAMESPACE, name=f"j{index}"),
+            mechanisms=(EpsilonDeltaMechanism(epsilon=0.05 + (index % 7) * 0.001),),
+        )
+        ledger, _ = decide(ledger, claim, terms, now)
+        ledger = mark_consumed(ledger, claim.key, now)
+        if len(ledger.claims) > 400:
+            ledger, batches = compact(ledger, now)
+            trail += batches
+
+    def install(*_: Any) -> tuple[Ledger, None]:
+        return ledger, None
+
+    store.transact(ref, install)
+    stored = store.get(ref)
+    size = len(json.dumps(stored).encode())
+    assert size < API_OBJECT_LIMIT / 3, f"{size} bytes"
+    assert Ledger.from_wire(stored["status"]["ledger"]).totals.consumed == 10_000
+    assert stored["status"]["epsilonSpent"] == pytest.approx(
+        epsilon_spent(ledger.charged, 1e-5, "rdp"), rel=1e-9
+    )
+
+
+def test_compaction_writes_the_audit_trail(store: BudgetStore, api: client.ApiClient) -> None:
+    ref = _budget(api, "audited", epsilon=1000.0)
+    terms = BudgetTerms(epsilon=1000.0, delta=1e-5, accountant="rdp")
+    consumer = ConsumerRef(kind="SyntheticDataset", namespace=NAMESPACE, name="x")
+    ledger, now = Ledger(), datetime(2026, 1, 1, tzinfo=UTC)
+    for index in range(430):
+        claim = ClaimRequest(
+            key=f"k{index}", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),)
+        )
+        ledger, _ = decide(ledger, claim, terms, now)
+        ledger = mark_consumed(ledger, claim.key, now)
+
+    def install(*_: Any) -> tuple[Ledger, None]:
+        return ledger, None
+
+    store.transact(ref, install)  # more claims than the status keeps: the store compacts
+    maps = (
+        client.CoreV1Api(api)
+        .list_namespaced_config_map(NAMESPACE, label_selector="app.kubernetes.io/instance=audited")
+        .items
+    )
+    assert maps, "folded claims are written to audit ConfigMaps"
+    folded = sum(len(json.loads(m.data["batch.json"])["claims"]) for m in maps)
+    kept = len(_ledger(store, ref).claims)
+    assert folded > 0
+    assert folded + kept == 430
+    # One more claim still works on the compacted ledger, and is charged once.
+    extra = ClaimRequest(
+        key="k-extra", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),)
+    )
+    assert store.claim(ref, extra).state == "Granted"
+    assert store.get(ref)["status"]["epsilonSpent"] == pytest.approx(4.31, rel=1e-6)
+
+
+def test_refusals_are_clear(store: BudgetStore, api: client.ApiClient) -> None:
+    ref = _budget(api, "guarded", epsilon=5.0, spenders=[{"namespace": "team-a"}])
+    outsider = request(1, NAMESPACE)
+    with pytest.raises(BudgetUnavailableError, match="may not spend"):
+        store.claim(ref, outsider)
+    with pytest.raises(BudgetUnavailableError, match="does not exist"):
+        store.claim(BudgetRef(NAMESPACE, "no-such-budget"), outsider)
+    with pytest.raises(ValueError, match="greater than 0"):
+        DpSgdMechanism(sampling_rate=0.01, noise_multiplier=-1.0, steps=10)
+    with pytest.raises(ValueError, match="less than 1"):
+        EpsilonDeltaMechanism(epsilon=1.0, delta=1.0)
+
+
+def test_operator_grants_waiting_claims_as_budget_unlocks(
+    operator: OperatorProcess, store: BudgetStore, api: client.ApiClient
+) -> None:
+    # Half unlocked now, the rest after 4 s: the second claim waits, then is granted.
+    ref = _budget(
+        api,
+        "unlocking",
+        epsilon=2.0,
+        unlock={"initialFraction": 0.5, "steps": 1, "intervalSeconds": 4},
+    )
+    consumer = ConsumerRef(kind="SyntheticDataset", namespace=NAMESPACE, name="u")
+    first = store.claim(
+        ref,
+        ClaimRequest(key="u1", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),)),
+    )
+    second = store.claim(
+        ref,
+        ClaimRequest(key="u2", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),)),
+    )
+    assert (first.state, second.state) == ("Granted", "Pending")
+    time.sleep(4)
+    wait_for(
+        lambda: _ledger(store, ref).claims["u2"].state == "Granted",
+        timeout=60,
+        what="the pending claim to be granted by the unlock timer",
+    )
+    status = store.get(ref)["status"]
+    exhausted = next(c for c in status["conditions"] if c["type"] == "Exhausted")
+    assert exhausted["status"] == "False"
+    assert status["epsilonRemaining"] == pytest.approx(0.2, abs=1e-6)
