@@ -8,7 +8,12 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+# Importing the controllers registers their handlers with kopf's default registry.
 from veil import API_GROUP
+from veil.azure import AzureSettings
+from veil.config import OperatorConfig
+from veil.controllers import confidential_model, privacy_budget, synthetic_dataset  # noqa: F401
+from veil.controllers.azure_ports import AzurePorts
 from veil.metrics import REGISTRY
 
 FINALIZER = f"{API_GROUP}/finalizer"
@@ -30,18 +35,20 @@ def configure(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
+    azure = AzurePorts(AzureSettings.from_env())
+    confidential_model.configure(
+        confidential_model.Ports(
+            ensure_key=azure.ensure_key,
+            remove_key=azure.remove_key,
+            ensure_pool=azure.ensure_pool,
+            config=OperatorConfig.from_env(),
+        )
+    )
 
 
 @kopf.on.probe(id="handlers")
 def _probe(**_: Any) -> str:
     return "ok"
-
-
-def import_handlers() -> None:
-    # Importing registers the handlers with kopf's default registry.
-    import veil.controllers.confidential_model
-    import veil.controllers.privacy_budget
-    import veil.controllers.synthetic_dataset  # noqa: F401
 
 
 def run(
@@ -53,7 +60,6 @@ def run(
     peering: str | None,
     standalone: bool,
 ) -> int:
-    import_handlers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)

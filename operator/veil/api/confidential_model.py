@@ -265,6 +265,9 @@ class ConfidentialModelStatus(WireModel):
     ready_replicas: int | None = Field(default=None, ge=0)
     node_pool_state: str | None = Field(default=None, max_length=64)
     service_name: str | None = Field(default=None, max_length=253, pattern=DNS_NAME_PATTERN)
+    endpoint: str | None = Field(
+        default=None, max_length=2048, description="The model's Open Inference Protocol URL."
+    )
 
 
 class ConfidentialModel(CustomResource):
@@ -274,6 +277,7 @@ class ConfidentialModel(CustomResource):
     key_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Isolation", "type": "string", "jsonPath": ".spec.tee.isolation"},
         {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
         {"name": "Key-Version", "type": "string", "jsonPath": ".status.keyVersion", "priority": 1},
     )
 

@@ -15,30 +15,23 @@ import kopf
 
 from veil import API_GROUP, API_VERSION, labels
 from veil.api.confidential_model import ConfidentialModelSpec, NodePool
+from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyError
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
+from veil.controllers import model_status
 from veil.controllers.reconcile import Result, evaluate, forget, reconcile
 from veil.kube import apply
 from veil.resources import confidential_model as build
+from veil.resources.common import selector_labels
 
 KIND = "ConfidentialModel"
 PLURAL = "confidentialmodels"
 NODE_POOL_POLL_SECONDS = 30.0
 
 
-class KeyVaultError(Exception):
-    """Key Vault refused or failed; the message says why in plain words."""
-
-
-@dataclass(frozen=True)
-class PoolState:
-    name: str
-    provisioning_state: str
-
-
 KeyEnsurer = Callable[[Mapping[str, Any], ConfidentialModelSpec], build.KeyRef]
 KeyRemover = Callable[[Mapping[str, Any], ConfidentialModelSpec], str]
-PoolEnsurer = Callable[[NodePool], PoolState]
+PoolEnsurer = Callable[[NodePool, ConfidentialModelSpec], PoolState]
 
 
 @dataclass
@@ -56,6 +49,11 @@ def _unconfigured(*_: Any) -> Any:
 
 
 PORTS = Ports(_unconfigured, _unconfigured, _unconfigured, OperatorConfig())
+
+
+def configure(ports: Ports) -> None:
+    global PORTS  # noqa: PLW0603 - set once at startup, read by every reconcile
+    PORTS = ports
 
 
 def _rollout_outcome(deployment: Mapping[str, Any] | None, replicas: int) -> tuple[Outcome, int]:
@@ -78,16 +76,21 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
     meta = owner["metadata"]
     status: dict[str, Any] = {}
     if spec.tee.node_pool is not None:
-        pool = ports.ensure_pool(spec.tee.node_pool)
+        try:
+            pool = ports.ensure_pool(spec.tee.node_pool, spec)
+        except NodePoolError as refused:
+            if not refused.retriable:
+                return Result(Outcome.stalled_with("NodePoolRefused", str(refused)))
+            return Result(Outcome.failed("NodePoolError", str(refused)), requeue_after=60)
         status["nodePoolState"] = pool.provisioning_state
-        if pool.provisioning_state != "Succeeded":
+        if not pool.ready:
             return Result(
                 Outcome.progressing(
                     "NodePoolProvisioning",
                     f"AKS node pool {pool.name} is {pool.provisioning_state}",
                 ),
                 status=status,
-                requeue_after=NODE_POOL_POLL_SECONDS,
+                requeue_after=None if pool.failed else NODE_POOL_POLL_SECONDS,
             )
     if spec.model is None:
         return Result(
@@ -96,11 +99,24 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
         )
     try:
         key = ports.ensure_key(owner, spec)
-    except KeyVaultError as refused:
+    except (KeyVaultError, ReleasePolicyError) as refused:
         return Result(
-            Outcome.failed("KeyVaultError", str(refused)), status=status, requeue_after=60
+            Outcome.failed("KeyNotReady", str(refused)),
+            status=status,
+            requeue_after=60,
+            conditions=[
+                ("KeyReady", "False", type(refused).__name__.removesuffix("Error"), str(refused))
+            ],
         )
     status.update(keyId=key.kid, keyVersion=key.version)
+    conditions: list[model_status.Condition] = [
+        (
+            "KeyReady",
+            "True",
+            "KeyVersionCurrent",
+            f"{spec.key_release.key_name} version {key.version} with the release policy in force",
+        )
+    ]
 
     children = build.children(owner, spec, key, ports.config)
     report = apply.ApplyReport()
@@ -118,9 +134,20 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
         kopf_event(owner, "Applied", _describe(report))
 
     deployment = apply.get_object("apps/v1", "Deployment", meta["name"], meta["namespace"])
+    pods = apply.list_objects(
+        "v1", "Pod", meta["namespace"], selector_labels(owner, build.APP)
+    )
+    conditions += [model_status.placed(pods, spec.tee.isolation), model_status.key_released(pods)]
     outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
-    status.update(readyReplicas=ready, serviceName=meta["name"])
-    return Result(stalled or outcome, status=status)
+    if conditions[1][1] == "False" and spec.serving.replicas > 0:
+        outcome = Outcome.progressing(conditions[1][2], conditions[1][3])
+    status.update(
+        readyReplicas=ready,
+        serviceName=meta["name"],
+        endpoint=f"http://{meta['name']}.{meta['namespace']}.svc:{spec.serving.port}"
+        f"/v2/models/{meta['name']}",
+    )
+    return Result(stalled or outcome, status=status, conditions=conditions)
 
 
 def _describe(report: apply.ApplyReport) -> str:
@@ -205,6 +232,7 @@ _CHILD_FILTER = {labels.OWNER_KIND: KIND}
 @kopf.on.event("", "v1", "serviceaccounts", labels=_CHILD_FILTER)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_CHILD_FILTER)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_CHILD_FILTER)
+@kopf.on.event("", "v1", "pods", labels=_CHILD_FILTER)
 async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
     """A child was edited, deleted or changed status: restore it and refresh the owner."""
     await _on_child_event(event, logger)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import BaseModel, ValidationError
 
-from veil.conditions import Outcome, apply_outcome, now_rfc3339
+from veil.conditions import Outcome, Status, apply_outcome, now_rfc3339, set_condition
 from veil.metrics import RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL, RESOURCE_READY
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
@@ -31,6 +31,8 @@ class Result:
     outcome: Outcome
     status: dict[str, Any] = field(default_factory=dict)
     requeue_after: float | None = None
+    # Kind-specific conditions beside Ready/Reconciling/Stalled: (type, status, reason, message).
+    conditions: list[tuple[str, Status, str, str]] = field(default_factory=list)
 
 
 DomainFn = Callable[[SpecT, Mapping[str, Any], Any], Awaitable[Result]]
@@ -105,9 +107,21 @@ async def evaluate(
     desired["observedGeneration"] = generation
     # set_condition keeps an unchanged condition's timestamp, so an unchanged outcome
     # yields an empty patch.
-    desired["conditions"] = apply_outcome(
-        current_status.get("conditions", []), result.outcome, generation, now_rfc3339()
+    now = now_rfc3339()
+    conditions = apply_outcome(
+        current_status.get("conditions", []), result.outcome, generation, now
     )
+    for type_, status, reason, message in result.conditions:
+        conditions = set_condition(
+            conditions,
+            type_,
+            status=status,
+            reason=reason,
+            message=message,
+            generation=generation,
+            now=now,
+        )
+    desired["conditions"] = conditions
     RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
     RESOURCE_READY.labels(kind, meta.get("namespace", ""), meta.get("name", "")).set(
         1.0 if result.outcome.ready == "True" else 0.0

@@ -132,3 +132,12 @@ def patch_status(
         namespace=namespace,
         content_type="application/merge-patch+json",
     )
+
+
+def list_objects(
+    api_version: str, kind: str, namespace: str, selector: dict[str, str]
+) -> list[dict[str, Any]]:
+    resource = _resource(dynamic_client(), api_version, kind)
+    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    found = resource.get(namespace=namespace, label_selector=label_selector).to_dict()
+    return list(found.get("items") or [])

@@ -195,7 +195,11 @@ def deployment(
 ) -> dict[str, Any]:
     assert spec.model is not None
     name = owner["metadata"]["name"]
-    pod_labels = {**selector_labels(owner, APP), labels.WORKLOAD_IDENTITY_USE: "true"}
+    pod_labels = {
+        **selector_labels(owner, APP),
+        labels.WORKLOAD_IDENTITY_USE: "true",
+        labels.OWNER_KIND: owner["kind"],
+    }
     # Changing the model or the key rolls the pods.
     pod_annotations = {
         labels.MODEL_DIGEST: spec.model.sha256,

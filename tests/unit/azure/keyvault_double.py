@@ -152,6 +152,7 @@ class _Failure:
     method: str | None
     path_contains: str | None
     remaining: int | None
+    inner_code: str | None = None
 
 
 @dataclass
@@ -180,10 +181,13 @@ class KeyVaultDouble:
         method: str | None = None,
         path_contains: str | None = None,
         times: int | None = None,
+        inner_code: str | None = None,
     ) -> None:
         """Answer matching requests with an error in Key Vault's shape (after authentication)."""
         with self._lock:
-            self._failures.append(_Failure(status, code, message, method, path_contains, times))
+            self._failures.append(
+                _Failure(status, code, message, method, path_contains, times, inner_code)
+            )
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -204,9 +208,7 @@ class KeyVaultDouble:
 
     # plumbing
     @web.middleware
-    async def _auth_middleware(
-        self, request: web.Request, handler: Any
-    ) -> web.StreamResponse:
+    async def _auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         with self._lock:
             self.requests.append((request.method, request.path))
         if "api-version" not in request.query:
@@ -231,7 +233,7 @@ class KeyVaultDouble:
                     if failure.remaining <= 0:
                         continue
                     failure.remaining -= 1
-                return _error(failure.status, failure.code, failure.message)
+                return _error(failure.status, failure.code, failure.message, failure.inner_code)
         response: web.StreamResponse = await handler(request)
         return response
 
@@ -271,7 +273,7 @@ class KeyVaultDouble:
         return bundle
 
     # handlers
-    async def _create(self, request: web.Request) -> web.Response:
+    async def _create(self, request: web.Request) -> web.Response:  # noqa: PLR0911
         name = request.match_info["name"]
         body = await request.json()
         kty = str(body.get("kty", ""))
@@ -414,8 +416,11 @@ class KeyVaultDouble:
         return web.json_response({"value": value})
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def _error(status: int, code: str, message: str, inner_code: str | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if inner_code:
+        error["innererror"] = {"code": inner_code}
+    return web.json_response({"error": error}, status=status)
 
 
 def _not_found(name: str, *, deleted: bool = False) -> web.Response:

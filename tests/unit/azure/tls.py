@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
-class TestTls:
+class TlsFiles:
     ca_file: Path
     cert_file: Path
     key_file: Path
@@ -26,7 +26,7 @@ class TestTls:
         return context
 
 
-def make_tls(directory: Path) -> TestTls:
+def make_tls(directory: Path) -> TlsFiles:
     """Write ca.pem, server.pem and server.key (valid for 127.0.0.1 and localhost) to directory."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -80,7 +80,7 @@ def make_tls(directory: Path) -> TestTls:
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    tls = TestTls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    tls = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     tls.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     tls.key_file.write_bytes(

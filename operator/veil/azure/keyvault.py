@@ -1,0 +1,277 @@
+"""The Key Vault key a ConfidentialModel's data key is wrapped with. SYNCHRONOUS (blocking I/O).
+
+Call from the async controller with `await asyncio.to_thread(ensure_release_key, ...)`.
+
+The key is an exportable RSA-HSM key (a Premium vault or a Managed HSM) with an immutable
+Secure Key Release policy. Immutable policies cannot be edited, so the rule is:
+
+- the current version's policy demands what we want  -> no write;
+- it differs (or the key is not exportable/HSM/immutable) -> create a NEW VERSION with the
+  wanted policy. Old versions stay (models sealed under them remain releasable under the old
+  policy until an operator disables them); nothing is ever edited in place.
+
+Every Azure failure surfaces as `KeyVaultError`, whose message says in plain words what went
+wrong and what to do; `retriable` tells the controller whether to back off and retry
+(throttling, 5xx, network) or to report and wait for a change (authorisation, bad requests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.keyvault.keys import KeyClient, KeyReleasePolicy, KeyType, KeyVaultKey
+
+from veil.azure.credentials import AzureSettings
+from veil.azure.release_policy import POLICY_CONTENT_TYPE, policies_equivalent, policy_digest
+
+log = logging.getLogger("veil.azure.keyvault")
+
+DEFAULT_KEY_SIZE: Final = 3072
+TAG_MANAGED_BY: Final = "managed-by"
+TAG_POLICY_DIGEST: Final = "veil-policy-digest"
+DeletionPolicy = Literal["Retain", "Delete"]
+
+_RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class KeyVaultError(Exception):
+    """A Key Vault operation failed; `str(error)` is the plain-words reason."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retriable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retriable = retriable
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """The key version that now carries the wanted policy.
+
+    `kid` is the full versioned key id (`https://{vault}/keys/{name}/{version}`), what the
+    key-release sidecar is given. `created` is True when this call wrote a new version.
+    `enabled` False means someone disabled that version in the vault: Veil does not override
+    that, but nothing can be released until it is enabled again (report it in status).
+    """
+
+    kid: str
+    version: str
+    policy_digest: str
+    created: bool
+    enabled: bool = True
+
+
+def key_client(vault_url: str, settings: AzureSettings) -> KeyClient:
+    """A KeyClient for a vault (or Managed HSM) URL, with Veil's credential and TLS options."""
+    return KeyClient(
+        vault_url,
+        settings.credential,
+        verify_challenge_resource=settings.verify_challenge_resource,
+        **settings.client_kwargs(),
+    )
+
+
+def _error_code(error: HttpResponseError) -> str | None:
+    inner = getattr(error, "error", None)
+    code = getattr(inner, "code", None)
+    inner_error = getattr(inner, "innererror", None)
+    if isinstance(inner_error, Mapping) and isinstance(inner_error.get("code"), str):
+        return f"{code}/{inner_error['code']}" if code else str(inner_error["code"])
+    return code if isinstance(code, str) else None
+
+
+def _service_message(error: HttpResponseError) -> str:
+    inner = getattr(error, "error", None)
+    message = getattr(inner, "message", None)
+    if isinstance(message, str) and message:
+        return message
+    return str(error.message or error.reason or "no details")
+
+
+def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  # noqa: PLR0911
+    """Turn an azure-core error into a KeyVaultError with a plain-words message."""
+    where = f"{action} in {vault_url}"
+    if isinstance(error, ClientAuthenticationError) and error.status_code in (None, 401):
+        return KeyVaultError(
+            f"Key Vault did not accept the operator's credentials ({where}): check the "
+            "workload identity (ServiceAccount annotation azure.workload.identity/client-id and "
+            f"the federated credential): {_service_message(error)}",
+            status=error.status_code,
+            code=_error_code(error),
+        )
+    if isinstance(error, HttpResponseError) and error.status_code is not None:
+        status = error.status_code
+        code = _error_code(error)
+        detail = _service_message(error)
+        if status == 403:
+            return KeyVaultError(
+                "Key Vault refused: the operator's identity lacks the Key Vault Crypto Officer "
+                f"role (or an access policy allowing key get/create/list/delete) on the vault "
+                f"({where}; {code or 'Forbidden'}): {detail}",
+                status=status,
+                code=code,
+            )
+        if status == 404:
+            return KeyVaultError(
+                f"Key Vault answered not found ({where}): {detail}", status=status, code=code
+            )
+        if status == 409:
+            return KeyVaultError(
+                f"Key Vault conflict ({where}): a deleted key of this name is probably still in "
+                "the vault's soft-delete retention; recover or purge it, or choose another "
+                f"keyName: {detail}",
+                status=status,
+                code=code,
+            )
+        if status == 400 and ("hsm" in detail.lower() or "premium" in detail.lower()):
+            return KeyVaultError(
+                f"Key Vault cannot create an HSM-protected key ({where}): Secure Key Release "
+                f"needs a Premium vault or a Managed HSM: {detail}",
+                status=status,
+                code=code,
+            )
+        if status in _RETRIABLE_STATUS:
+            return KeyVaultError(
+                f"Key Vault is busy or failing ({where}, HTTP {status}); will retry: {detail}",
+                status=status,
+                code=code,
+                retriable=True,
+            )
+        return KeyVaultError(
+            f"Key Vault rejected the request ({where}, HTTP {status}): {detail}",
+            status=status,
+            code=code,
+        )
+    if isinstance(error, ServiceRequestError | ServiceResponseError):
+        return KeyVaultError(
+            f"Key Vault not reachable ({where}): vault not found or network blocked; check "
+            f"keyRelease.vaultUrl and the operator's egress: {error.message}",
+            retriable=True,
+        )
+    return KeyVaultError(f"Key Vault call failed ({where}): {error}", retriable=True)
+
+
+def _current_key(client: KeyClient, name: str) -> KeyVaultKey | None:
+    try:
+        return client.get_key(name)
+    except ResourceNotFoundError:
+        return None
+
+
+def _satisfies(key: KeyVaultKey, policy_bytes: bytes) -> bool:
+    """Whether the key version already is what Secure Key Release needs with this policy."""
+    props = key.properties
+    release = props.release_policy
+    if key.key_type != KeyType.rsa_hsm or not props.exportable:
+        return False
+    if release is None or release.encoded_policy is None or not release.immutable:
+        return False
+    return policies_equivalent(release.encoded_policy, policy_bytes)
+
+
+def ensure_release_key(
+    client: KeyClient,
+    name: str,
+    policy_bytes: bytes,
+    *,
+    size: int = DEFAULT_KEY_SIZE,
+    tags: Mapping[str, str] | None = None,
+) -> KeyState:
+    """Ensure key `name`'s current version is an exportable RSA-HSM key whose immutable release
+    policy demands `policy_bytes` (build them with `release_policy.release_policy(spec)`).
+
+    No write when it already is; otherwise one new version. Blocking; raises KeyVaultError.
+    """
+    digest = policy_digest(policy_bytes)
+    vault_url = client.vault_url
+    try:
+        current = _current_key(client, name)
+    except AzureError as exc:
+        raise explain(exc, vault_url, f"reading key {name!r}") from exc
+
+    if current is not None and _satisfies(current, policy_bytes):
+        props = current.properties
+        return KeyState(
+            kid=str(current.id),
+            version=str(props.version),
+            policy_digest=digest,
+            created=False,
+            enabled=props.enabled is not False,
+        )
+
+    reason = "absent" if current is None else "its release policy or key type differs"
+    log.info("creating a new version of key %s in %s (%s)", name, vault_url, reason)
+    all_tags = {TAG_MANAGED_BY: "veil", TAG_POLICY_DIGEST: digest, **(tags or {})}
+    try:
+        created = client.create_rsa_key(
+            name,
+            size=size,
+            hardware_protected=True,
+            exportable=True,
+            release_policy=KeyReleasePolicy(
+                policy_bytes, content_type=POLICY_CONTENT_TYPE, immutable=True
+            ),
+            tags=all_tags,
+        )
+    except AzureError as exc:
+        raise explain(exc, vault_url, f"creating key {name!r}") from exc
+    return KeyState(
+        kid=str(created.id),
+        version=str(created.properties.version),
+        policy_digest=digest,
+        created=True,
+        enabled=created.properties.enabled is not False,
+    )
+
+
+def delete_key_if_policy(
+    client: KeyClient,
+    name: str,
+    deletion_policy: DeletionPolicy,
+    *,
+    timeout: float = 60.0,
+) -> bool:
+    """Apply a ConfidentialModel's deletion policy to its key. Blocking.
+
+    Retain: do nothing. Delete: delete the key (all versions) and wait until Key Vault reports it
+    deleted; with soft delete on, it stays recoverable for the vault's retention period (Veil
+    never purges). Returns True when this call deleted the key; False for Retain or when the key
+    was already gone.
+    """
+    if deletion_policy == "Retain":
+        return False
+    if deletion_policy != "Delete":
+        raise ValueError(f"unknown deletion policy {deletion_policy!r}: Retain or Delete")
+    vault_url = client.vault_url
+    try:
+        poller = client.begin_delete_key(name)
+        poller.wait(timeout=timeout)
+    except ResourceNotFoundError:
+        return False
+    except AzureError as exc:
+        raise explain(exc, vault_url, f"deleting key {name!r}") from exc
+    if not poller.done():
+        raise KeyVaultError(
+            f"Key Vault had not finished deleting key {name!r} in {vault_url} after "
+            f"{timeout:.0f}s; will check again",
+            retriable=True,
+        )
+    return True
