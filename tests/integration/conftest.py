@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,13 @@ import pytest
 from kubernetes import client, config
 
 from tests.cluster.localcluster import LocalCluster, free_port, running
+from tests.unit.azure.arm_double import ArmDouble
+from tests.unit.azure.keyvault_double import KeyVaultDouble
+from tests.unit.azure.server import ServerThread
+from tests.unit.azure.tls import TlsFiles, make_tls
 
 REPO = Path(__file__).resolve().parents[2]
+TOKEN = "veil-integration-token"
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +52,50 @@ def crds(cluster: LocalCluster) -> LocalCluster:
     return cluster
 
 
+@dataclass(frozen=True)
+class AzureDoubles:
+    """Local HTTPS doubles of Key Vault and ARM (the Lowkey Vault app is not served here)."""
+
+    key_vault: KeyVaultDouble
+    arm: ArmDouble
+    tls: TlsFiles
+
+    def operator_env(self) -> dict[str, str]:
+        return {
+            "VEIL_AZURE_STATIC_TOKEN": TOKEN,
+            "VEIL_AZURE_CA_BUNDLE": str(self.tls.ca_file),
+            "VEIL_AZURE_ARM_ENDPOINT": self.arm.url,
+        }
+
+
+@pytest.fixture(scope="session")
+def azure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureDoubles]:
+    tls = make_tls(tmp_path_factory.mktemp("azure-tls"))
+    key_vault, arm = KeyVaultDouble(token=TOKEN), ArmDouble(token=TOKEN)
+    kv_server = ServerThread(key_vault.app(), tls.server_context()).start()
+    arm_server = ServerThread(arm.app(), tls.server_context()).start()
+    key_vault.url, arm.url = kv_server.url, arm_server.url
+    try:
+        yield AzureDoubles(key_vault, arm, tls)
+    finally:
+        kv_server.stop()
+        arm_server.stop()
+
+
 class OperatorProcess:
-    def __init__(self, cluster: LocalCluster, log_path: Path, kubeconfig: Path) -> None:
+    def __init__(
+        self, cluster: LocalCluster, log_path: Path, kubeconfig: Path, extra_env: dict[str, str]
+    ) -> None:
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.log_path = log_path
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        env = {
+            **os.environ,
+            **extra_env,
+            "KUBECONFIG": str(kubeconfig),
+            # Resync often, so tests see that a resync of a settled object writes nothing.
+            "VEIL_RESYNC_SECONDS": "3",
+        }
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -101,7 +145,7 @@ OPERATOR_USER = "veil-operator"
 
 @pytest.fixture(scope="session")
 def operator(
-    crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+    crds: LocalCluster, azure: AzureDoubles, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """The operator as its own user, so the audit log shows exactly what it did."""
     kubeconfig = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
@@ -113,7 +157,7 @@ def operator(
         f"--user={OPERATOR_USER}",
     )
     running_operator = OperatorProcess(
-        crds, tmp_path_factory.mktemp("operator") / "veil.log", kubeconfig
+        crds, tmp_path_factory.mktemp("operator") / "veil.log", kubeconfig, azure.operator_env()
     )
     try:
         running_operator.wait_healthy()

@@ -7,6 +7,8 @@ AKS node pools, the Kubernetes API) and reports an outcome; `evaluate` turns it 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,6 +29,9 @@ from veil.resources.common import selector_labels
 KIND = "ConfidentialModel"
 PLURAL = "confidentialmodels"
 NODE_POOL_POLL_SECONDS = 30.0
+KEY_FAILURE_REASONS = {KeyVaultError: "KeyVaultRefused", ReleasePolicyError: "InvalidReleasePolicy"}
+# How often a settled model is checked for drift no watch event reported.
+RESYNC_SECONDS = float(os.environ.get("VEIL_RESYNC_SECONDS", "60"))
 
 
 KeyEnsurer = Callable[[Mapping[str, Any], ConfidentialModelSpec], build.KeyRef]
@@ -71,8 +76,26 @@ def _rollout_outcome(deployment: Mapping[str, Any] | None, replicas: int) -> tup
     )
 
 
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(uid: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(uid, threading.Lock())
+
+
 def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
-    """Bring the model's world to its spec. Blocking; runs in a worker thread."""
+    """Bring the model's world to its spec. Blocking; runs in a worker thread.
+
+    The update handler, the resync timer and child events may all fire at once; one converge
+    per model at a time keeps them from, e.g., each creating a new key version.
+    """
+    with _lock_for(owner["metadata"]["uid"]):
+        return _converge(owner, spec, ports)
+
+
+def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
     meta = owner["metadata"]
     status: dict[str, Any] = {}
     if spec.tee.node_pool is not None:
@@ -104,9 +127,7 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
             Outcome.failed("KeyNotReady", str(refused)),
             status=status,
             requeue_after=60,
-            conditions=[
-                ("KeyReady", "False", type(refused).__name__.removesuffix("Error"), str(refused))
-            ],
+            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], str(refused))],
         )
     status.update(keyId=key.kid, keyVersion=key.version)
     conditions: list[model_status.Condition] = [
@@ -134,9 +155,7 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
         kopf_event(owner, "Applied", _describe(report))
 
     deployment = apply.get_object("apps/v1", "Deployment", meta["name"], meta["namespace"])
-    pods = apply.list_objects(
-        "v1", "Pod", meta["namespace"], selector_labels(owner, build.APP)
-    )
+    pods = apply.list_objects("v1", "Pod", meta["namespace"], selector_labels(owner, build.APP))
     conditions += [model_status.placed(pods, spec.tee.isolation), model_status.key_released(pods)]
     outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
     if conditions[1][1] == "False" and spec.serving.replicas > 0:
@@ -185,7 +204,7 @@ async def on_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) ->
     )
 
 
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=60, idle=30)
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS / 2)
 async def resync_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
     """A periodic check for drift that no watch event reported; writes nothing when settled."""
     await reconcile(
@@ -242,6 +261,7 @@ async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
 async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Children go by garbage collection; the Key Vault key follows spec.deletionPolicy."""
     forget(KIND, body)
+    _locks.pop(body["metadata"]["uid"], None)
     try:
         spec = ConfidentialModelSpec.model_validate(dict(body.get("spec") or {}))
     except ValueError:
