@@ -51,6 +51,24 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from veil.config import OperatorConfig
+    from veil.render import render
+
+    try:
+        with open(args.file) as source:
+            documents = list(yaml.safe_load_all(source))
+        manifests = render(documents, OperatorConfig.from_env())
+    except (OSError, yaml.YAMLError, ValidationError, ValueError) as failed:
+        print(f"veil render: {args.file}: {failed}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False, explicit_start=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions from the API models")
     crds.add_argument("--output", "-o", default="crds", help="directory to write (default: crds)")
     crds.set_defaults(func=_write_crds)
+
+    render = sub.add_parser(
+        "render", help="print what a resource reconciles into (no cluster needed)"
+    )
+    render.add_argument("file", help="a YAML file of Veil resources")
+    render.set_defaults(func=_render)
 
     fetch = sub.add_parser("fetch", help="download an artifact and check its sha256")
     fetch.add_argument(

@@ -225,7 +225,7 @@ CASES: list[Case] = [
     Case(
         "sd-overwrite-source",
         "synth",
-        {"spec.output.uri": "az://datasets/diabetes.csv"},
+        {"spec.output.uri": "az://veildemo/datasets/diabetes.csv"},
         "output.uri must differ from source.uri",
     ),
     Case("sd-budget-name", "synth", {"spec.budgetRef.name": "Not_A_Name"}, "spec.budgetRef.name"),

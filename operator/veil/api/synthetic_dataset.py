@@ -15,6 +15,7 @@ from veil.api.base import (
     WireModel,
     conditions_field,
 )
+from veil.api.confidential_model import Cidr
 
 DATA_URI_PATTERN = r"^(file|az|https)://\S+$"
 
@@ -60,6 +61,13 @@ class SyntheticDatasetSpec(WireModel):
     output: Output
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     confidential: bool = Field(default=False, description="Run the Job on confidential VM nodes.")
+    storage_cidrs: list[Cidr] = Field(
+        default_factory=list,
+        max_length=16,
+        description="CIDRs of the storage endpoint the Job may reach on 443; empty: public "
+        "addresses only (no in-cluster or private ranges).",
+    )
+    active_deadline_seconds: int = Field(default=21600, ge=60, le=604800)
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -1,0 +1,71 @@
+"""`veil render`: what a resource reconciles into, without a cluster, from the operator's own
+builders — for review in GitOps pull requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from veil.api import ConfidentialModel, PrivacyBudget, SyntheticDataset
+from veil.azure import release_policy
+from veil.config import OperatorConfig
+from veil.resources import confidential_model as model_children
+from veil.resources.confidential_model import KeyRef
+
+# Placeholders for what only the cluster and Key Vault assign.
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def _owner(document: dict[str, Any]) -> dict[str, Any]:
+    owner = dict(document)
+    meta = dict(owner.get("metadata") or {})
+    meta.setdefault("namespace", "default")
+    meta.setdefault("uid", PLACEHOLDER_UID)
+    owner["metadata"] = meta
+    return owner
+
+
+def render_model(document: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
+    resource = ConfidentialModel.model_validate(document)
+    spec = resource.spec
+    policy = release_policy(spec)
+    out: list[dict[str, Any]] = [
+        {
+            "kind": "KeyVaultKey",
+            "vault": spec.key_release.vault_url,
+            "name": spec.key_release.key_name,
+            "keyType": "RSA-HSM",
+            "exportable": True,
+            "releasePolicy": policy.document,
+            "releasePolicySha256": policy.digest,
+            "onDeletion": spec.key_release.deletion_policy,
+        }
+    ]
+    if spec.model is None:
+        return out  # the Deployment appears once training has produced a sealed model
+    kid = f"{spec.key_release.vault_url.rstrip('/')}/keys/{spec.key_release.key_name}/<version>"
+    key = KeyRef(kid=kid, version="<version>", policy_digest=policy.digest)
+    return out + model_children.children(_owner(document), spec, key, config).apply
+
+
+def render(documents: Iterable[dict[str, Any]], config: OperatorConfig) -> list[dict[str, Any]]:
+    """Every manifest the documents reconcile into, in apply order."""
+    rendered: list[dict[str, Any]] = []
+    for document in documents:
+        if not document:
+            continue
+        kind = document.get("kind")
+        if kind == "ConfidentialModel":
+            rendered += render_model(document, config)
+        elif kind == "PrivacyBudget":
+            PrivacyBudget.model_validate(document)  # no children: the ledger lives in status
+        elif kind == "SyntheticDataset":
+            SyntheticDataset.model_validate(document)
+            rendered += render_dataset(document, config)
+    return rendered
+
+
+def render_dataset(document: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
+    from veil.resources import synthetic_dataset as dataset_children
+
+    return dataset_children.render_for_review(_owner(document), config)
