@@ -13,4 +13,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 bash hack/build-control-plane.sh >/dev/null
+bash hack/build-tools.sh >/dev/null   # helm and kubeconform, for the chart tests
 echo "setup: done (virtualenv .venv, control plane in ${VEIL_CACHE:-$HOME/.cache/veil})"

@@ -14,7 +14,10 @@ KUBECTL="$(bash hack/build-control-plane.sh)/kubectl"
 "$KUBECTL" wait --for=condition=Established crd -l app.kubernetes.io/part-of=veil --timeout=60s
 .venv/bin/veil run --standalone --metrics-port=8080 --health-port=8081 > .cache/operator.log 2>&1 &
 echo $! > "$STATE/pids/veil-operator"
-"$KUBECTL" apply -R -f examples/
+for scenario in examples/*/; do
+  [ "$scenario" = examples/gitops/ ] && continue   # Flux and Argo CD objects, not for this cluster
+  "$KUBECTL" apply -R -f "$scenario"
+done
 for kind in privacybudgets syntheticdatasets confidentialmodels; do
   "$KUBECTL" wait "$kind" --all -A --for=jsonpath='{.status.observedGeneration}'=1 --timeout=60s >/dev/null
 done

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 from typing import Any
 
 import kopf
@@ -22,6 +24,11 @@ FINALIZER = f"{API_GROUP}/finalizer"
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf's defaults renamed under Veil's API group, and quieter events."""
     settings.persistence.finalizer = FINALIZER
+    # Replicas sharing a peering need distinct priorities, or all of them pause; the highest
+    # is active and the others take over when its keep-alive lapses.
+    settings.peering.priority = int(
+        os.environ.get("VEIL_PEERING_PRIORITY") or random.SystemRandom().randint(1, 2**30)
+    )
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
@@ -60,7 +67,10 @@ def run(
     peering: str | None,
     standalone: bool,
 ) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("VEIL_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
     kopf.run(

@@ -127,6 +127,8 @@ async def evaluate(
         1.0 if result.outcome.ready == "True" else 0.0
     )
     evaluation = Evaluation(status_patch(current_status, desired), error=error)
+    if evaluation.status_patch:
+        logger.debug("status change of %s %s: %s", kind, meta.get("name"), evaluation.status_patch)
     if error is not None:
         RECONCILE_ERRORS.labels(kind).inc()
         result_label = "error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,19 @@ def api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+# The dynamic client's discovery cache is not thread-safe; reconciles run in threads.
+_discovery_lock = threading.Lock()
+
+
 @functools.cache
+def _dynamic_client() -> DynamicClient:
+    return DynamicClient(api_client())  # type: ignore[no-untyped-call]
+
+
 def dynamic_client() -> DynamicClient:
     """One discovery-caching client per process."""
-    return DynamicClient(api_client())  # type: ignore[no-untyped-call]
+    with _discovery_lock:
+        return _dynamic_client()
 
 
 class KindNotInstalledError(Exception):
@@ -53,7 +63,8 @@ class ApplyReport:
 
 def _resource(dyn: DynamicClient, api_version: str, kind: str) -> Any:
     try:
-        return dyn.resources.get(api_version=api_version, kind=kind)
+        with _discovery_lock:
+            return dyn.resources.get(api_version=api_version, kind=kind)
     except ResourceNotFoundError as missing:
         raise KindNotInstalledError(
             f"{kind}.{api_version} is not served by this cluster"

@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# One image, every Veil role; the role is the `veil` subcommand the pod runs:
+#   veil run          the operator (the Helm chart's Deployment: run --peering=veil)
+#   veil serve        the confidential inference runtime in a ConfidentialModel's pods
+#   veil synthesize   the DP synthesizer of a SyntheticDataset's Job
+#   veil train        the DP training stage of a ConfidentialModel's Job
+#
+#   docker build -t veil .
+#   docker run --rm veil --help
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- builder: Veil and every dependency as wheels, installed into a virtualenv -------------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator/ operator/
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+ && python -m venv /opt/veil \
+ && /opt/veil/bin/pip install --no-cache-dir --no-index --find-links /wheels veil \
+ && /opt/veil/bin/pip uninstall --yes pip
+
+# --- final: the interpreter, the virtualenv, nothing to build or fetch with ---------------------
+FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="veil" \
+      org.opencontainers.image.description="Veil: a Kubernetes operator for confidential AI workloads" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# UID/GID 65532, as distroless' nonroot: the chart's runAsUser and Pod Security `restricted`.
+RUN groupadd --system --gid 65532 veil \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin veil \
+ && python -m pip uninstall --yes pip setuptools wheel \
+ && rm -rf /root/.cache
+COPY --from=builder /opt/veil /opt/veil
+ENV PATH=/opt/veil/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+USER 65532:65532
+# 8080 Prometheus metrics, 8081 liveness (veil run); `veil serve` listens where its pod says.
+EXPOSE 8080 8081
+ENTRYPOINT ["veil"]
+CMD ["--help"]

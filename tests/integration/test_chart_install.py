@@ -1,0 +1,307 @@
+"""The Helm chart on a real control plane: its objects are accepted, its pods pass Pod Security
+`restricted`, and its RBAC is what the operator needs — checked against the audit log.
+
+The chart is rendered with `helm template` (as Argo CD does) and applied with kubectl
+(server-side, strict field validation). kwok's fake nodes run fake pods, so the chart's own
+Deployment proves admission, not behaviour; the behaviour comes from the real operator process
+run here with the Deployment's own arguments and the chart ServiceAccount's token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.localcluster import LocalCluster, free_port
+from tests.integration.conftest import wait_for
+from tests.unit.test_chart import CHART, kube_version, load_all, tools
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE, NAMESPACE = "veil", "veil-system"
+EXAMPLE = REPO / "examples" / "synthetic-data" / "budget.yaml"
+EXAMPLE_NAMESPACE = "veil-chart-test"
+FIELD_MANAGER = "veil-chart-test"
+
+# What reconciling one PrivacyBudget under cluster-wide kopf peering must use: if one of these
+# is missing from the audit log, the operator did not run as the chart's ServiceAccount (or
+# kopf changed how it works), and the comparison below would prove nothing. Everything else
+# the chart grants is for paths this test does not drive (ConfidentialModel children, the
+# SyntheticDataset Job, Cilium, namespaced peering, Events on failures): those grants are
+# reported, not asserted, because only their own tests can show them used.
+MUST_USE = {
+    ("veil.dev", "privacybudgets", "list"),
+    ("veil.dev", "privacybudgets", "watch"),
+    ("veil.dev", "privacybudgets", "patch"),
+    ("veil.dev", "privacybudgets/status", "patch"),
+    ("veil.dev", "confidentialmodels", "list"),
+    ("veil.dev", "confidentialmodels", "watch"),
+    ("veil.dev", "syntheticdatasets", "list"),
+    ("veil.dev", "syntheticdatasets", "watch"),
+    ("kopf.dev", "clusterkopfpeerings", "list"),
+    ("kopf.dev", "clusterkopfpeerings", "watch"),
+    ("kopf.dev", "clusterkopfpeerings", "patch"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+
+class UnusedGrants(UserWarning):
+    """Permissions the chart grants that this test's run did not use (a report, not a failure)."""
+
+
+def helm_template() -> list[dict[str, Any]]:
+    completed = subprocess.run(
+        [
+            str(tools() / "helm"),
+            "template",
+            RELEASE,
+            str(CHART),
+            "-n",
+            NAMESPACE,
+            "--kube-version",
+            kube_version(),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return load_all(completed.stdout)
+
+
+def apply(cluster: LocalCluster, docs: list[dict[str, Any]]) -> None:
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        f"--field-manager={FIELD_MANAGER}",
+        "--validate=strict",
+        "-f",
+        "-",
+        input_text="\n---\n".join(json.dumps(d) for d in docs),
+    )
+
+
+def token_kubeconfig(cluster: LocalCluster, account: str, path: Path) -> Path:
+    token = cluster.kubectl("create", "token", account, "-n", NAMESPACE, "--duration=1h").strip()
+    admin = json.loads(cluster.kubeconfig.read_text())
+    admin["users"] = [{"name": account, "user": {"token": token}}]
+    admin["contexts"][0]["context"]["user"] = account
+    path.write_text(json.dumps(admin))
+    return path
+
+
+class ChartOperator:
+    """`veil` with the chart Deployment's arguments, as the chart's ServiceAccount."""
+
+    def __init__(self, args: list[str], kubeconfig: Path, log: Path) -> None:
+        self.health_port = free_port()
+        ports = {
+            "--metrics-port": str(free_port()),
+            "--health-port": str(self.health_port),
+        }
+        args = [
+            f"{a.split('=')[0]}={ports[a.split('=')[0]]}" if a.split("=")[0] in ports else a
+            for a in args
+        ]
+        self.log = log
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": "veil-chart-test"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "veil.cli", *args],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"operator exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"operator not healthy:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def used_by(cluster: LocalCluster, user: str) -> tuple[set[tuple[str, str, str]], list[str]]:
+    """(group, resource[/subresource], verb) of every resource request; and the refused ones."""
+    used: set[tuple[str, str, str]] = set()
+    refused: list[str] = []
+    for event in cluster.audit_events(user=user):
+        ref = event.get("objectRef")
+        if not ref or "resource" not in ref:
+            continue  # discovery (/api, /apis, /version): open to every authenticated user
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        key = (ref.get("apiGroup", ""), resource, event["verb"])
+        used.add(key)
+        if event.get("responseStatus", {}).get("code") == 403:
+            refused.append(f"{key} {event.get('requestURI')}")
+    return used, refused
+
+
+def granted_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def reconciled(cluster: LocalCluster, name: str) -> dict[str, Any] | None:
+    raw = cluster.kubectl(
+        "get", "privacybudget", name, "-n", EXAMPLE_NAMESPACE, "-o", "json", check=False
+    )
+    if not raw:
+        return None
+    status = json.loads(raw).get("status") or {}
+    ready = [c for c in status.get("conditions", []) if c.get("type") == "Ready"]
+    if status.get("observedGeneration") == 1 and ready:
+        return status
+    return None
+
+
+@pytest.fixture
+def installed(cluster: LocalCluster) -> Iterator[list[dict[str, Any]]]:
+    """The chart's objects applied (CRDs first: a custom resource needs its CRD established)."""
+    docs = helm_template()
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": NAMESPACE,
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+        },
+    }
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    apply(cluster, [namespace, *crds])
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        *(f"crd/{c['metadata']['name']}" for c in crds),
+    )
+    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+    apply(cluster, rest)
+    try:
+        yield docs
+    finally:
+        # Veil's CRDs stay: other tests of the session use them. The rest goes.
+        cluster.kubectl(
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+            "-f",
+            "-",
+            input_text="\n---\n".join(json.dumps(d) for d in rest),
+            check=False,
+        )
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        for crd in crds:
+            if crd["spec"]["group"] == "kopf.dev":
+                cluster.kubectl(
+                    "delete", "crd", crd["metadata"]["name"], "--wait=false", check=False
+                )
+
+
+def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
+    cluster: LocalCluster, installed: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    deployment = next(d for d in installed if d["kind"] == "Deployment")
+    selector = ",".join(
+        f"{k}={v}" for k, v in deployment["spec"]["selector"]["matchLabels"].items()
+    )
+
+    # Pod Security `restricted` is enforced in the namespace: the ReplicaSet's pods exist only
+    # if admission accepted the chart's pod template.
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Available",
+        f"deployment/{deployment['metadata']['name']}",
+        "-n",
+        NAMESPACE,
+        "--timeout=60s",
+    )
+    pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "name").split()
+    assert len(pods) == deployment["spec"]["replicas"]
+
+    account = next(d for d in installed if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    kubeconfig = token_kubeconfig(cluster, account, tmp_path / "kubeconfig-sa")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["run", "--peering=veil"]
+
+    budget = yaml.safe_load(EXAMPLE.read_text())
+    budget["metadata"]["namespace"] = EXAMPLE_NAMESPACE
+    budget["spec"]["spenders"] = [{"namespace": EXAMPLE_NAMESPACE, "kind": "SyntheticDataset"}]
+    cluster.kubectl("create", "namespace", EXAMPLE_NAMESPACE)
+    operator = ChartOperator(args, kubeconfig, tmp_path / "operator.log")
+    try:
+        operator.wait_healthy()
+        apply(cluster, [budget])
+        status = wait_for(
+            lambda: reconciled(cluster, budget["metadata"]["name"]),
+            timeout=45,
+            what=f"PrivacyBudget reconciled as {account}",
+        )
+        assert status["conditions"][0]["type"] == "Ready"
+        # Deleting while the operator runs lets it remove its finalizer.
+        cluster.kubectl(
+            "delete", "-n", EXAMPLE_NAMESPACE, "privacybudget", budget["metadata"]["name"]
+        )
+    finally:
+        operator.stop()
+        cluster.kubectl("delete", "namespace", EXAMPLE_NAMESPACE, "--wait=false", check=False)
+
+    role = next(d for d in installed if d["kind"] == "ClusterRole")
+    granted = granted_set(role["rules"])
+    user = f"system:serviceaccount:{NAMESPACE}:{account}"
+    # A watch is audited when it ends, i.e. as the stopped operator's connections close.
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: used_by(cluster, user)[0] >= MUST_USE, timeout=10, what="watches")
+    used, refused = used_by(cluster, user)
+    assert not refused, "requests the API server refused:\n" + "\n".join(refused)
+    not_granted = sorted(used - granted)
+    assert not not_granted, f"used but not granted by the chart: {not_granted}"
+    missing = sorted(MUST_USE - used)
+    assert not missing, (
+        f"the exercised path did not use {missing}; log:\n" + (operator.log.read_text()[-3000:])
+    )
+    unused = summarize(granted - used)
+    (tmp_path / "rbac-report.txt").write_text(
+        f"used:\n{summarize(used)}\ngranted but unused here:\n{unused}\n"
+    )
+    warnings.warn(UnusedGrants(f"granted, unused by this path:\n{unused}"), stacklevel=1)
+
+
+def summarize(rules: set[tuple[str, str, str]]) -> str:
+    """One line per resource: `  group resource: verb verb …`."""
+    by_resource: dict[tuple[str, str], list[str]] = {}
+    for group, resource, verb in sorted(rules):
+        by_resource.setdefault((group or "core", resource), []).append(verb)
+    return "\n".join(f"  {g} {r}: {' '.join(v)}" for (g, r), v in by_resource.items())
