@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -40,8 +42,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 
 @kopf.on.startup()
-def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
+    # Reconciles block on the Kubernetes and Azure APIs in worker threads; the default pool
+    # (cores + 4) would queue them behind one another.
+    workers = int(os.environ.get("VEIL_WORKER_THREADS", "32"))
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=workers))
     azure = AzurePorts(AzureSettings.from_env())
     confidential_model.configure(
         confidential_model.Ports(

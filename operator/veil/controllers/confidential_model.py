@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
@@ -21,7 +21,7 @@ from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyErr
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers import model_status
-from veil.controllers.reconcile import Result, evaluate, forget, reconcile
+from veil.controllers.reconcile import Coalesced, Result, evaluate, forget, reconcile
 from veil.kube import apply
 from veil.resources import confidential_model as build
 from veil.resources.common import selector_labels
@@ -76,13 +76,21 @@ def _rollout_outcome(deployment: Mapping[str, Any] | None, replicas: int) -> tup
     )
 
 
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
+@dataclass
+class _Lane:
+    """One model's reconciles run one at a time; events arriving meanwhile fold into one rerun."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: bool = False
 
 
-def _lock_for(uid: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(uid, threading.Lock())
+_lanes: dict[str, _Lane] = {}
+_lanes_guard = threading.Lock()
+
+
+def _lane(uid: str) -> _Lane:
+    with _lanes_guard:
+        return _lanes.setdefault(uid, _Lane())
 
 
 def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
@@ -91,8 +99,36 @@ def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
     The update handler, the resync timer and child events may all fire at once; one converge
     per model at a time keeps them from, e.g., each creating a new key version.
     """
-    with _lock_for(owner["metadata"]["uid"]):
-        return _converge(owner, spec, ports)
+    lane = _lane(owner["metadata"]["uid"])
+    with lane.lock:
+        result = _converge(owner, spec, ports)
+        # Child events that arrived meanwhile asked for one more pass.
+        while lane.dirty:
+            lane.dirty = False
+            result = _converge(owner, spec, ports)
+        return result
+
+
+def converge_coalesced(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
+) -> Result | None:
+    """For child events: if a converge is running, ask it to run once more and return None.
+
+    A rollout sends dozens of child events; without this each would be a full reconcile.
+    """
+    lane = _lane(owner["metadata"]["uid"])
+    lane.dirty = True
+    result: Result | None = None
+    while lane.dirty:
+        if not lane.lock.acquire(blocking=False):
+            return result  # the holder sees `dirty` and reruns
+        try:
+            while lane.dirty:
+                lane.dirty = False
+                result = _converge(owner, spec, ports)
+        finally:
+            lane.lock.release()
+    return result
 
 
 def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
@@ -190,6 +226,15 @@ async def _domain(spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: 
     return await asyncio.to_thread(converge, body, spec, PORTS)
 
 
+async def _child_domain(
+    spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: Any
+) -> Result:
+    result = await asyncio.to_thread(converge_coalesced, body, spec, PORTS)
+    if result is None:
+        raise Coalesced
+    return result
+
+
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
@@ -229,9 +274,16 @@ async def _on_child_event(event: Mapping[str, Any], logger: Any) -> None:
     )
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: garbage collection takes the children
-    evaluation = await evaluate(
-        kind=KIND, spec_model=ConfidentialModelSpec, body=owner, domain=_domain, logger=logger
-    )
+    try:
+        evaluation = await evaluate(
+            kind=KIND,
+            spec_model=ConfidentialModelSpec,
+            body=owner,
+            domain=_child_domain,
+            logger=logger,
+        )
+    except Coalesced:
+        return
     if evaluation.status_patch:
         await asyncio.to_thread(
             apply.patch_status,
@@ -261,7 +313,7 @@ async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
 async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Children go by garbage collection; the Key Vault key follows spec.deletionPolicy."""
     forget(KIND, body)
-    _locks.pop(body["metadata"]["uid"], None)
+    _lanes.pop(body["metadata"]["uid"], None)
     try:
         spec = ConfidentialModelSpec.model_validate(dict(body.get("spec") or {}))
     except ValueError:

@@ -59,6 +59,10 @@ def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return patch
 
 
+class Coalesced(Exception):  # noqa: N818 - a signal, not an error
+    """The work was folded into a reconcile already running: nothing to write here."""
+
+
 @dataclass
 class Evaluation:
     """A finished reconcile: the status merge patch to write, and whether to try again."""
@@ -93,6 +97,8 @@ async def evaluate(
     else:
         try:
             result = await domain(spec, body, logger)
+        except Coalesced:
+            raise
         except kopf.PermanentError as failure:
             result = Result(Outcome.stalled_with("ReconcileFailed", str(failure)))
             result_label = "error"

@@ -25,7 +25,10 @@ def api_client() -> client.ApiClient:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One connection per worker thread (VEIL_WORKER_THREADS), not urllib3's default of 10.
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
 
 
 # The dynamic client's discovery cache is not thread-safe; reconciles run in threads.
