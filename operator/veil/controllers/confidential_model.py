@@ -21,7 +21,7 @@ from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyErr
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers import model_status
-from veil.controllers.reconcile import Coalesced, Result, evaluate, forget, reconcile
+from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, forget
 from veil.kube import apply
 from veil.resources import confidential_model as build
 from veil.resources.common import selector_labels
@@ -84,51 +84,54 @@ class _Lane:
     dirty: bool = False
 
 
-_lanes: dict[str, _Lane] = {}
+_lanes: dict[tuple[str, str], _Lane] = {}
 _lanes_guard = threading.Lock()
 
 
-def _lane(uid: str) -> _Lane:
+def _lane(namespace: str, name: str) -> _Lane:
     with _lanes_guard:
-        return _lanes.setdefault(uid, _Lane())
+        return _lanes.setdefault((namespace, name), _Lane())
 
 
-def converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
-    """Bring the model's world to its spec. Blocking; runs in a worker thread.
+def _reconcile_once(namespace: str, name: str, logger: Any) -> Evaluation | None:
+    """Read the model fresh, converge, and write the status change; under the model's lane.
 
-    The update handler, the resync timer and child events may all fire at once; one converge
-    per model at a time keeps them from, e.g., each creating a new key version.
+    Reading inside the lane means the status is compared with what the previous pass wrote,
+    so a settled model gets an empty patch and no write.
     """
-    lane = _lane(owner["metadata"]["uid"])
-    with lane.lock:
-        result = _converge(owner, spec, ports)
-        # Child events that arrived meanwhile asked for one more pass.
-        while lane.dirty:
-            lane.dirty = False
-            result = _converge(owner, spec, ports)
-        return result
+    owner = apply.get_object(f"{API_GROUP}/{API_VERSION}", KIND, name, namespace)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return None  # gone or going: garbage collection and the finalizer take over
+    evaluation = evaluate_blocking(
+        kind=KIND,
+        spec_model=ConfidentialModelSpec,
+        body=owner,
+        logger=logger,
+        domain=lambda spec, body, _: _converge(body, spec, PORTS),
+    )
+    if evaluation.status_patch:
+        apply.patch_status(
+            f"{API_GROUP}/{API_VERSION}", KIND, name, namespace, evaluation.status_patch
+        )
+    return evaluation
 
 
-def converge_coalesced(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports
-) -> Result | None:
-    """For child events: if a converge is running, ask it to run once more and return None.
-
-    A rollout sends dozens of child events; without this each would be a full reconcile.
-    """
-    lane = _lane(owner["metadata"]["uid"])
+def refresh(namespace: str, name: str, logger: Any, *, wait: bool) -> Evaluation | None:
+    """Reconcile one model. With `wait` False (child events) a reconcile already running is
+    asked to run once more instead: a rollout sends dozens of child events."""
+    lane = _lane(namespace, name)
     lane.dirty = True
-    result: Result | None = None
+    evaluation: Evaluation | None = None
     while lane.dirty:
-        if not lane.lock.acquire(blocking=False):
-            return result  # the holder sees `dirty` and reruns
+        if not lane.lock.acquire(blocking=wait):
+            return evaluation  # the holder sees `dirty` and runs again
         try:
             while lane.dirty:
                 lane.dirty = False
-                result = _converge(owner, spec, ports)
+                evaluation = _reconcile_once(namespace, name, logger)
         finally:
             lane.lock.release()
-    return result
+    return evaluation
 
 
 def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
@@ -222,77 +225,34 @@ def kopf_event(owner: Mapping[str, Any], reason: str, message: str) -> None:
     kopf.info(cast(kopf.Body, owner), reason=reason, message=message)
 
 
-async def _domain(spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: Any) -> Result:
-    return await asyncio.to_thread(converge, body, spec, PORTS)
-
-
-async def _child_domain(
-    spec: ConfidentialModelSpec, body: Mapping[str, Any], logger: Any
-) -> Result:
-    result = await asyncio.to_thread(converge_coalesced, body, spec, PORTS)
-    if result is None:
-        raise Coalesced
-    return result
+async def _handle(body: kopf.Body, logger: Any) -> None:
+    meta = body["metadata"]
+    evaluation = await asyncio.to_thread(
+        refresh, meta["namespace"], meta["name"], logger, wait=True
+    )
+    if evaluation is not None and evaluation.retry_in is not None:
+        raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
-async def on_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-    await reconcile(
-        kind=KIND,
-        spec_model=ConfidentialModelSpec,
-        body=body,
-        patch=patch,
-        domain=_domain,
-        logger=logger,
-    )
+async def on_model(body: kopf.Body, logger: Any, **_: Any) -> None:
+    await _handle(body, logger)
 
 
 @kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS / 2)
-async def resync_model(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+async def resync_model(body: kopf.Body, logger: Any, **_: Any) -> None:
     """A periodic check for drift that no watch event reported; writes nothing when settled."""
-    await reconcile(
-        kind=KIND,
-        spec_model=ConfidentialModelSpec,
-        body=body,
-        patch=patch,
-        domain=_domain,
-        logger=logger,
-    )
+    await _handle(body, logger)
 
 
 async def _on_child_event(event: Mapping[str, Any], logger: Any) -> None:
-    child = event.get("object") or {}
-    child_meta = child.get("metadata", {})
+    child_meta = (event.get("object") or {}).get("metadata", {})
     owner_name = (child_meta.get("labels") or {}).get(labels.INSTANCE)
     namespace = child_meta.get("namespace")
-    if not owner_name or not namespace:
-        return
-    owner = await asyncio.to_thread(
-        apply.get_object, f"{API_GROUP}/{API_VERSION}", KIND, owner_name, namespace
-    )
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return  # the owner is gone or going: garbage collection takes the children
-    try:
-        evaluation = await evaluate(
-            kind=KIND,
-            spec_model=ConfidentialModelSpec,
-            body=owner,
-            domain=_child_domain,
-            logger=logger,
-        )
-    except Coalesced:
-        return
-    if evaluation.status_patch:
-        await asyncio.to_thread(
-            apply.patch_status,
-            f"{API_GROUP}/{API_VERSION}",
-            KIND,
-            owner_name,
-            namespace,
-            evaluation.status_patch,
-        )
+    if owner_name and namespace:
+        await asyncio.to_thread(refresh, namespace, owner_name, logger, wait=False)
 
 
 _CHILD_FILTER = {labels.OWNER_KIND: KIND}
@@ -313,7 +273,7 @@ async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
 async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Children go by garbage collection; the Key Vault key follows spec.deletionPolicy."""
     forget(KIND, body)
-    _lanes.pop(body["metadata"]["uid"], None)
+    _lanes.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
     try:
         spec = ConfidentialModelSpec.model_validate(dict(body.get("spec") or {}))
     except ValueError:

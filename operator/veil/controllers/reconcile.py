@@ -59,10 +59,6 @@ def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return patch
 
 
-class Coalesced(Exception):  # noqa: N818 - a signal, not an error
-    """The work was folded into a reconcile already running: nothing to write here."""
-
-
 @dataclass
 class Evaluation:
     """A finished reconcile: the status merge patch to write, and whether to try again."""
@@ -71,6 +67,28 @@ class Evaluation:
     retry_in: float | None = None
     retry_reason: str = ""
     error: Exception | None = None
+
+
+BlockingDomainFn = Callable[[SpecT, Mapping[str, Any], Any], Result]
+
+
+def _failure(kind: str, failure: Exception, logger: Any) -> tuple[Result, Exception | None]:
+    """The Result a failed domain call leaves, and the error to retry on (None: don't)."""
+    if isinstance(failure, kopf.PermanentError):
+        return Result(Outcome.stalled_with("ReconcileFailed", str(failure))), None
+    logger.exception("reconcile of %s failed", kind)
+    message = f"{type(failure).__name__}: {failure}"
+    return Result(Outcome.failed("ReconcileError", message)), failure
+
+
+def _invalid(
+    spec_model: type[SpecT], body: Mapping[str, Any]
+) -> tuple[SpecT | None, Result | None]:
+    try:
+        return spec_model.model_validate(dict(body.get("spec") or {})), None
+    except ValidationError as invalid:
+        # The CRD should have refused this; an older CRD may not have. Nothing to retry.
+        return None, Result(Outcome.stalled_with("InvalidSpec", describe_validation_error(invalid)))
 
 
 async def evaluate(
@@ -83,32 +101,51 @@ async def evaluate(
 ) -> Evaluation:
     """Validate, run the domain, and compute the status patch; never raises for the domain."""
     started = time.monotonic()
+    spec, result = _invalid(spec_model, body)
+    error: Exception | None = None
+    if spec is not None:
+        try:
+            result = await domain(spec, body, logger)
+        except Exception as failure:  # every failure is said in status
+            result, error = _failure(kind, failure, logger)
+    assert result is not None
+    return conclude(kind, body, result, error=error, started=started, logger=logger)
+
+
+def evaluate_blocking(
+    *,
+    kind: str,
+    spec_model: type[SpecT],
+    body: Mapping[str, Any],
+    domain: BlockingDomainFn[SpecT],
+    logger: Any,
+) -> Evaluation:
+    """`evaluate` for a blocking domain, run from a worker thread."""
+    started = time.monotonic()
+    spec, result = _invalid(spec_model, body)
+    error: Exception | None = None
+    if spec is not None:
+        try:
+            result = domain(spec, body, logger)
+        except Exception as failure:  # every failure is said in status
+            result, error = _failure(kind, failure, logger)
+    assert result is not None
+    return conclude(kind, body, result, error=error, started=started, logger=logger)
+
+
+def conclude(
+    kind: str,
+    body: Mapping[str, Any],
+    result: Result,
+    *,
+    error: Exception | None,
+    started: float,
+    logger: Any,
+) -> Evaluation:
+    """The status patch `result` asks for against `body`'s status, with metrics."""
     meta = body.get("metadata", {})
     generation = int(meta.get("generation", 0))
     current_status: Mapping[str, Any] = body.get("status") or {}
-    result_label = "success"
-    error: Exception | None = None
-    try:
-        spec = spec_model.model_validate(dict(body.get("spec") or {}))
-    except ValidationError as invalid:
-        # The CRD should have refused this; an older CRD may not have. Nothing to retry.
-        result = Result(Outcome.stalled_with("InvalidSpec", describe_validation_error(invalid)))
-        result_label = "invalid"
-    else:
-        try:
-            result = await domain(spec, body, logger)
-        except Coalesced:
-            raise
-        except kopf.PermanentError as failure:
-            result = Result(Outcome.stalled_with("ReconcileFailed", str(failure)))
-            result_label = "error"
-        except Exception as failure:  # every other failure is retried, and said in status
-            logger.exception("reconcile of %s failed", kind)
-            message = f"{type(failure).__name__}: {failure}"
-            result = Result(Outcome.failed("ReconcileError", message))
-            result_label = "error"
-            error = failure
-
     desired = dict(result.status)
     desired["observedGeneration"] = generation
     # set_condition keeps an unchanged condition's timestamp, so an unchanged outcome
@@ -135,10 +172,13 @@ async def evaluate(
     evaluation = Evaluation(status_patch(current_status, desired), error=error)
     if evaluation.status_patch:
         logger.debug("status change of %s %s: %s", kind, meta.get("name"), evaluation.status_patch)
+    result_label = "invalid" if result.outcome.reason == "InvalidSpec" else "success"
     if error is not None:
         RECONCILE_ERRORS.labels(kind).inc()
         result_label = "error"
         evaluation.retry_in, evaluation.retry_reason = 30, str(error)
+    elif result.outcome.reason == "ReconcileFailed":
+        result_label = "error"
     elif result.requeue_after is not None:
         result_label = "requeue"
         evaluation.retry_in = result.requeue_after

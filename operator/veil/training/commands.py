@@ -1,0 +1,221 @@
+"""`veil train`: the program a ConfidentialModel's DP training Job runs.
+
+`register(subparsers)` adds the subcommand; it sets `func(args) -> exit code`:
+0 done (the result JSON on stdout), 1 failed (I/O, fit, an ONNX mismatch, sealing),
+2 refused or bad arguments (no public bounds, unknown family, an invalid spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from veil.runtime.keywrap import KeyWrapper
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"veil train: {message}", file=sys.stderr)
+    return code
+
+
+def spec_defaults(path: Path) -> dict[str, Any]:
+    """`ConfidentialModel.spec.training` fields (or a whole ConfidentialModel) as config kwargs."""
+    from pydantic import ValidationError
+
+    from veil.api.confidential_model import Training
+    from veil.synthesis.commands import load_document
+
+    document = load_document(path)
+    if isinstance(document.get("spec"), dict):
+        document = document["spec"]
+    if isinstance(document.get("training"), dict):
+        document = document["training"]
+    try:
+        training = Training.model_validate(document)
+    except ValidationError as bad:
+        raise ValueError(f"{path} is not a valid training spec: {bad}") from bad
+    return {
+        "dataset_uri": training.dataset_uri,
+        "target_column": training.target_column,
+        "family": training.family,
+        "epsilon": training.epsilon,
+        "delta": training.delta,
+    }
+
+
+def _span(text: str) -> tuple[float, float]:
+    from veil.synthesis.domain import DomainError, parse_bounds
+
+    try:
+        return parse_bounds([f"x={text}"])["x"]
+    except DomainError as bad:
+        raise ValueError(str(bad).replace("'x=", "'")) from bad
+
+
+def _vault_wrapper(vault_url: str, key_name: str, key_version: str | None) -> KeyWrapper:
+    """Wrap through Key Vault, recording the key's thumbprint from its public half."""
+    from azure.identity import DefaultAzureCredential
+    from azure.keyvault.keys import KeyClient
+    from azure.keyvault.keys.crypto import CryptographyClient
+
+    from veil.runtime.jwk import b64url_encode, rsa_public_key_from_jwk
+    from veil.runtime.keywrap import KeyVaultKeyWrapper
+
+    credential = DefaultAzureCredential()
+    key = KeyClient(vault_url, credential).get_key(key_name, key_version)
+    public_key = None
+    modulus, exponent = getattr(key.key, "n", None), getattr(key.key, "e", None)
+    if modulus and exponent:
+        public_key = rsa_public_key_from_jwk(
+            {"kty": "RSA", "n": b64url_encode(modulus), "e": b64url_encode(exponent)}
+        )
+    return KeyVaultKeyWrapper(CryptographyClient(key, credential), public_key)
+
+
+def key_wrapper(args: argparse.Namespace) -> KeyWrapper:
+    from veil.runtime.keywrap import RsaPublicKeyWrapper, load_public_key_pem
+
+    if args.public_key is not None:
+        return RsaPublicKeyWrapper(load_public_key_pem(args.public_key), args.key_id)
+    if not args.key_name:
+        raise ValueError("--vault-url needs --key-name")
+    return _vault_wrapper(args.vault_url, args.key_name, args.key_version)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from veil.synthesis.domain import DomainError, parse_bounds
+    from veil.training.train import TrainingConfig, load_bounds_file
+
+    settings: dict[str, Any] = spec_defaults(args.spec) if args.spec is not None else {}
+    flags = {
+        "dataset_uri": args.dataset,
+        "dataset_format": args.format,
+        "target_column": args.target,
+        "family": args.family,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "output_uri": args.output,
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "max_iter": args.max_iter,
+        "n_estimators": args.n_estimators,
+        "max_depth": args.max_depth,
+        "result_uri": args.result,
+    }
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if args.features:
+        settings["features"] = [f.strip() for item in args.features for f in item.split(",")]
+    if args.classes:
+        settings["classes"] = [c.strip() for item in args.classes for c in item.split(",")]
+    bounds: dict[str, tuple[float, float]] = {}
+    if args.bounds_file:
+        bounds.update(load_bounds_file(args.bounds_file))
+    try:
+        bounds.update(parse_bounds(args.bounds or []))
+    except DomainError as bad:
+        raise ValueError(str(bad)) from bad
+    settings["bounds"] = bounds
+    if args.default_bounds:
+        settings["default_bounds"] = _span(args.default_bounds)
+    settings["bounds_from_data"] = bool(args.bounds_from_data)
+    missing = [
+        flag
+        for flag, key in (
+            ("--dataset", "dataset_uri"),
+            ("--target", "target_column"),
+            ("--family", "family"),
+            ("--epsilon", "epsilon"),
+            ("--output", "output_uri"),
+        )
+        if settings.get(key) is None
+    ]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give them in --spec)")
+    return TrainingConfig(**settings)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from veil.artifacts import ArtifactError
+    from veil.runtime.keywrap import KeyMaterialError
+    from veil.runtime.sealing import SealedModelError
+    from veil.training.train import TrainingError, TrainingRefusedError, train
+
+    try:
+        config = config_from_args(args)
+        wrapper = key_wrapper(args)
+    except (ValueError, TrainingRefusedError) as bad:
+        return _fail(str(bad), EXIT_USAGE)
+    try:
+        result = train(config, wrapper)
+    except TrainingRefusedError as refused:
+        return _fail(str(refused), EXIT_USAGE)
+    except (TrainingError, ArtifactError, KeyMaterialError, SealedModelError) as failed:
+        return _fail(str(failed), EXIT_FAILED)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `train` to the `veil` command."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a differentially-private model (diffprivlib), export ONNX and seal it",
+        description="Train logistic regression, Gaussian naive Bayes or a random forest with "
+        "diffprivlib at epsilon on a table (features clipped to public bounds), export it to "
+        "ONNX, check the export predicts like the trained model, seal it to the model key and "
+        "write it; prints the result (accuracy, sha256, mechanisms) as JSON. Flags override "
+        "the fields of --spec.",
+    )
+    parser.add_argument(
+        "--spec", type=Path, help="JSON/YAML ConfidentialModel, its spec, or its spec.training"
+    )
+    parser.add_argument("--dataset", help="training table URI or path (CSV, or Parquet)")
+    parser.add_argument("--format", choices=("csv", "parquet"), help="table format")
+    parser.add_argument("--target", help="the label column")
+    parser.add_argument(
+        "--features", action="append", metavar="COL[,COL...]", help="feature columns (default: all)"
+    )
+    parser.add_argument(
+        "--family", choices=("logisticRegression", "gaussianNB", "randomForest"), help="model"
+    )
+    parser.add_argument("--epsilon", type=float, help="epsilon (pure DP)")
+    parser.add_argument("--delta", type=float, help="accepted for the spec; unused (pure DP)")
+    parser.add_argument(
+        "--bounds", action="append", metavar="COL=LOW:HIGH", help="public bounds of a feature"
+    )
+    parser.add_argument(
+        "--bounds-file", metavar="PATH|URI", help='JSON {"column": [low, high], ...}'
+    )
+    parser.add_argument(
+        "--default-bounds", metavar="LOW:HIGH", help="bounds of every feature not bounded above"
+    )
+    parser.add_argument(
+        "--bounds-from-data",
+        action="store_true",
+        help="read bounds off the training rows (NOT private; recorded in the result)",
+    )
+    parser.add_argument(
+        "--classes", action="append", metavar="C[,C...]", help="the label set (default: read)"
+    )
+    parser.add_argument("--test-fraction", type=float, help="held-out test share (default 0.2)")
+    parser.add_argument("--seed", type=int, help="seed of the split and of diffprivlib's noise")
+    parser.add_argument("--max-iter", type=int, help="logistic regression iterations (100)")
+    parser.add_argument("--n-estimators", type=int, help="random forest trees (10)")
+    parser.add_argument("--max-depth", type=int, help="random forest depth (5)")
+    parser.add_argument("--output", help="where to write the sealed model (URI or path)")
+    key = parser.add_mutually_exclusive_group(required=True)
+    key.add_argument("--public-key", type=Path, help="PEM RSA public key to seal to")
+    key.add_argument("--vault-url", help="Azure Key Vault URL (wrap through Key Vault)")
+    parser.add_argument("--key-name", help="Key Vault key name (with --vault-url)")
+    parser.add_argument("--key-version", help="Key Vault key version (default: latest)")
+    parser.add_argument("--key-id", help="key id to record with --public-key")
+    parser.add_argument("--result", help="also write the result JSON here (URI or path)")
+    parser.set_defaults(func=_train)

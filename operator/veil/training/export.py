@@ -1,0 +1,109 @@
+"""ONNX export of diffprivlib models, with the training-time clipping and scaling built in.
+
+skl2onnx has no converters for diffprivlib's classes (`MissingShapeCalculator`), so each
+fitted model is copied into the plain scikit-learn estimator it extends — the fitted
+parameters are all that prediction uses:
+
+- logistic regression: `coef_`, `intercept_`, `classes_` (one-vs-rest, as diffprivlib fits it);
+- Gaussian naive Bayes: `theta_`, `var_`, `class_prior_`, `class_count_`, `classes_`;
+- random forest: the fitted trees themselves (diffprivlib's trees are scikit-learn
+  `DecisionTreeClassifier`s holding a scikit-learn `Tree`), in a scikit-learn forest.
+
+The exported graph is `MinMaxScaler(clip=True) → classifier`, the scaler set from the public
+bounds (never fitted to data), so the ONNX model takes raw features exactly as the training
+rows came and clips and scales them the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FEATURE_RANGE = (-0.5, 0.5)
+TARGET_OPSET = 17
+
+
+def bounds_scaler(lower: npt.NDArray[np.float64], upper: npt.NDArray[np.float64]) -> Any:
+    """A MinMaxScaler mapping [lower, upper] onto FEATURE_RANGE with clipping; set from the
+    bounds alone (it is fitted on the two rows `lower` and `upper`, not on any data)."""
+    from sklearn.preprocessing import MinMaxScaler
+
+    scaler = MinMaxScaler(feature_range=FEATURE_RANGE, clip=True)
+    scaler.fit(np.vstack([lower, upper]))
+    return scaler
+
+
+def plain_estimator(model: Any, family: str) -> Any:
+    """The scikit-learn estimator with the diffprivlib model's fitted parameters."""
+    if family == "logisticRegression":
+        from sklearn.linear_model import LogisticRegression
+
+        plain = LogisticRegression()
+        plain.coef_ = np.array(model.coef_, dtype=np.float64)
+        plain.intercept_ = np.array(model.intercept_, dtype=np.float64)
+        plain.classes_ = np.array(model.classes_)
+        plain.n_features_in_ = int(model.coef_.shape[1])
+        plain.n_iter_ = np.array(getattr(model, "n_iter_", [0]))
+        # diffprivlib fits one-vs-rest; scikit-learn's default would be softmax on >2 classes.
+        plain.multi_class = "ovr"
+        return plain
+    if family == "gaussianNB":
+        from sklearn.naive_bayes import GaussianNB
+
+        plain = GaussianNB()
+        plain.theta_ = np.array(model.theta_, dtype=np.float64)
+        plain.var_ = np.array(model.var_, dtype=np.float64)
+        plain.class_prior_ = np.array(model.class_prior_, dtype=np.float64)
+        plain.class_count_ = np.array(model.class_count_, dtype=np.float64)
+        plain.classes_ = np.array(model.classes_)
+        plain.epsilon_ = float(getattr(model, "epsilon_", 0.0))
+        plain.n_features_in_ = int(model.theta_.shape[1])
+        return plain
+    if family == "randomForest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        plain = RandomForestClassifier(n_estimators=len(model.estimators_))
+        plain.estimators_ = list(model.estimators_)
+        plain.classes_ = np.array(model.classes_)
+        plain.n_classes_ = len(model.classes_)
+        plain.n_outputs_ = 1
+        plain.n_features_in_ = int(model.n_features_in_)
+        plain.estimator_ = model.estimators_[0]
+        return plain
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def export_onnx(
+    model: Any,
+    family: str,
+    lower: npt.NDArray[np.float64],
+    upper: npt.NDArray[np.float64],
+) -> bytes:
+    """Serialized ONNX for `clip+scale → model`; one float32 input `input` of shape [N, d]."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.pipeline import Pipeline
+
+    pipeline = Pipeline(
+        [("bounds", bounds_scaler(lower, upper)), ("model", plain_estimator(model, family))]
+    )
+    options: dict[Any, Any] = {id(pipeline.steps[-1][1]): {"zipmap": False}}
+    onnx_model = convert_sklearn(
+        pipeline,
+        initial_types=[("input", FloatTensorType([None, len(lower)]))],
+        options=options,
+        target_opset={"": TARGET_OPSET, "ai.onnx.ml": 3},
+    )
+    payload: bytes = onnx_model.SerializeToString()
+    return payload
+
+
+def onnx_predict(payload: bytes, features: npt.NDArray[Any]) -> tuple[Any, Any]:
+    """Labels and class probabilities from the exported model, with onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"input": np.asarray(features, dtype=np.float32)})
+    return outputs[0], outputs[1]
