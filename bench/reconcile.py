@@ -76,6 +76,8 @@ def run(n: int) -> dict[str, Any]:
             cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
             cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
             cluster.kubectl("create", "namespace", NAMESPACE)
+            # Confidential capacity for every model (each pod asks 0.5 CPU + its sidecar).
+            cluster.add_nodes(ordinary=2, confidential=2 + n // 20)
             kubeconfig = cluster.user_kubeconfig("veil-operator", "veil:operators")
             cluster.kubectl(
                 "create",
