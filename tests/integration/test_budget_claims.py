@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, config
 
 from tests.cluster.localcluster import LocalCluster
 from tests.integration.claimant import request
@@ -66,11 +66,19 @@ def _ledger(store: BudgetStore, ref: BudgetRef) -> Ledger:
     return Ledger.from_wire(store.get(ref)["status"]["ledger"])
 
 
-def test_64_concurrent_claimants_never_overspend(store: BudgetStore, api: client.ApiClient) -> None:
+def test_64_concurrent_claimants_never_overspend(
+    store: BudgetStore, api: client.ApiClient, crds: LocalCluster
+) -> None:
     ref = _budget(api, "concurrent", epsilon=3.0)
     requests = [request(i, NAMESPACE) for i in range(64)]
+    # Eight stores, as eight operator replicas or CLIs would be: they share no lock, so they
+    # really race, and only the API server's resourceVersion check keeps them apart.
+    stores = [
+        BudgetStore(config.new_client_from_config(config_file=str(crds.kubeconfig)))
+        for _ in range(8)
+    ]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        decisions = list(pool.map(lambda r: store.claim(ref, r), requests))
+        decisions = list(pool.map(lambda i: stores[i % 8].claim(ref, requests[i]), range(64)))
     assert len({d.key for d in decisions}) == 64, "every claimant gets an answer"
     assert {d.state for d in decisions} <= {"Granted", "Denied"}
     granted = [r for r, d in zip(requests, decisions, strict=True) if d.state == "Granted"]

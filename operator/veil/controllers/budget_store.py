@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from veil.privacy import (
 
 log = logging.getLogger(__name__)
 PLURAL = "privacybudgets"
-MAX_ATTEMPTS = 50
+MAX_ATTEMPTS = 100
 # Fold terminal claims into the audit trail once the status holds this many claims.
 COMPACT_ABOVE = 400
 PRIVACY_METRICS = PrivacyMetrics(REGISTRY)
@@ -97,6 +99,8 @@ class BudgetStore:
     def __init__(self, api: client.ApiClient) -> None:
         self.objects = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self._lanes: dict[BudgetRef, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def get(self, ref: BudgetRef) -> dict[str, Any]:
         try:
@@ -111,8 +115,21 @@ class BudgetStore:
             raise
         return cast(dict[str, Any], found)
 
+    def _lane(self, ref: BudgetRef) -> threading.Lock:
+        with self._guard:
+            return self._lanes.setdefault(ref, threading.Lock())
+
     def transact(self, ref: BudgetRef, change: Change[T]) -> T:
-        """Apply `change` to the ledger and write the whole status atomically."""
+        """Apply `change` to the ledger and write the whole status atomically.
+
+        Within this process a budget's transactions queue on one lock, so the operator's own
+        threads never race; other writers (another replica, a CLI) are caught by the
+        resourceVersion precondition and retried with jittered backoff.
+        """
+        with self._lane(ref):
+            return self._transact(ref, change)
+
+    def _transact(self, ref: BudgetRef, change: Change[T]) -> T:
         for attempt in range(MAX_ATTEMPTS):
             budget = self.get(ref)
             spec = PrivacyBudgetSpec.model_validate(budget["spec"])
@@ -147,7 +164,7 @@ class BudgetStore:
                 )
             except ApiException as failed:
                 if failed.status == 409:
-                    time.sleep(min(0.5, 0.01 * (attempt + 1)))
+                    time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
                     continue
                 raise
             PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
