@@ -18,9 +18,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
+# smartnoise-synth goes in without its declared deps (opacus pulls a CUDA torch stack that
+# MST and AIM never import); everything it does import is in Veil's own dependencies.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+ && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels smartnoise-synth==1.0.8 \
  && python -m venv /opt/veil \
  && /opt/veil/bin/pip install --no-cache-dir --no-index --find-links /wheels veil \
+ && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
+      smartnoise-synth==1.0.8 \
  && /opt/veil/bin/pip uninstall --yes pip
 
 # --- final: the interpreter, the virtualenv, nothing to build or fetch with ---------------------

@@ -12,6 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# smartnoise-synth without its declared opacus/torch: MST and AIM do not import them.
+.venv/bin/python -m pip install --quiet --no-deps smartnoise-synth==1.0.8
 bash hack/build-control-plane.sh >/dev/null
 bash hack/build-tools.sh >/dev/null   # helm and kubeconform, for the chart tests
+bash hack/azurite.sh >/dev/null       # Azure Blob emulator (npm), for the synthesis tests
 echo "setup: done (virtualenv .venv, control plane in ${VEIL_CACHE:-$HOME/.cache/veil})"

@@ -92,9 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_fetch)
 
     from veil.runtime.commands import register as register_runtime
+    from veil.synthesis.commands import register as register_synthesis
+    from veil.training.commands import register as register_training
 
     # seal, unseal, verify, serve: the programs that run inside the TEE.
     register_runtime(sub)
+    # synthesize, train: the programs the budget-gated Jobs run.
+    register_synthesis(sub)
+    register_training(sub)
 
     run = sub.add_parser("run", help="run the operator")
     scope = run.add_mutually_exclusive_group()

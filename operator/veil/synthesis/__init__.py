@@ -1,4 +1,4 @@
-"""Differentially-private synthetic data: the `veil synthesize` program a SyntheticDataset's Job runs.
+"""DP synthetic data: `veil synthesize`, the program a SyntheticDataset's Job runs.
 
 - `privacy.claim_mechanisms`: what a run spends, in the privacy ledger's wire format;
 - `synthesize.synthesize`: the run itself (read, encode, fit MST/AIM, sample, write, report);

@@ -210,8 +210,9 @@ def finalize_plan(plan: Sequence[ColumnPlan], transformer: Any) -> list[ColumnPl
             if not hi > lo:
                 hi = lo + 1.0
                 fitted.fit_upper = hi
-            column = replace(column, lower=lo, upper=hi)
-        out.append(column)
+            out.append(replace(column, lower=lo, upper=hi))
+        else:
+            out.append(column)
     return out
 
 
@@ -231,7 +232,8 @@ def encode(data: pd.DataFrame, plan: Sequence[ColumnPlan]) -> Codes:
                     f"column {column.name}: value {missing} is not in its domain"
                 ) from None
         else:
-            assert column.lower is not None and column.upper is not None
+            assert column.lower is not None
+            assert column.upper is not None
             values = series.to_numpy(dtype=float)
             clipped = np.clip(values, column.lower, column.upper)
             scaled = column.bins * (clipped - column.lower) / (column.upper - column.lower)
@@ -250,7 +252,8 @@ def decode(codes: Codes, plan: Sequence[ColumnPlan]) -> pd.DataFrame:
         if column.kind == "categorical":
             columns[column.name] = [column.categories[c] for c in col]
         else:
-            assert column.lower is not None and column.upper is not None
+            assert column.lower is not None
+            assert column.upper is not None
             width = (column.upper - column.lower) / column.bins
             mid = column.lower + (np.minimum(col, column.bins - 1) + 0.5) * width
             columns[column.name] = np.where(col >= column.bins, np.nan, mid)

@@ -79,7 +79,9 @@ def zcdp_rho(epsilon: float, delta: float) -> float:
     """
     if epsilon <= 0 or not 0 < delta < 1:
         raise ValueError("need epsilon > 0 and 0 < delta < 1")
-    lo, hi = 0.0, epsilon  # ε(ρ) > ρ for every δ < 1, so the answer is below ε
+    lo, hi = 0.0, epsilon
+    while zcdp_epsilon(hi, delta) <= epsilon:  # with a large δ, ε(ρ) can be below ρ
+        lo, hi = hi, hi * 2.0
     for _ in range(200):
         mid = (lo + hi) / 2.0
         if mid in (lo, hi):

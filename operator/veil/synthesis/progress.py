@@ -37,7 +37,7 @@ class Stages:
             desc=title,
             unit="stage",
             file=sys.stderr,
-            bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} {postfix}",
+            bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}",
         )
         self._ticker = threading.Thread(target=self._tick, name="veil-progress", daemon=True)
         self._ticker.start()

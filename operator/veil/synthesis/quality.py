@@ -32,6 +32,7 @@ from veil.synthesis.domain import Codes, ColumnPlan
 
 DCR_MAX_ROWS = 2000
 _CHUNK = 256
+_DENSE_CELLS = 1 << 20
 
 
 def _round(value: float) -> float:
@@ -41,19 +42,28 @@ def _round(value: float) -> float:
 def one_way_tvd(a: Codes, b: Codes, cards: Sequence[int]) -> npt.NDArray[np.float64]:
     out = np.empty(len(cards))
     for j, card in enumerate(cards):
-        p = np.bincount(a[:, j], minlength=card) / max(1, len(a))
-        q = np.bincount(b[:, j], minlength=card) / max(1, len(b))
-        out[j] = 0.5 * np.abs(p - q).sum()
+        out[j] = _tvd(a[:, j], b[:, j], card)
     return out
+
+
+def _tvd(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], size: int) -> float:
+    """TVD of two samples of codes in [0, size), dense or (for huge domains) sparse."""
+    if size <= _DENSE_CELLS:
+        p = np.bincount(a, minlength=size) / max(1, len(a))
+        q = np.bincount(b, minlength=size) / max(1, len(b))
+        return float(0.5 * np.abs(p - q).sum())
+    cells, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    p = np.bincount(inverse[: len(a)], minlength=len(cells)) / max(1, len(a))
+    q = np.bincount(inverse[len(a) :], minlength=len(cells)) / max(1, len(b))
+    return float(0.5 * np.abs(p - q).sum())
 
 
 def two_way_tvd(a: Codes, b: Codes, cards: Sequence[int]) -> dict[tuple[int, int], float]:
     out: dict[tuple[int, int], float] = {}
     for i, j in combinations(range(len(cards)), 2):
-        size = cards[i] * cards[j]
-        p = np.bincount(a[:, i] * cards[j] + a[:, j], minlength=size) / max(1, len(a))
-        q = np.bincount(b[:, i] * cards[j] + b[:, j], minlength=size) / max(1, len(b))
-        out[i, j] = float(0.5 * np.abs(p - q).sum())
+        out[i, j] = _tvd(
+            a[:, i] * cards[j] + a[:, j], b[:, i] * cards[j] + b[:, j], cards[i] * cards[j]
+        )
     return out
 
 
@@ -134,6 +144,7 @@ def dcr(
     train: Codes,
     holdout: Codes,
     plan: Sequence[ColumnPlan],
+    *,
     rng: np.random.Generator,
     max_rows: int = DCR_MAX_ROWS,
 ) -> dict[str, Any]:
@@ -191,7 +202,7 @@ def quality_report(
         "correlationMeanAbsDiff": baseline["correlation"]["meanAbsDiff"],
     }
     if train is not None and holdout is not None and len(train) and len(holdout):
-        report["dcr"] = dcr(synthetic, train, holdout, plan, rng)
+        report["dcr"] = dcr(synthetic, train, holdout, plan, rng=rng)
     else:
         report["dcr"] = None
     report["domain"] = "synthesizer"

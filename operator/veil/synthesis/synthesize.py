@@ -59,7 +59,7 @@ class SynthesisConfig:
     rows: int
     epsilon: float | None = None
     delta: float = 1e-6
-    source_format: str = "csv"
+    source_format: str | None = None  # default: from the source's suffix, else csv
     output_format: str | None = None
     preprocessor_epsilon: float = 0.0
     categorical_columns: Sequence[str] = ()
@@ -118,14 +118,15 @@ def _configure_jax() -> None:
         return
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    settings: Any = jax.config
+    settings.update("jax_compilation_cache_dir", cache)
+    settings.update("jax_persistent_cache_min_compile_time_secs", 0)
+    settings.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _split(rows: int, fraction: float, rng: np.random.Generator) -> tuple[Any, Any]:
     order = rng.permutation(rows)
-    n_holdout = int(round(rows * fraction))
+    n_holdout = round(rows * fraction)
     if fraction == 0 or n_holdout < MIN_HOLDOUT_ROWS or rows - n_holdout < MIN_HOLDOUT_ROWS:
         return np.sort(order), np.array([], dtype=np.int64)
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
@@ -237,9 +238,8 @@ def synthesize(config: SynthesisConfig) -> dict[str, Any]:
     """Run one synthesis; returns the report (and writes it to `config.report_uri`, if set)."""
     check_request(config)
     private = config.method in PRIVATE_METHODS
-    output_format = config.output_format or tables.infer_format(
-        config.output_uri, config.source_format
-    )
+    source_format = config.source_format or tables.infer_format(config.source_uri, "csv")
+    output_format = config.output_format or tables.infer_format(config.output_uri, source_format)
     rng = np.random.default_rng(config.seed)
     notes: list[str] = []
     stages = Stages(
@@ -249,7 +249,7 @@ def synthesize(config: SynthesisConfig) -> dict[str, Any]:
     )
     try:
         with stages.stage("read"):
-            source = tables.read_table(config.source_uri, config.source_format)
+            source = tables.read_table(config.source_uri, source_format)
             if source.empty or len(source.columns) == 0:
                 raise RefusedError(f"{config.source_uri} has no rows or no columns")
             try:

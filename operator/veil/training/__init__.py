@@ -1,4 +1,4 @@
-"""Differentially-private training: the `veil train` program a ConfidentialModel's training Job runs.
+"""DP training: `veil train`, the program a ConfidentialModel's training Job runs.
 
 - `train.train`: diffprivlib fit at ε on clipped, publicly bounded features, ONNX export
   checked against the trained model, sealed to the model key, written by URI;

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import time
@@ -86,7 +87,9 @@ def claim_mechanisms(epsilon: float) -> list[dict[str, Any]]:
     """What a training run spends, in the privacy ledger's wire format: pure ε."""
     if not epsilon > 0:
         raise ValueError("epsilon must be positive")
-    return [EpsilonDeltaMechanism(epsilon=epsilon, delta=0.0).model_dump(mode="json", by_alias=True)]
+    return [
+        EpsilonDeltaMechanism(epsilon=epsilon, delta=0.0).model_dump(mode="json", by_alias=True)
+    ]
 
 
 def load_bounds_file(location: str) -> dict[str, tuple[float, float]]:
@@ -226,10 +229,83 @@ def _prepare(
     return features, x, y, dropped
 
 
+def _split(
+    x: npt.NDArray[np.float64], y: npt.NDArray[Any], fraction: float, seed: int | None
+) -> tuple[Any, Any, Any, Any]:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = max(1, round(len(x) * fraction))
+    if len(x) - n_test < 2:
+        raise TrainingRefusedError(f"{len(x)} usable rows are too few to train and test")
+    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _classes(
+    config: TrainingConfig, y: npt.NDArray[Any], train_y: npt.NDArray[Any], notes: list[str]
+) -> npt.NDArray[Any]:
+    if config.classes is not None:
+        classes = np.array(sorted({_label(c, y) for c in config.classes}))
+        unknown = sorted(_plain(v) for v in set(np.unique(y)) - set(classes))
+        if unknown:
+            raise TrainingRefusedError(f"labels {unknown} are not in the given classes")
+    else:
+        classes = np.unique(train_y)
+        notes.append("the class labels were read off the training rows")
+    if len(classes) < 2:
+        raise TrainingRefusedError("the target needs at least two classes")
+    return classes
+
+
+def _fit(
+    config: TrainingConfig,
+    classes: npt.NDArray[Any],
+    train_x: npt.NDArray[np.float64],
+    train_y: npt.NDArray[Any],
+) -> tuple[Any, float, float]:
+    """Fit at ε; returns the model and what diffprivlib's accountant says it spent."""
+    from diffprivlib.accountant import BudgetAccountant  # type: ignore[import-untyped,unused-ignore]
+    from diffprivlib.utils import PrivacyLeakWarning  # type: ignore[import-untyped,unused-ignore]
+
+    accountant = BudgetAccountant(epsilon=config.epsilon, delta=0.0)
+    model = _make_model(config, train_x.shape[1], classes, accountant)
+    with warnings.catch_warnings():
+        # Bounds, data_norm and classes are all given: any PrivacyLeakWarning is a bug here.
+        warnings.simplefilter("error", PrivacyLeakWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # scipy options diffprivlib passes
+        try:
+            model.fit(train_x, train_y)
+        except PrivacyLeakWarning as leak:
+            raise TrainingError(f"diffprivlib reported a privacy leak: {leak}") from leak
+    spent_epsilon, spent_delta = (float(v) for v in accountant.total())
+    if spent_epsilon > config.epsilon * (1 + 1e-12) or spent_delta > 0:
+        raise TrainingError(
+            f"the model spent (ε {spent_epsilon}, δ {spent_delta}), above the claimed pure ε"
+        )
+    return model, spent_epsilon, spent_delta
+
+
+def _verified_onnx(
+    model: Any,
+    family: str,
+    bounds: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+    test_x: npt.NDArray[np.float64],
+    scaled_test: npt.NDArray[np.float64],
+) -> tuple[bytes, float, float]:
+    """The ONNX export, refused unless it predicts the test rows like the trained model."""
+    onnx_bytes = export.export_onnx(model, family, *bounds)
+    onnx_labels, onnx_proba = export.onnx_predict(onnx_bytes, test_x)
+    agreement = float(np.mean(np.asarray(onnx_labels) == model.predict(scaled_test)))
+    proba_diff = float(np.max(np.abs(np.asarray(onnx_proba) - model.predict_proba(scaled_test))))
+    if agreement < 1.0 or proba_diff > PROBABILITY_TOLERANCE:
+        raise TrainingError(
+            f"the ONNX export does not predict like the trained model (label agreement "
+            f"{agreement:.4f}, largest probability difference {proba_diff:.2e}): not written"
+        )
+    return onnx_bytes, agreement, proba_diff
+
+
 def train(config: TrainingConfig, wrapper: KeyWrapper) -> dict[str, Any]:
     """Train, export, verify, seal and write; returns the result (see the module docstring)."""
-    from diffprivlib.accountant import BudgetAccountant  # type: ignore[import-untyped,unused-ignore]
-
     from veil.runtime.sealing import read_header, seal_bytes
 
     _check(config)
@@ -239,74 +315,33 @@ def train(config: TrainingConfig, wrapper: KeyWrapper) -> dict[str, Any]:
     fmt = config.dataset_format or tables.infer_format(config.dataset_uri, "csv")
     data = tables.read_table(config.dataset_uri, fmt)
     features, x, y, dropped = _prepare(config, data, notes)
-
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(x))
-    n_test = max(1, int(round(len(x) * config.test_fraction)))
-    if len(x) - n_test < 2:
-        raise TrainingRefusedError(f"{len(x)} usable rows are too few to train and test")
-    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
-    train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    train_x, train_y, test_x, test_y = _split(x, y, config.test_fraction, config.seed)
 
     lower, upper, bounds_source = _feature_bounds(config, features, list(data.columns), train_x)
     if bounds_source == "data":
         notes.append("feature bounds were read off the training rows: NOT private")
-    if config.classes is not None:
-        classes = np.array(sorted({_label(c, y) for c in config.classes}))
-        unknown = sorted(set(np.unique(y)) - set(classes))
-        if unknown:
-            raise TrainingRefusedError(f"labels {unknown} are not in the given classes")
-    else:
-        classes = np.unique(train_y)
-        notes.append("the class labels were read off the training rows")
-    if len(classes) < 2:
-        raise TrainingRefusedError("the target needs at least two classes")
+    classes = _classes(config, y, train_y, notes)
     if config.delta > 0:
         notes.append("delta is not used: the diffprivlib models are pure epsilon-DP")
 
     scaler = export.bounds_scaler(lower, upper)
-    accountant = BudgetAccountant(epsilon=config.epsilon, delta=0.0)
-    model = _make_model(config, len(features), classes, accountant)
     fit_start = time.monotonic()
-    with warnings.catch_warnings():
-        # Bounds, data_norm and classes are all given: any PrivacyLeakWarning is a bug here.
-        from diffprivlib.utils import PrivacyLeakWarning  # type: ignore[import-untyped,unused-ignore]
-
-        warnings.simplefilter("error", PrivacyLeakWarning)
-        try:
-            model.fit(scaler.transform(train_x), train_y)
-        except PrivacyLeakWarning as leak:
-            raise TrainingError(f"diffprivlib reported a privacy leak: {leak}") from leak
+    model, spent_epsilon, spent_delta = _fit(config, classes, scaler.transform(train_x), train_y)
     seconds["fit"] = round(time.monotonic() - fit_start, 3)
-    spent_epsilon, spent_delta = (float(v) for v in accountant.total())
-    if spent_epsilon > config.epsilon * (1 + 1e-12) or spent_delta > 0:
-        raise TrainingError(
-            f"the model spent (ε {spent_epsilon}, δ {spent_delta}), above the claimed pure ε"
-        )
 
     scaled_test = scaler.transform(test_x)
-    predicted = model.predict(scaled_test)
-    probabilities = model.predict_proba(scaled_test)
-    accuracy = float(np.mean(predicted == test_y))
+    accuracy = float(np.mean(model.predict(scaled_test) == test_y))
     _, counts = np.unique(test_y, return_counts=True)
     constant = float(counts.max() / counts.sum())
 
     export_start = time.monotonic()
-    onnx_bytes = export.export_onnx(model, config.family, lower, upper)
-    onnx_labels, onnx_proba = export.onnx_predict(onnx_bytes, test_x)
-    agreement = float(np.mean(np.asarray(onnx_labels) == predicted))
-    proba_diff = float(np.max(np.abs(np.asarray(onnx_proba) - probabilities)))
-    if agreement < 1.0 or proba_diff > PROBABILITY_TOLERANCE:
-        raise TrainingError(
-            f"the ONNX export does not predict like the trained model (label agreement "
-            f"{agreement:.4f}, largest probability difference {proba_diff:.2e}): not written"
-        )
+    onnx_bytes, agreement, proba_diff = _verified_onnx(
+        model, config.family, (lower, upper), test_x, scaled_test
+    )
     seconds["export"] = round(time.monotonic() - export_start, 3)
 
     sealed = seal_bytes(onnx_bytes, wrapper)
-    from io import BytesIO
-
-    header, _ = read_header(BytesIO(sealed))
+    header, _ = read_header(io.BytesIO(sealed))
     sealed_digest = tables.write_bytes(tables.as_uri(config.output_uri), sealed)
     seconds["total"] = round(time.monotonic() - started, 3)
 
