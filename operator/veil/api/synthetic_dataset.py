@@ -25,6 +25,23 @@ class Source(WireModel):
     format: Literal["csv", "parquet"] = "csv"
 
 
+class ColumnBounds(WireModel):
+    """Public bounds of a numeric column, so no budget is spent inferring them."""
+
+    column: str = Field(min_length=1, max_length=256)
+    lower: float
+    upper: float
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.lower < self.upper",
+            message="lower must be below upper",
+            check=lambda b: b.lower < b.upper,
+            field_path=".upper",
+        ),
+    )
+
+
 class Synthesizer(WireModel):
     method: Literal["mst", "aim"] = Field(description="smartnoise-synth MST or AIM.")
     epsilon: float = Field(gt=0, le=100)
@@ -36,6 +53,7 @@ class Synthesizer(WireModel):
         description="Part of epsilon spent inferring column bounds (0: columns are pre-binned).",
     )
     categorical_columns: list[str] = Field(default_factory=list, max_length=512)
+    bounds: list[ColumnBounds] = Field(default_factory=list, max_length=512)
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

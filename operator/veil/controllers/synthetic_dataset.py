@@ -105,13 +105,15 @@ def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
             status=status,
             requeue_after=60,
         )
-    quality = report.get("quality", report)
-    status.update(outputUri=spec.output.uri, rows=int(report.get("rows", 0)), quality=quality)
-    summary = report.get("summary") or ""
+    quality = report.get("quality") or {}
+    rows = report.get("rows") or {}
+    status.update(outputUri=spec.output.uri, rows=int(rows.get("synthetic", 0)), quality=quality)
+    one_way = (quality.get("oneWayTvd") or {}).get("mean")
+    two_way = (quality.get("twoWayTvd") or {}).get("mean")
+    figures = f"; mean 1-way TVD {one_way:.3f}, 2-way {two_way:.3f}" if one_way and two_way else ""
     return Result(
         Outcome.done(
-            "Synthesized",
-            f"{status['rows']} rows at ε {spec.synthesizer.epsilon:g}. {summary}".strip(),
+            "Synthesized", f"{status['rows']} rows at ε {spec.synthesizer.epsilon:g}{figures}"
         ),
         status=status,
     )

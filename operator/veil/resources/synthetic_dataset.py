@@ -54,7 +54,9 @@ def synthesize_args(spec: SyntheticDatasetSpec) -> list[str]:
         report_uri(spec),
     ]
     if synth.categorical_columns:
-        args += ["--categorical-columns", ",".join(synth.categorical_columns)]
+        args += ["--categorical", ",".join(synth.categorical_columns)]
+    for bound in synth.bounds:
+        args += ["--bounds", f"{bound.column}={bound.lower!r}:{bound.upper!r}"]
     if spec.allow_non_private:
         args.append("--allow-non-private")
     return args
