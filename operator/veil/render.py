@@ -11,6 +11,7 @@ from veil.azure import release_policy
 from veil.config import OperatorConfig
 from veil.resources import confidential_model as model_children
 from veil.resources.confidential_model import KeyRef
+from veil.resources.training import children as training_children
 
 # Placeholders for what only the cluster and Key Vault assign.
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
@@ -42,7 +43,8 @@ def render_model(document: dict[str, Any], config: OperatorConfig) -> list[dict[
         }
     ]
     if spec.model is None:
-        return out  # the Deployment appears once training has produced a sealed model
+        # The Deployment appears once the training Job has produced a sealed model.
+        return out + training_children(_owner(document), spec, config)
     kid = f"{spec.key_release.vault_url.rstrip('/')}/keys/{spec.key_release.key_name}/<version>"
     key = KeyRef(kid=kid, version="<version>", policy_digest=policy.digest)
     return out + model_children.children(_owner(document), spec, key, config).apply

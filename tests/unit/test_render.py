@@ -25,9 +25,14 @@ def test_model_renders_key_policy_and_children(capsys: pytest.CaptureFixture[str
     assert policy["version"] == "1.0.0"
 
 
-def test_training_model_renders_only_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_model_renders_the_key_and_the_training_job(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     docs = _render(EXAMPLES / "dp-training" / "model.yaml", capsys)
-    assert [d["kind"] for d in docs] == ["KeyVaultKey"]
+    assert [d["kind"] for d in docs] == ["KeyVaultKey", "ServiceAccount", "NetworkPolicy", "Job"]
+    args = docs[-1]["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[index]
+    assert args[0] == "train"
+    assert "--bounds" in args
 
 
 def test_dataset_renders_its_hardened_job(capsys: pytest.CaptureFixture[str]) -> None:

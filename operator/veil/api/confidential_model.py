@@ -228,6 +228,21 @@ class Network(WireModel):
     )
 
 
+class TrainingBounds(WireModel):
+    column: str = Field(min_length=1, max_length=256)
+    lower: float
+    upper: float
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.lower < self.upper",
+            message="lower must be below upper",
+            check=lambda b: b.lower < b.upper,
+            field_path=".upper",
+        ),
+    )
+
+
 class Training(WireModel):
     """Train the model with differential privacy instead of bringing a sealed one."""
 
@@ -237,6 +252,18 @@ class Training(WireModel):
     family: Literal["logisticRegression", "gaussianNB", "randomForest"] = "logisticRegression"
     epsilon: float = Field(gt=0, le=100)
     delta: float = Field(default=0.0, ge=0, lt=1)
+    features: list[str] = Field(default_factory=list, max_length=512)
+    bounds: list[TrainingBounds] = Field(
+        default_factory=list,
+        max_length=512,
+        description="Public bounds of every feature: reading them off the data would leak.",
+    )
+    output_uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(file|az)://\S+$",
+        description="Where the training Job writes the sealed model; the Deployment serves it.",
+    )
 
 
 class ConfidentialModelSpec(WireModel):
@@ -265,6 +292,9 @@ class ConfidentialModelStatus(WireModel):
     ready_replicas: int | None = Field(default=None, ge=0)
     node_pool_state: str | None = Field(default=None, max_length=64)
     service_name: str | None = Field(default=None, max_length=253, pattern=DNS_NAME_PATTERN)
+    trained_model: SealedArtifact | None = None
+    claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = None
+    training_job: str | None = Field(default=None, max_length=63)
     endpoint: str | None = Field(
         default=None, max_length=2048, description="The model's Open Inference Protocol URL."
     )

@@ -21,6 +21,7 @@ from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyErr
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers import model_status
+from veil.controllers import training as training_flow
 from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, forget
 from veil.kube import apply
 from veil.resources import confidential_model as build
@@ -154,11 +155,6 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
                 status=status,
                 requeue_after=None if pool.failed else NODE_POOL_POLL_SECONDS,
             )
-    if spec.model is None:
-        return Result(
-            Outcome.progressing("AwaitingTraining", "no sealed model yet: waiting for training"),
-            status=status,
-        )
     try:
         key = ports.ensure_key(owner, spec)
     except (KeyVaultError, ReleasePolicyError) as refused:
@@ -177,6 +173,14 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
             f"{spec.key_release.key_name} version {key.version} with the release policy in force",
         )
     ]
+
+    if spec.model is None:
+        # DP training produces the model, sealed to the key above.
+        trained = training_flow.train(owner, spec, ports.config, status)
+        if isinstance(trained, Result):
+            trained.conditions = conditions + trained.conditions
+            return trained
+        spec = spec.model_copy(update={"model": trained})
 
     children = build.children(owner, spec, key, ports.config)
     report = apply.ApplyReport()

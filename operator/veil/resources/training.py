@@ -1,0 +1,135 @@
+"""The DP training Job of a ConfidentialModel with `spec.training`. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from veil import labels
+from veil.api.confidential_model import ConfidentialModelSpec
+from veil.config import OperatorConfig
+from veil.resources.common import (
+    child_metadata,
+    restricted_container_security,
+    restricted_pod_security,
+    selector_labels,
+)
+from veil.resources.confidential_model import DNS_EGRESS
+
+APP = "veil-trainer"
+
+
+def job_name(owner: Mapping[str, Any]) -> str:
+    return f"{owner['metadata']['name'][:56]}-train"
+
+
+def result_uri(spec: ConfidentialModelSpec) -> str:
+    assert spec.training is not None
+    return f"{spec.training.output_uri}.result.json"
+
+
+def train_args(spec: ConfidentialModelSpec) -> list[str]:
+    """`veil train` as the Job runs it: the model is sealed to the model's Key Vault key."""
+    training = spec.training
+    assert training is not None
+    args = [
+        "train",
+        "--dataset",
+        training.dataset_uri,
+        "--target",
+        training.target_column,
+        "--family",
+        training.family,
+        "--epsilon",
+        repr(training.epsilon),
+        "--delta",
+        repr(training.delta),
+        "--output",
+        training.output_uri,
+        "--result",
+        result_uri(spec),
+        "--vault-url",
+        spec.key_release.vault_url,
+        "--key-name",
+        spec.key_release.key_name,
+    ]
+    if training.features:
+        args += ["--features", ",".join(training.features)]
+    for bound in training.bounds:
+        args += ["--bounds", f"{bound.column}={bound.lower!r}:{bound.upper!r}"]
+    return args
+
+
+def children(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+) -> list[dict[str, Any]]:
+    name = job_name(owner)
+    sa_meta = child_metadata(owner, name, APP, "identity")
+    sa_meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
+    pod_labels = {
+        **selector_labels(owner, APP),
+        labels.OWNER_KIND: owner["kind"],
+        labels.WORKLOAD_IDENTITY_USE: "true",
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": child_metadata(owner, name, APP, "training"),
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 21600,
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": restricted_pod_security(),
+                    # The trainer sees the raw data: it runs on confidential capacity too.
+                    "nodeSelector": {labels.CVM_SECURITY_TYPE_LABEL: labels.CVM_SECURITY_TYPE},
+                    "tolerations": [
+                        {
+                            "key": labels.CONFIDENTIAL_TAINT_KEY,
+                            "operator": "Exists",
+                            "effect": "NoSchedule",
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "train",
+                            "image": config.images.runtime,
+                            "args": train_args(spec),
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                            "resources": {
+                                "requests": {"cpu": "1", "memory": "2Gi"},
+                                "limits": {"cpu": "2", "memory": "4Gi"},
+                            },
+                            "securityContext": restricted_container_security(),
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
+                },
+            },
+        },
+    }
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(owner, name, APP, "network"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner, APP)},
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": [DNS_EGRESS, {"ports": [{"protocol": "TCP", "port": 443}]}],
+        },
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": sa_meta,
+            "automountServiceAccountToken": False,
+        },
+        policy,
+        job,
+    ]
