@@ -103,6 +103,10 @@ class OperatorProcess:
                 "veil.cli",
                 "run",
                 "--standalone",
+                # Everywhere but the chart test's namespaces, where the chart's own operator
+                # (with the chart's RBAC) must do the work.
+                "--namespace=*",
+                "--namespace=!veil-chart-*",
                 f"--metrics-port={self.metrics_port}",
                 f"--health-port={self.health_port}",
             ],
