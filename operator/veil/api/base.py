@@ -126,6 +126,23 @@ class LabelSelector(WireModel):
     match_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
 
 
+class ColumnBounds(WireModel):
+    """Public bounds of a numeric column: reading them off the data would spend privacy."""
+
+    column: str = Field(min_length=1, max_length=256)
+    lower: float
+    upper: float
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.lower < self.upper",
+            message="lower must be below upper",
+            check=lambda b: b.lower < b.upper,
+            field_path=".upper",
+        ),
+    )
+
+
 class CustomResource(WireModel):
     """An object of one of Veil's kinds: apiVersion, kind, metadata, spec, status."""
 

@@ -12,6 +12,7 @@ from veil.api.base import (
     DNS_LABEL_PATTERN,
     DNS_NAME_PATTERN,
     SHA256_PATTERN,
+    ColumnBounds,
     Condition,
     CustomResource,
     LabelSelector,
@@ -228,21 +229,6 @@ class Network(WireModel):
     )
 
 
-class TrainingBounds(WireModel):
-    column: str = Field(min_length=1, max_length=256)
-    lower: float
-    upper: float
-
-    cel_rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="self.lower < self.upper",
-            message="lower must be below upper",
-            check=lambda b: b.lower < b.upper,
-            field_path=".upper",
-        ),
-    )
-
-
 class Training(WireModel):
     """Train the model with differential privacy instead of bringing a sealed one."""
 
@@ -253,7 +239,7 @@ class Training(WireModel):
     epsilon: float = Field(gt=0, le=100)
     delta: float = Field(default=0.0, ge=0, lt=1)
     features: list[str] = Field(default_factory=list, max_length=512)
-    bounds: list[TrainingBounds] = Field(
+    bounds: list[ColumnBounds] = Field(
         default_factory=list,
         max_length=512,
         description="Public bounds of every feature: reading them off the data would leak.",

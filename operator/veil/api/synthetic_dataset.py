@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from veil.api.base import (
+    ColumnBounds,
     Condition,
     CustomResource,
     ObjectReference,
@@ -23,23 +24,6 @@ DATA_URI_PATTERN = r"^(file|az|https)://\S+$"
 class Source(WireModel):
     uri: str = Field(min_length=1, max_length=2048, pattern=DATA_URI_PATTERN)
     format: Literal["csv", "parquet"] = "csv"
-
-
-class ColumnBounds(WireModel):
-    """Public bounds of a numeric column, so no budget is spent inferring them."""
-
-    column: str = Field(min_length=1, max_length=256)
-    lower: float
-    upper: float
-
-    cel_rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="self.lower < self.upper",
-            message="lower must be below upper",
-            check=lambda b: b.lower < b.upper,
-            field_path=".upper",
-        ),
-    )
 
 
 class Synthesizer(WireModel):

@@ -24,6 +24,7 @@ from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
 from veil.controllers.privacy_budget import store
 from veil.controllers.reconcile import Result, evaluate, forget, reconcile
 from veil.kube import apply
+from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef, LedgerError
 from veil.resources import synthetic_dataset as build
 from veil.synthesis.privacy import claim_mechanisms
@@ -87,13 +88,6 @@ def _pay(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result | str:
     return "Consumed"
 
 
-def _job_outcome(job: Mapping[str, Any] | None) -> tuple[str, str]:
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
-            return condition["type"], condition.get("message") or condition.get("reason", "")
-    return "Running", ""
-
-
 def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
     try:
         report = json.loads(read_bytes(build.report_uri(spec)))
@@ -138,7 +132,7 @@ def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
     }
     apply.ensure(build.children(owner, spec, CONFIG))
     job = apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
-    state, message = _job_outcome(job)
+    state, message = job_outcome(job)
     if state == "Complete":
         return _finished(spec, status)
     if state == "Failed":

@@ -17,17 +17,11 @@ from veil.config import OperatorConfig
 from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
 from veil.controllers.reconcile import Result
 from veil.kube import apply
+from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef, EpsilonDeltaMechanism, LedgerError
 from veil.resources import training as build
 
 PENDING_POLL_SECONDS = 30.0
-
-
-def _job_state(job: Mapping[str, Any] | None) -> tuple[str, str]:
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
-            return condition["type"], condition.get("message") or condition.get("reason", "")
-    return "Running", ""
 
 
 def _pay(
@@ -85,7 +79,7 @@ def train(
     status["trainingJob"] = build.job_name(owner)
     apply.ensure(build.children(owner, spec, config))
     job = apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
-    state, message = _job_state(job)
+    state, message = job_outcome(job)
     if state == "Failed":
         return Result(
             Outcome.stalled_with(
