@@ -314,6 +314,7 @@ spec:
     targetColumn: outcome
     family: randomForest
     epsilon: 2
+    outputUri: "az://acct/models/from-the-spec.sealed"
 """
     )
     parser = argparse.ArgumentParser()
