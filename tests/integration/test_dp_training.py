@@ -1,21 +1,19 @@
 """A ConfidentialModel trained with DP: budget claim, training Job, sealed model rolled out.
 
-kwok fakes the Job's pod; the trainer runs here as a local process with the Job's arguments
-(sealing to a local RSA key instead of the Key Vault key, which the double cannot wrap with),
+kwok fakes the Job's pod; the trainer runs here as a local process with the Job's arguments,
 and the operator picks its result up exactly as in a cluster.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
@@ -64,31 +62,38 @@ def test_trained_model_is_paid_for_sealed_and_served(
     spec["training"]["datasetUri"] = (work / "oncology.csv").as_uri()
     spec["training"]["outputUri"] = (work / "model.onnx.sealed").as_uri()
 
-    # The trainer, as the Job runs it, but sealing to a local key.
-    args = train_args(ConfidentialModelSpec.model_validate(spec))
-    vault = args.index("--vault-url")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    pem = work / "key.pub.pem"
-    pem.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
     )
-    local_args = [*args[:vault], *args[vault + 4 :], "--public-key", str(pem)]
+    # The operator creates the key and the training Job; the trainer then runs here with the
+    # Job's own arguments, sealing through the Key Vault double.
+    batch = client.BatchV1Api(api)
+    job = wait_for(
+        lambda: next(
+            iter(
+                batch.list_namespaced_job(
+                    NAMESPACE, label_selector="app.kubernetes.io/instance=tumour-grader"
+                ).items
+            ),
+            None,
+        ),
+        timeout=60,
+        what="the training Job",
+    )
+    args = job.spec.template.spec.containers[0].args
+    assert args == train_args(ConfidentialModelSpec.model_validate(spec))
     ran = subprocess.run(
-        [sys.executable, "-m", "veil.cli", *local_args],
+        [sys.executable, "-m", "veil.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, **azure.operator_env()},
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     result = json.loads((work / "model.onnx.sealed.result.json").read_text())
     assert result["accuracy"] > result["constantBaselineAccuracy"]
-
-    objects.create_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
-    )
+    assert result["sealed"]["keyId"].startswith(f"{azure.key_vault.url}/keys/tumour-grader/")
 
     def serving() -> dict[str, Any] | None:
         obj = objects.get_namespaced_custom_object(
@@ -105,8 +110,7 @@ def test_trained_model_is_paid_for_sealed_and_served(
     assert status["claimState"] == "Consumed"
     assert status["trainedModel"]["sha256"] == result["sealed"]["sha256"]
 
-    job = client.BatchV1Api(api).read_namespaced_job(status["trainingJob"], NAMESPACE)
-    assert job.spec.template.spec.containers[0].args == args
+    assert job.metadata.name == status["trainingJob"]
     assert job.spec.template.spec.node_selector == {
         "kubernetes.azure.com/security-type": "ConfidentialVM"
     }

@@ -33,6 +33,7 @@ from azure.core.exceptions import (
 from azure.keyvault.keys import KeyClient, KeyReleasePolicy, KeyType, KeyVaultKey
 
 from veil.azure.credentials import AzureSettings
+from veil.azure.errors import RETRIABLE_STATUS, AzureOperationError, error_code, service_message
 from veil.azure.release_policy import POLICY_CONTENT_TYPE, policies_equivalent, policy_digest
 
 log = logging.getLogger("veil.azure.keyvault")
@@ -42,24 +43,9 @@ TAG_MANAGED_BY: Final = "managed-by"
 TAG_POLICY_DIGEST: Final = "veil-policy-digest"
 DeletionPolicy = Literal["Retain", "Delete"]
 
-_RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
-
-class KeyVaultError(Exception):
+class KeyVaultError(AzureOperationError):
     """A Key Vault operation failed; `str(error)` is the plain-words reason."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        retriable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retriable = retriable
 
 
 @dataclass(frozen=True)
@@ -89,23 +75,6 @@ def key_client(vault_url: str, settings: AzureSettings) -> KeyClient:
     )
 
 
-def _error_code(error: HttpResponseError) -> str | None:
-    inner = getattr(error, "error", None)
-    code = getattr(inner, "code", None)
-    inner_error = getattr(inner, "innererror", None)
-    if isinstance(inner_error, Mapping) and isinstance(inner_error.get("code"), str):
-        return f"{code}/{inner_error['code']}" if code else str(inner_error["code"])
-    return code if isinstance(code, str) else None
-
-
-def _service_message(error: HttpResponseError) -> str:
-    inner = getattr(error, "error", None)
-    message = getattr(inner, "message", None)
-    if isinstance(message, str) and message:
-        return message
-    return str(error.message or error.reason or "no details")
-
-
 def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  # noqa: PLR0911
     """Turn an azure-core error into a KeyVaultError with a plain-words message."""
     where = f"{action} in {vault_url}"
@@ -113,14 +82,14 @@ def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  #
         return KeyVaultError(
             f"Key Vault did not accept the operator's credentials ({where}): check the "
             "workload identity (ServiceAccount annotation azure.workload.identity/client-id and "
-            f"the federated credential): {_service_message(error)}",
+            f"the federated credential): {service_message(error)}",
             status=error.status_code,
-            code=_error_code(error),
+            code=error_code(error),
         )
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
-        code = _error_code(error)
-        detail = _service_message(error)
+        code = error_code(error)
+        detail = service_message(error)
         if status == 403:
             return KeyVaultError(
                 "Key Vault refused: the operator's identity lacks the Key Vault Crypto Officer "
@@ -148,7 +117,7 @@ def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  #
                 status=status,
                 code=code,
             )
-        if status in _RETRIABLE_STATUS:
+        if status in RETRIABLE_STATUS:
             return KeyVaultError(
                 f"Key Vault is busy or failing ({where}, HTTP {status}); will retry: {detail}",
                 status=status,

@@ -50,6 +50,7 @@ from azure.mgmt.containerservice.models import (
 
 from veil.api.confidential_model import NodePool, Platform
 from veil.azure.credentials import AzureSettings
+from veil.azure.errors import RETRIABLE_STATUS, AzureOperationError, error_code, service_message
 
 log = logging.getLogger("veil.azure.node_pools")
 
@@ -103,24 +104,10 @@ _BUSY_STATES = frozenset(
         "migrating",
     }
 )
-_RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class NodePoolError(Exception):
+class NodePoolError(AzureOperationError):
     """Ensuring the pool failed; `str(error)` is the plain-words reason."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        retriable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retriable = retriable
 
 
 @dataclass(frozen=True)
@@ -249,10 +236,8 @@ def _explain(error: AzureError, pool: NodePool, action: str) -> NodePoolError:  
         )
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
-        inner = getattr(error, "error", None)
-        raw_code = getattr(inner, "code", None)
-        code = raw_code if isinstance(raw_code, str) else None
-        detail = str(getattr(inner, "message", None) or error.message)
+        code = error_code(error)
+        detail = service_message(error)
         if status < 400:
             # The long-running operation itself ended Failed (the poll answered 200).
             return NodePoolError(
@@ -277,7 +262,7 @@ def _explain(error: AzureError, pool: NodePool, action: str) -> NodePoolError:  
                 status=status,
                 code=code,
             )
-        if status == 409 or status in _RETRIABLE_STATUS:
+        if status == 409 or status in RETRIABLE_STATUS:
             return NodePoolError(
                 f"AKS is busy or failing ({where}, HTTP {status}); will retry: {detail}",
                 status=status,

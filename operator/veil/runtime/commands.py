@@ -41,27 +41,13 @@ def _configure_logging() -> None:
 # --- seal ---------------------------------------------------------------------------------
 
 
-def _vault_wrapper(vault_url: str, key_name: str, key_version: str | None) -> KeyWrapper:
-    from azure.identity import DefaultAzureCredential
-    from azure.keyvault.keys import KeyClient
-    from azure.keyvault.keys.crypto import CryptographyClient
-
-    from veil.runtime.jwk import b64url_encode, rsa_public_key_from_jwk
-    from veil.runtime.keywrap import KeyVaultKeyWrapper
-
-    credential = DefaultAzureCredential()
-    key = KeyClient(vault_url, credential).get_key(key_name, key_version)
-    public_key = None
-    modulus, exponent = getattr(key.key, "n", None), getattr(key.key, "e", None)
-    if modulus and exponent:
-        public_key = rsa_public_key_from_jwk(
-            {"kty": "RSA", "n": b64url_encode(modulus), "e": b64url_encode(exponent)}
-        )
-    return KeyVaultKeyWrapper(CryptographyClient(key, credential), public_key)
-
-
 def _seal(args: argparse.Namespace) -> int:
-    from veil.runtime.keywrap import KeyMaterialError, RsaPublicKeyWrapper, load_public_key_pem
+    from veil.runtime.keywrap import (
+        KeyMaterialError,
+        RsaPublicKeyWrapper,
+        key_vault_wrapper,
+        load_public_key_pem,
+    )
     from veil.runtime.sealing import SealedModelError, seal_file
 
     try:
@@ -71,7 +57,7 @@ def _seal(args: argparse.Namespace) -> int:
         else:
             if not args.key_name:
                 return _fail("--vault-url needs --key-name", EXIT_USAGE)
-            wrapper = _vault_wrapper(args.vault_url, args.key_name, args.key_version)
+            wrapper = key_vault_wrapper(args.vault_url, args.key_name, args.key_version)
         header = seal_file(args.model, args.output, wrapper, chunk_size=args.chunk_size)
     except (KeyMaterialError, SealedModelError) as exc:
         return _fail(str(exc))

@@ -102,6 +102,28 @@ class UnwrapError(Exception):
     """The wrapped data key cannot be decrypted with the given private key."""
 
 
+def key_vault_wrapper(
+    vault_url: str, key_name: str, key_version: str | None = None
+) -> KeyVaultKeyWrapper:
+    """Wrap through a Key Vault key, with the Azure settings the operator uses; the key's
+    public half is kept so the sealed header records its thumbprint."""
+    from azure.keyvault.keys.crypto import CryptographyClient
+
+    from veil.azure import AzureSettings, key_client
+    from veil.runtime.jwk import b64url_encode, rsa_public_key_from_jwk
+
+    settings = AzureSettings.from_env()
+    key = key_client(vault_url, settings).get_key(key_name, key_version)
+    public_key = None
+    modulus, exponent = getattr(key.key, "n", None), getattr(key.key, "e", None)
+    if modulus and exponent:
+        public_key = rsa_public_key_from_jwk(
+            {"kty": "RSA", "n": b64url_encode(modulus), "e": b64url_encode(exponent)}
+        )
+    crypto = CryptographyClient(key, settings.credential, **settings.client_kwargs())
+    return KeyVaultKeyWrapper(crypto, public_key)
+
+
 def unwrap_data_key(private_key: rsa.RSAPrivateKey, wrapped: bytes) -> bytes:
     """Decrypt a wrapped data key with RSA-OAEP-256; raises UnwrapError on any failure."""
     try:

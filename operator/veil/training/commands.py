@@ -60,34 +60,14 @@ def _span(text: str) -> tuple[float, float]:
         raise ValueError(str(bad).replace("'x=", "'")) from bad
 
 
-def _vault_wrapper(vault_url: str, key_name: str, key_version: str | None) -> KeyWrapper:
-    """Wrap through Key Vault, recording the key's thumbprint from its public half."""
-    from azure.identity import DefaultAzureCredential
-    from azure.keyvault.keys import KeyClient
-    from azure.keyvault.keys.crypto import CryptographyClient
-
-    from veil.runtime.jwk import b64url_encode, rsa_public_key_from_jwk
-    from veil.runtime.keywrap import KeyVaultKeyWrapper
-
-    credential = DefaultAzureCredential()
-    key = KeyClient(vault_url, credential).get_key(key_name, key_version)
-    public_key = None
-    modulus, exponent = getattr(key.key, "n", None), getattr(key.key, "e", None)
-    if modulus and exponent:
-        public_key = rsa_public_key_from_jwk(
-            {"kty": "RSA", "n": b64url_encode(modulus), "e": b64url_encode(exponent)}
-        )
-    return KeyVaultKeyWrapper(CryptographyClient(key, credential), public_key)
-
-
 def key_wrapper(args: argparse.Namespace) -> KeyWrapper:
-    from veil.runtime.keywrap import RsaPublicKeyWrapper, load_public_key_pem
+    from veil.runtime.keywrap import RsaPublicKeyWrapper, key_vault_wrapper, load_public_key_pem
 
     if args.public_key is not None:
         return RsaPublicKeyWrapper(load_public_key_pem(args.public_key), args.key_id)
     if not args.key_name:
         raise ValueError("--vault-url needs --key-name")
-    return _vault_wrapper(args.vault_url, args.key_name, args.key_version)
+    return key_vault_wrapper(args.vault_url, args.key_name, args.key_version)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
