@@ -62,6 +62,10 @@ class BudgetUnavailableError(Exception):
     """The budget does not exist, or the consumer may not spend it; the message says which."""
 
 
+class BudgetGoneError(BudgetUnavailableError):
+    """The budget does not exist (never created, or deleted)."""
+
+
 @dataclass(frozen=True)
 class BudgetRef:
     namespace: str
@@ -109,7 +113,7 @@ class BudgetStore:
             )
         except ApiException as failed:
             if failed.status == 404:
-                raise BudgetUnavailableError(
+                raise BudgetGoneError(
                     f"PrivacyBudget {ref.namespace}/{ref.name} does not exist"
                 ) from failed
             raise

@@ -16,7 +16,12 @@ from pydantic import ValidationError
 from veil import API_GROUP, API_VERSION
 from veil.api.privacy_budget import PrivacyBudgetSpec
 from veil.conditions import Outcome
-from veil.controllers.budget_store import PRIVACY_METRICS, BudgetRef, BudgetStore
+from veil.controllers.budget_store import (
+    PRIVACY_METRICS,
+    BudgetGoneError,
+    BudgetRef,
+    BudgetStore,
+)
 from veil.controllers.reconcile import Result, forget, observed, reconcile
 from veil.kube.apply import api_client
 
@@ -51,7 +56,11 @@ async def _refresh(body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
         )
         return
     with observed(KIND):
-        await asyncio.to_thread(store().refresh, _ref(body))
+        try:
+            await asyncio.to_thread(store().refresh, _ref(body))
+        except BudgetGoneError:
+            # Deleted between the event and the read: nothing is left to refresh.
+            logger.debug("PrivacyBudget %s is gone; nothing to refresh", _ref(body))
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
