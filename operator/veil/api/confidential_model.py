@@ -250,6 +250,13 @@ class Training(WireModel):
         pattern=r"^(file|az)://\S+$",
         description="Where the training Job writes the sealed model; the Deployment serves it.",
     )
+    round: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Raise it to train again with the same settings (e.g. the data changed): "
+        "every change of spec.training is a new run, with a new claim on the budget.",
+    )
 
 
 class ConfidentialModelSpec(WireModel):
@@ -281,6 +288,9 @@ class ConfidentialModelStatus(WireModel):
     trained_model: SealedArtifact | None = None
     claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = None
     training_job: str | None = Field(default=None, max_length=63)
+    training_run: str | None = Field(
+        default=None, max_length=16, description="Digest of the spec.training that was trained."
+    )
     endpoint: str | None = Field(
         default=None, max_length=2048, description="The model's Open Inference Protocol URL."
     )

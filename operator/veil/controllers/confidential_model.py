@@ -229,12 +229,12 @@ def kopf_event(owner: Mapping[str, Any], reason: str, message: str) -> None:
     kopf.info(cast(kopf.Body, owner), reason=reason, message=message)
 
 
-async def _handle(body: kopf.Body, logger: Any) -> None:
+async def _handle(body: kopf.Body, logger: Any, *, retry: bool = True) -> None:
     meta = body["metadata"]
     evaluation = await asyncio.to_thread(
         refresh, meta["namespace"], meta["name"], logger, wait=True
     )
-    if evaluation is not None and evaluation.retry_in is not None:
+    if retry and evaluation is not None and evaluation.retry_in is not None:
         raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
 
 
@@ -247,8 +247,12 @@ async def on_model(body: kopf.Body, logger: Any, **_: Any) -> None:
 
 @kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS / 2)
 async def resync_model(body: kopf.Body, logger: Any, **_: Any) -> None:
-    """A periodic check for drift that no watch event reported; writes nothing when settled."""
-    await _handle(body, logger)
+    """A periodic check for drift that no watch event reported; writes nothing when settled.
+
+    It never asks kopf for a retry: a timer's retry would hold the next tick back by the
+    retry's delay, and the next tick is the retry.
+    """
+    await _handle(body, logger, retry=False)
 
 
 async def _on_child_event(event: Mapping[str, Any], logger: Any) -> None:
@@ -268,6 +272,7 @@ _CHILD_FILTER = {labels.OWNER_KIND: KIND}
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_CHILD_FILTER)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_CHILD_FILTER)
 @kopf.on.event("", "v1", "pods", labels=_CHILD_FILTER)
+@kopf.on.event("batch", "v1", "jobs", labels=_CHILD_FILTER)
 async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
     """A child was edited, deleted or changed status: restore it and refresh the owner."""
     await _on_child_event(event, logger)

@@ -20,12 +20,13 @@ from veil.kube import apply
 from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef, EpsilonDeltaMechanism, LedgerError
 from veil.resources import training as build
+from veil.resources.common import selector_labels
 
 PENDING_POLL_SECONDS = 30.0
 
 
 def _pay(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, status: dict[str, Any]
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, run: str, status: dict[str, Any]
 ) -> Result | None:
     from veil.controllers.privacy_budget import store
 
@@ -34,7 +35,8 @@ def _pay(
     meta = owner["metadata"]
     ref = BudgetRef(training.budget_ref.namespace or meta["namespace"], training.budget_ref.name)
     request = ClaimRequest(
-        key=meta["uid"],
+        # One claim per run: retraining is a new computation on the data, paid anew.
+        key=f"{meta['uid']}.{run}",
         consumer=ConsumerRef(
             kind="ConfidentialModel", namespace=meta["namespace"], name=meta["name"]
         ),
@@ -65,6 +67,21 @@ def _pay(
     return None
 
 
+def _remove_other_runs(owner: Mapping[str, Any], current_job: str) -> None:
+    """Jobs of earlier runs go (their claims stay spent: they could read the data)."""
+    meta = owner["metadata"]
+    jobs = apply.list_objects(
+        "batch/v1", "Job", meta["namespace"], selector_labels(owner, build.APP)
+    )
+    stale = [j["metadata"]["name"] for j in jobs if j["metadata"]["name"] != current_job]
+    apply.ensure_absent(
+        [("batch/v1", "Job", name) for name in stale],
+        meta["namespace"],
+        meta["uid"],
+        propagation="Background",
+    )
+
+
 def train(
     owner: Mapping[str, Any],
     spec: ConfidentialModelSpec,
@@ -72,43 +89,70 @@ def train(
     status: dict[str, Any],
 ) -> SealedArtifact | Result:
     """The trained, sealed model once the Job has produced it; until then, why not yet."""
-    unpaid = _pay(owner, spec, status)
+    run, job_name = build.run_id(spec), build.job_name(owner, spec)
+    previous = owner.get("status") or {}
+    this_run_before = previous.get("trainingRun") == run
+    status["trainingRun"] = run
+    if this_run_before and previous.get("trainedModel"):
+        # Done: the Job is never made again, since a second run would read the data again
+        # on the same claim. The budget is not asked either (the claim may be folded away).
+        return SealedArtifact.model_validate(previous["trainedModel"])
+    # Until this run has made them (a merge patch would otherwise keep an earlier run's).
+    status.update(trainedModel=None, trainingJob=None)
+    unpaid = _pay(owner, spec, run, status)
     if unpaid is not None:
         return unpaid
     meta = owner["metadata"]
-    status["trainingJob"] = build.job_name(owner)
+    _remove_other_runs(owner, job_name)
+    job = apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
+    if job is None and this_run_before and previous.get("trainingJob") == job_name:
+        return Result(
+            Outcome.stalled_with(
+                "TrainingJobLost",
+                f"Job {job_name} was deleted before it finished; it may have read the data, so "
+                "it is not run again on the same claim: raise spec.training.round to train "
+                "again, paid anew",
+            ),
+            status=status,
+        )
     apply.ensure(build.children(owner, spec, config))
-    job = apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
+    status["trainingJob"] = job_name
+    job = job or apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
+    return _trained(job, job_name, spec, status)
+
+
+def _trained(
+    job: Mapping[str, Any] | None,
+    job_name: str,
+    spec: ConfidentialModelSpec,
+    status: dict[str, Any],
+) -> SealedArtifact | Result:
+    """What the run's Job has come to: the sealed model, or why not (yet)."""
     state, message = job_outcome(job)
     if state == "Failed":
         return Result(
             Outcome.stalled_with(
-                "TrainingFailed", f"training Job failed: {message}; the budget stays spent"
+                "TrainingFailed",
+                f"training Job failed: {message}; the budget stays spent (raise "
+                "spec.training.round to try again, paid anew)",
             ),
             status=status,
         )
     if state != "Complete":
+        return Result(Outcome.progressing("Training", f"Job {job_name} is running"), status=status)
+    try:
+        result = json.loads(read_bytes(build.result_uri(spec)))
+    except (ArtifactError, OSError, ValueError) as missing:
         return Result(
-            Outcome.progressing("Training", f"Job {status['trainingJob']} is running"),
+            Outcome.failed(
+                "TrainingResultUnreadable",
+                f"the training Job finished but its result is unreadable: {missing}",
+            ),
             status=status,
+            requeue_after=60,
         )
-    known = (owner.get("status") or {}).get("trainedModel")
-    if known:
-        artifact = SealedArtifact.model_validate(known)
-    else:
-        try:
-            result = json.loads(read_bytes(build.result_uri(spec)))
-        except (ArtifactError, OSError, ValueError) as missing:
-            return Result(
-                Outcome.failed(
-                    "TrainingResultUnreadable",
-                    f"the training Job finished but its result is unreadable: {missing}",
-                ),
-                status=status,
-                requeue_after=60,
-            )
-        sealed = result.get("sealed") or {}
-        assert spec.training is not None
-        artifact = SealedArtifact(uri=spec.training.output_uri, sha256=str(sealed.get("sha256")))
+    sealed = result.get("sealed") or {}
+    assert spec.training is not None
+    artifact = SealedArtifact(uri=spec.training.output_uri, sha256=str(sealed.get("sha256")))
     status["trainedModel"] = artifact.to_wire()
     return artifact

@@ -112,6 +112,7 @@ def ensure_absent(
     namespace: str,
     owner_uid: str,
     report: ApplyReport | None = None,
+    propagation: str | None = None,
 ) -> ApplyReport:
     """Delete children that should no longer exist, but only ones this owner controls."""
     dyn = dynamic_client()
@@ -127,7 +128,8 @@ def ensure_absent(
         owners = live.get("metadata", {}).get("ownerReferences") or []
         if not any(ref.get("uid") == owner_uid for ref in owners):
             continue
-        resource.delete(name=name, namespace=namespace)
+        body = {"propagationPolicy": propagation} if propagation else None
+        resource.delete(name=name, namespace=namespace, body=body)
         report.deleted.append(f"{kind}/{name}")
     return report
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,13 +21,30 @@ from veil.resources.confidential_model import DNS_EGRESS
 APP = "veil-trainer"
 
 
-def job_name(owner: Mapping[str, Any]) -> str:
+def run_id(spec: ConfidentialModelSpec) -> str:
+    """A training run's identity: a digest of `spec.training`.
+
+    A changed training spec is a new run: a new claim on the budget, a new Job. The same spec
+    is the same run, however often it is reconciled, so a run is paid for and trained once.
+    """
+    assert spec.training is not None
+    wire = json.dumps(spec.training.to_wire(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(wire.encode()).hexdigest()[:10]
+
+
+def job_name(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> str:
+    return f"{owner['metadata']['name'][:45]}-train-{run_id(spec)}"
+
+
+def identity_name(owner: Mapping[str, Any]) -> str:
+    """The ServiceAccount and NetworkPolicy every run shares."""
     return f"{owner['metadata']['name'][:56]}-train"
 
 
 def result_uri(spec: ConfidentialModelSpec) -> str:
     assert spec.training is not None
-    return f"{spec.training.output_uri}.result.json"
+    # Per run, so an earlier run's result is never taken for this one's.
+    return f"{spec.training.output_uri}.result-{run_id(spec)}.json"
 
 
 def train_args(spec: ConfidentialModelSpec) -> list[str]:
@@ -63,8 +82,8 @@ def train_args(spec: ConfidentialModelSpec) -> list[str]:
 def children(
     owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> list[dict[str, Any]]:
-    name = job_name(owner)
-    sa_meta = child_metadata(owner, name, APP, "identity")
+    name, identity = job_name(owner, spec), identity_name(owner)
+    sa_meta = child_metadata(owner, identity, APP, "identity")
     sa_meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
     pod_labels = {
         **selector_labels(owner, APP),
@@ -82,7 +101,7 @@ def children(
                 "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
-                    "serviceAccountName": name,
+                    "serviceAccountName": identity,
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": restricted_pod_security(),
@@ -116,7 +135,7 @@ def children(
     policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": child_metadata(owner, name, APP, "network"),
+        "metadata": child_metadata(owner, identity, APP, "network"),
         "spec": {
             "podSelector": {"matchLabels": selector_labels(owner, APP)},
             "policyTypes": ["Ingress", "Egress"],

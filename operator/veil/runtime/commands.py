@@ -74,7 +74,7 @@ def _unseal(args: argparse.Namespace) -> int:
 
     try:
         key = load_private_key_pem(args.private_key)
-        plaintext = unseal_file(args.sealed, key)
+        plaintext = unseal_file(args.sealed, key, verify_digest=True)
     except (KeyMaterialError, SealedModelError) as exc:
         return _fail(str(exc))
     del key

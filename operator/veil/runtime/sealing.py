@@ -14,7 +14,13 @@ Each chunk i is encrypted under the model's random 256-bit data key with
 so altering the header, altering, dropping, reordering or appending chunks, or cutting the file
 at a chunk boundary all fail authentication (the STREAM construction of Hoang, Reyhanitabar,
 Rogaway and Vizár). The data key itself is wrapped with RSA-OAEP-256 to the Key Vault key and
-stored in the header; the header also records the plaintext's SHA-256, checked after decryption.
+stored in the header; the header also records the plaintext's SHA-256: the model's identity.
+
+The chunk tags already authenticate every byte, their order and the end, and the header (digest
+included) through the AAD, so recomputing the digest at unseal adds no security (whoever seals
+to the public key picks the data key and could write any digest; the sealed file's own sha256,
+pinned in the ConfidentialModel, is what rules out a substituted model). The runtime therefore
+skips it, which halves unseal time; `veil unseal` (debugging) and `verify_digest=True` check it.
 
 Sealing reads its input twice (once to hash, once to encrypt) and never holds more than one chunk,
 so it works on models larger than memory. Unsealing decrypts into memory only.
@@ -393,9 +399,17 @@ def _check_key(header: SealedHeader, private_key: rsa.RSAPrivateKey) -> None:
 
 
 def unseal_stream(
-    src: BinaryIO, private_key: rsa.RSAPrivateKey, *, max_plaintext_bytes: int | None = None
+    src: BinaryIO,
+    private_key: rsa.RSAPrivateKey,
+    *,
+    max_plaintext_bytes: int | None = None,
+    verify_digest: bool = False,
 ) -> bytes:
-    """Authenticate and decrypt a sealed model from `src` into memory; nothing goes to disk."""
+    """Authenticate and decrypt a sealed model from `src` into memory; nothing goes to disk.
+
+    With `verify_digest`, the plaintext's SHA-256 is also recomputed and compared with the
+    header's (redundant with the chunk tags; see the module docstring).
+    """
     header, encoded = read_header(src)
     if max_plaintext_bytes is not None and header.plaintext_size > max_plaintext_bytes:
         raise ModelTooLargeError(
@@ -411,7 +425,7 @@ def unseal_stream(
     del data_key
 
     header_digest = hashlib.sha256(encoded).digest()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if verify_digest else None
     parts: list[bytes] = []
     count = header.chunk_count
     for index in range(count):
@@ -431,14 +445,15 @@ def unseal_stream(
                 f"{where} of {count} failed authentication: the sealed model was altered, "
                 "its chunks were reordered, or it was cut short"
             ) from None
-        digest.update(plaintext)
+        if digest is not None:
+            digest.update(plaintext)
         parts.append(plaintext)
     del aead
     if src.read(1):
         raise TamperedModelError(
             "data follows the final chunk: the sealed model was altered or had data appended"
         )
-    if not hmac.compare_digest(digest.hexdigest(), header.plaintext_sha256):
+    if digest is not None and not hmac.compare_digest(digest.hexdigest(), header.plaintext_sha256):
         raise TamperedModelError(
             f"the decrypted model's sha256 {digest.hexdigest()} does not match "
             f"the sealed header's {header.plaintext_sha256}"
@@ -449,19 +464,37 @@ def unseal_stream(
 
 
 def unseal_bytes(
-    sealed: bytes, private_key: rsa.RSAPrivateKey, *, max_plaintext_bytes: int | None = None
+    sealed: bytes,
+    private_key: rsa.RSAPrivateKey,
+    *,
+    max_plaintext_bytes: int | None = None,
+    verify_digest: bool = False,
 ) -> bytes:
     """Unseal an in-memory sealed model."""
-    return unseal_stream(BytesIO(sealed), private_key, max_plaintext_bytes=max_plaintext_bytes)
+    return unseal_stream(
+        BytesIO(sealed),
+        private_key,
+        max_plaintext_bytes=max_plaintext_bytes,
+        verify_digest=verify_digest,
+    )
 
 
 def unseal_file(
-    path: Path, private_key: rsa.RSAPrivateKey, *, max_plaintext_bytes: int | None = None
+    path: Path,
+    private_key: rsa.RSAPrivateKey,
+    *,
+    max_plaintext_bytes: int | None = None,
+    verify_digest: bool = False,
 ) -> bytes:
     """Unseal the sealed model at `path` into memory (the plaintext never touches disk)."""
     try:
         with path.open("rb") as source:
-            return unseal_stream(source, private_key, max_plaintext_bytes=max_plaintext_bytes)
+            return unseal_stream(
+                source,
+                private_key,
+                max_plaintext_bytes=max_plaintext_bytes,
+                verify_digest=verify_digest,
+            )
     except OSError as exc:
         raise SealedModelError(f"cannot read sealed model {path}: {exc.strerror or exc}") from exc
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from veil.runtime import sealing
 from veil.runtime.jwk import b64url_decode, rsa_public_jwk, rsa_thumbprint
 from veil.runtime.keywrap import KeyVaultKeyWrapper, RsaPublicKeyWrapper, WrappedKey
 from veil.runtime.sealing import (
@@ -342,3 +343,25 @@ def test_failed_seal_leaves_no_partial_output(tmp_path: Path) -> None:
 def test_chunk_size_out_of_range_is_refused(wrapper: RsaPublicKeyWrapper) -> None:
     with pytest.raises(SealedModelError, match="chunk size 8 is outside"):
         seal_bytes(b"abc", wrapper, chunk_size=8)
+
+
+def test_digest_check_catches_a_sealer_that_recorded_the_wrong_digest(
+    model_key: rsa.RSAPrivateKey,
+    wrapper: RsaPublicKeyWrapper,
+    mlp_model: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A faulty sealer: the chunks authenticate, but the recorded identity is not the model's.
+    real_header = sealing.SealedHeader
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            sealing,
+            "SealedHeader",
+            lambda **fields: real_header(**{**fields, "plaintext_sha256": "0" * 64}),
+        )
+        sealed = seal_bytes(mlp_model, wrapper, chunk_size=CHUNK)
+    # The runtime trusts the chunk tags (see the module docstring) ...
+    assert unseal_bytes(sealed, model_key) == mlp_model
+    # ... and the debugging path, `veil unseal`, recomputes the digest and says so.
+    with pytest.raises(TamperedModelError, match="sha256"):
+        unseal_bytes(sealed, model_key, verify_digest=True)
