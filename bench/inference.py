@@ -50,6 +50,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tests.unit.runtime.doubles import train_breast_cancer_model
 
 from veil.runtime.keywrap import RsaPublicKeyWrapper
 from veil.runtime.model import OnnxModel
@@ -87,22 +88,8 @@ QUICK = Settings(
 
 def build_model() -> tuple[bytes, npt.NDArray[np.float32]]:
     """Logistic regression on breast cancer (skl2onnx, zipmap off); the held-out rows as inputs."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    features, labels = load_breast_cancer(return_X_y=True)
-    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    pipeline.fit(features[:400], labels[:400])
-    converted = convert_sklearn(
-        pipeline,
-        initial_types=[("input", FloatTensorType([None, 30]))],
-        options={"zipmap": False},
-    )
-    return bytes(converted.SerializeToString()), features[400:].astype(np.float32)
+    model = train_breast_cancer_model()  # the runtime tests' model
+    return model.onnx_bytes, model.samples
 
 
 def request_bodies(samples: npt.NDArray[np.float32]) -> list[bytes]:

@@ -20,6 +20,7 @@ from tests.unit.azure.arm_double import ArmDouble
 from tests.unit.azure.keyvault_double import KeyVaultDouble
 from tests.unit.azure.server import ServerThread
 from tests.unit.azure.tls import TlsFiles, make_tls
+from veil import API_GROUP, API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "veil-integration-token"
@@ -193,3 +194,35 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.3, what: s
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def run_veil(args: list[str], extra_env: dict[str, str] | None = None) -> str:
+    """Run `veil ARGS` here as a Job's pod would; fail the test with its stderr if it fails."""
+    ran = subprocess.run(
+        [sys.executable, "-m", "veil.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **(extra_env or {})},
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return ran.stdout
+
+
+def create_budget(
+    objects: client.CustomObjectsApi, namespace: str, name: str, epsilon: float
+) -> None:
+    """A PrivacyBudget over the breast-cancer data at (epsilon, 1e-5)."""
+    objects.create_namespaced_custom_object(
+        API_GROUP,
+        API_VERSION,
+        namespace,
+        "privacybudgets",
+        {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "PrivacyBudget",
+            "metadata": {"name": name},
+            "spec": {"dataset": {"name": "breast-cancer"}, "epsilon": epsilon, "delta": 1e-5},
+        },
+    )

@@ -7,9 +7,6 @@ and the operator picks its result up exactly as in a cluster.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -18,7 +15,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import REPO, AzureDoubles, OperatorProcess, wait_for
+from tests.integration.conftest import REPO, AzureDoubles, OperatorProcess, run_veil, wait_for
 from veil import API_GROUP, API_VERSION
 from veil.api.confidential_model import ConfidentialModelSpec
 from veil.artifacts import read_bytes
@@ -78,15 +75,7 @@ def _train_as_the_job(
     )
     args = job.spec.template.spec.containers[0].args
     assert args == train_args(typed)
-    ran = subprocess.run(
-        [sys.executable, "-m", "veil.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, **azure.operator_env()},
-    )
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    run_veil(args, azure.operator_env())
     result = json.loads(read_bytes(result_uri(typed)))
     return job, result
 

@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import AzureDoubles, OperatorProcess, wait_for
+from tests.integration.conftest import AzureDoubles, OperatorProcess, create_budget, wait_for
 from tests.integration.test_synthetic_dataset import dataset
 from veil import API_GROUP, API_VERSION
 from veil.privacy import Ledger, epsilon_spent
@@ -69,18 +69,7 @@ def test_killed_operator_neither_double_grants_nor_loses_claims(
         "--user=veil-operator-crash",
     )
     objects = client.CustomObjectsApi(api)
-    objects.create_namespaced_custom_object(
-        API_GROUP,
-        API_VERSION,
-        NAMESPACE,
-        "privacybudgets",
-        {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": "PrivacyBudget",
-            "metadata": {"name": BUDGET},
-            "spec": {"dataset": {"name": "breast-cancer"}, "epsilon": EPSILON, "delta": DELTA},
-        },
-    )
+    create_budget(objects, NAMESPACE, BUDGET, epsilon=EPSILON)
     # The Job's pods are kwok's fakes, so the source is never read; it need not exist.
     source = tmp_path / "cancer.csv"
 

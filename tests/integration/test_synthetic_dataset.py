@@ -8,8 +8,6 @@ report back exactly as it would in a cluster.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.conftest import OperatorProcess, create_budget, run_veil, wait_for
 from veil import API_GROUP, API_VERSION
 from veil.api.synthetic_dataset import SyntheticDatasetSpec
 from veil.conditions import kstatus_violations
@@ -32,18 +30,7 @@ def objects(operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient
     crds.kubectl("create", "namespace", NAMESPACE)
     crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     api_objects = client.CustomObjectsApi(api)
-    api_objects.create_namespaced_custom_object(
-        API_GROUP,
-        API_VERSION,
-        NAMESPACE,
-        "privacybudgets",
-        {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": "PrivacyBudget",
-            "metadata": {"name": "cancer-study"},
-            "spec": {"dataset": {"name": "breast-cancer"}, "epsilon": 1.2, "delta": 1e-5},
-        },
-    )
+    create_budget(api_objects, NAMESPACE, "cancer-study", epsilon=1.2)
     return api_objects
 
 
@@ -104,14 +91,7 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     manifest = dataset("cancer-synthetic", source, epsilon=1.0)
     # The Job's program, run here on the same inputs with the Job's own arguments.
     args = synthesize_args(SyntheticDatasetSpec.model_validate(manifest["spec"]))
-    ran = subprocess.run(
-        [sys.executable, "-m", "veil.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    run_veil(args)
 
     objects.create_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", manifest

@@ -12,7 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from veil.runtime.jwk import rsa_private_jwk
 
-from .doubles import SidecarDouble, TestAuthority, TrainedModel, running
+from .doubles import (
+    SidecarDouble,
+    TestAuthority,
+    TrainedModel,
+    running,
+    train_breast_cancer_model,
+)
 
 
 @pytest.fixture
@@ -34,27 +40,7 @@ def other_key() -> rsa.RSAPrivateKey:
 @pytest.fixture(scope="session")
 def breast_cancer_model() -> TrainedModel:
     """A real classifier: scikit-learn's bundled breast-cancer data, converted with skl2onnx."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    features, labels = load_breast_cancer(return_X_y=True)
-    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    pipeline.fit(features[:400], labels[:400])
-    converted = convert_sklearn(
-        pipeline,
-        initial_types=[("input", FloatTensorType([None, 30]))],
-        options={"zipmap": False},
-    )
-    samples = features[400:].astype(np.float32)
-    return TrainedModel(
-        onnx_bytes=converted.SerializeToString(),
-        samples=samples,
-        sklearn_predictions=pipeline.predict(samples),
-    )
+    return train_breast_cancer_model()
 
 
 @pytest.fixture(scope="session")
