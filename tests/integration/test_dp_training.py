@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +39,26 @@ def objects(operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient
         API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", budget
     )
     return api_objects
+
+
+def _example_model(work: Path, azure: AzureDoubles) -> dict[str, Any]:
+    """examples/dp-training/model.yaml on a local copy of the oncology data, sealing locally."""
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame = frame[["mean radius", "mean texture", "mean smoothness", "target"]]
+    frame.columns = ["radius", "texture", "smoothness", "malignant"]
+    frame.to_csv(work / "oncology.csv", index=False)
+    model: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples" / "dp-training" / "model.yaml").read_text()
+    )
+    model["metadata"]["namespace"] = NAMESPACE
+    spec = model["spec"]
+    spec["tee"].pop("nodePool")
+    spec["keyRelease"]["vaultUrl"] = azure.key_vault.url
+    spec["training"]["datasetUri"] = (work / "oncology.csv").as_uri()
+    spec["training"]["outputUri"] = (work / "model.onnx.sealed").as_uri()
+    return model
 
 
 def _get(objects: Any) -> dict[str, Any]:
@@ -102,21 +123,8 @@ def test_trained_model_is_paid_for_sealed_and_served(
     api: client.ApiClient,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from sklearn.datasets import load_breast_cancer
-
-    work = tmp_path_factory.mktemp("training")
-    frame = load_breast_cancer(as_frame=True).frame
-    frame = frame[["mean radius", "mean texture", "mean smoothness", "target"]]
-    frame.columns = ["radius", "texture", "smoothness", "malignant"]
-    frame.to_csv(work / "oncology.csv", index=False)
-    model = yaml.safe_load((REPO / "examples" / "dp-training" / "model.yaml").read_text())
-    model["metadata"]["namespace"] = NAMESPACE
+    model = _example_model(tmp_path_factory.mktemp("training"), azure)
     spec = model["spec"]
-    spec["tee"].pop("nodePool")
-    spec["keyRelease"]["vaultUrl"] = azure.key_vault.url
-    spec["training"]["datasetUri"] = (work / "oncology.csv").as_uri()
-    spec["training"]["outputUri"] = (work / "model.onnx.sealed").as_uri()
-
     objects.create_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
     )
@@ -180,3 +188,47 @@ def test_trained_model_is_paid_for_sealed_and_served(
     assert sorted(ledger.claims) == sorted([first_key, second_key])
     assert {c.state for c in ledger.claims.values()} == {"Consumed"}
     assert _deployed(api) == (spec["training"]["outputUri"], second["sealed"]["sha256"])
+
+
+def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
+    objects: Any,
+    azure: AzureDoubles,
+    api: client.ApiClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    model = _example_model(tmp_path_factory.mktemp("lost"), azure)
+    model["metadata"]["name"] = "lost-grader"
+    model["spec"]["keyRelease"]["keyName"] = "lost-grader"
+    model["spec"]["training"]["epsilon"] = 0.5  # what the test above left of the budget
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
+    )
+
+    def recorded() -> dict[str, Any] | None:
+        found: dict[str, Any] = objects.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", "lost-grader"
+        )
+        return found if (found.get("status") or {}).get("trainingJob") else None
+
+    status = wait_for(recorded, timeout=60, what="the training Job recorded")["status"]
+    batch = client.BatchV1Api(api)
+    batch.delete_namespaced_job(status["trainingJob"], NAMESPACE, propagation_policy="Background")
+
+    def stalled() -> dict[str, Any] | None:
+        found = objects.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", "lost-grader"
+        )
+        ready = next(c for c in found["status"]["conditions"] if c["type"] == "Ready")
+        return ready if ready["reason"] == "TrainingJobLost" else None
+
+    ready = wait_for(stalled, timeout=60, what="TrainingJobLost")
+    assert "spec.training.round" in ready["message"]
+    time.sleep(5)  # resyncs come and go; none brings the Job back
+    jobs = batch.list_namespaced_job(
+        NAMESPACE, label_selector="app.kubernetes.io/instance=lost-grader"
+    ).items
+    assert jobs == []
+    uid = recorded()["metadata"]["uid"]  # type: ignore[index]
+    claims = {k: c for k, c in _ledger(objects).claims.items() if k.startswith(uid)}
+    assert list(claims) == [f"{uid}.{status['trainingRun']}"], "one claim, not a second"
+    assert claims[f"{uid}.{status['trainingRun']}"].state == "Consumed"

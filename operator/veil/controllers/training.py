@@ -106,6 +106,7 @@ def train(
     _remove_other_runs(owner, job_name)
     job = apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
     if job is None and this_run_before and previous.get("trainingJob") == job_name:
+        status["trainingJob"] = job_name  # still the run's Job: this verdict must hold
         return Result(
             Outcome.stalled_with(
                 "TrainingJobLost",
