@@ -1,0 +1,67 @@
+"""Smoke test of the synthesis benchmark: `--quick` runs end to end and writes sane JSON.
+
+No timing thresholds: seconds only have to be positive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench import synth
+
+TOP_KEYS = (
+    "dataset",
+    "rows",
+    "columns",
+    "synth",
+    "nonprivate_baseline",
+    "nonprivate_mean_2way_tvd",
+    "training",
+)
+SYNTH_KEYS = (
+    "method",
+    "epsilon",
+    "seconds",
+    "mean_2way_tvd",
+    "direct_seconds",
+    "direct_mean_2way_tvd",
+)
+TRAINING_KEYS = ("model", "epsilon", "accuracy", "nonprivate_accuracy")
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "synth.json"
+    returned = synth.main(["--quick", "--output", str(output)])
+
+    written = json.loads(output.read_text())
+    assert written == returned == json.loads(capsys.readouterr().out)
+    for key in TOP_KEYS:
+        assert key in written, key
+    assert "randhie" in written["dataset"]
+    assert written["rows"] == 300
+    assert written["columns"] == len(synth.QUICK_COLUMNS)
+    assert isinstance(written["nonprivate_baseline"], str)
+    assert 0 <= written["nonprivate_mean_2way_tvd"] <= 1
+
+    assert [(e["method"], e["epsilon"]) for e in written["synth"]] == [("mst", 1.0)]
+    for entry in written["synth"]:
+        for key in SYNTH_KEYS:
+            assert key in entry, key
+        assert entry["seconds"] > 0
+        assert entry["direct_seconds"] > 0
+        assert 0 <= entry["mean_2way_tvd"] <= 1
+        assert 0 <= entry["direct_mean_2way_tvd"] <= 1
+        # A working synthesizer beats one that draws every column uniformly.
+        assert entry["mean_2way_tvd"] < written["uniform_mean_2way_tvd"]
+
+    assert [(e["model"], e["epsilon"]) for e in written["training"]] == [
+        ("logisticRegression", 1.0)
+    ]
+    for entry in written["training"]:
+        for key in TRAINING_KEYS:
+            assert key in entry, key
+        assert 0 <= entry["accuracy"] <= 1
+        assert 0 <= entry["nonprivate_accuracy"] <= 1
