@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.unit.runtime.doubles import train_breast_cancer_model
 
+from bench.report import publish
 from veil.runtime.keywrap import RsaPublicKeyWrapper
 from veil.runtime.model import OnnxModel
 from veil.runtime.sealing import seal_bytes, unseal_bytes
@@ -479,11 +480,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     result = {**serving_figures(settings), **unseal_figures(settings)}
     result["benchmark_seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, None if args.no_write else args.output)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.report import publish
 from veil.synthesis import domain, quality
 from veil.synthesis.synthesize import SynthesisConfig, synthesize
 from veil.training.train import FAMILIES, TrainingConfig, train
@@ -555,11 +556,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p: _version(p) for p in ("smartnoise-synth", "mbi", "jax", "diffprivlib", "scikit-learn")
     }
     result["benchmark_seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, None if args.no_write else args.output)
 
 
 if __name__ == "__main__":
