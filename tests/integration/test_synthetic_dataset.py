@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from tests.cluster.localcluster import LocalCluster
 from tests.integration.conftest import OperatorProcess, create_budget, run_veil, wait_for
@@ -134,6 +135,30 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     assert claim.mechanisms[0].type == "zcdp"
     report = json.loads(Path(source.parent / "cancer-synthetic.csv.report.json").read_text())
     assert report["rhoSpent"] <= claim.mechanisms[0].rho  # type: ignore[union-attr]
+
+    # Paid for and read: the API server refuses a changed spec, and says what to do instead.
+    with pytest.raises(ApiException) as refused:
+        objects.patch_namespaced_custom_object(
+            API_GROUP,
+            API_VERSION,
+            NAMESPACE,
+            "syntheticdatasets",
+            "cancer-synthetic",
+            {"spec": {"synthesizer": {"rows": 400}}},
+        )
+    assert refused.value.status == 422
+    message = json.loads(refused.value.body)["message"]
+    assert "spec cannot change once the budget claim is Consumed" in message
+    assert "create a new one" in message
+    # Labels are not the spec: they still change.
+    objects.patch_namespaced_custom_object(
+        API_GROUP,
+        API_VERSION,
+        NAMESPACE,
+        "syntheticdatasets",
+        "cancer-synthetic",
+        {"metadata": {"labels": {"team": "oncology"}}},
+    )
 
 
 def test_dataset_beyond_the_budget_is_denied(objects: Any, source: Path) -> None:

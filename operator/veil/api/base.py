@@ -150,6 +150,9 @@ class CustomResource(WireModel):
     plural: ClassVar[str]
     short_names: ClassVar[tuple[str, ...]]
     key_columns: ClassVar[tuple[dict[str, Any], ...]] = ()
+    # Rules on the whole object (they may compare spec with status); transition rules only,
+    # since what they guard is a change.
+    object_rules: ClassVar[tuple[Rule, ...]] = ()
 
     api_version: Literal["veil.dev/v1alpha1"] = "veil.dev/v1alpha1"
     kind: str

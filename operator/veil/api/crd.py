@@ -130,7 +130,7 @@ def schema_of(kind: type[CustomResource]) -> dict[str, Any]:
     spec_schema = schemas["spec"]
     status_schema = schemas["status"]
     spec_schema.pop("title", None)
-    return {
+    schema: dict[str, Any] = {
         "type": "object",
         "required": ["spec"],
         "properties": {
@@ -141,6 +141,9 @@ def schema_of(kind: type[CustomResource]) -> dict[str, Any]:
             "status": status_schema,
         },
     }
+    if kind.object_rules:
+        schema["x-kubernetes-validations"] = [rule.as_cel() for rule in kind.object_rules]
+    return schema
 
 
 def printer_columns(kind: type[CustomResource]) -> list[dict[str, Any]]:

@@ -108,6 +108,16 @@ class SyntheticDatasetStatus(WireModel):
 class SyntheticDataset(CustomResource):
     kind_name: ClassVar[str] = "SyntheticDataset"
     plural: ClassVar[str] = "syntheticdatasets"
+    object_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(oldSelf.status) || !has(oldSelf.status.claimState) "
+            "|| oldSelf.status.claimState != 'Consumed' || self.spec == oldSelf.spec",
+            message="spec cannot change once the budget claim is Consumed: the Job may have "
+            "read the data, and one SyntheticDataset is one paid run; create a new one",
+            field_path=".spec",
+            reason="FieldValueForbidden",
+        ),
+    )
     short_names: ClassVar[tuple[str, ...]] = ("synth", "sds")
     key_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Method", "type": "string", "jsonPath": ".spec.synthesizer.method"},
