@@ -137,28 +137,18 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     assert report["rhoSpent"] <= claim.mechanisms[0].rho  # type: ignore[union-attr]
 
     # Paid for and read: the API server refuses a changed spec, and says what to do instead.
-    with pytest.raises(ApiException) as refused:
+    def patch(body: dict[str, Any]) -> None:
         objects.patch_namespaced_custom_object(
-            API_GROUP,
-            API_VERSION,
-            NAMESPACE,
-            "syntheticdatasets",
-            "cancer-synthetic",
-            {"spec": {"synthesizer": {"rows": 400}}},
+            API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", "cancer-synthetic", body
         )
+
+    with pytest.raises(ApiException) as refused:
+        patch({"spec": {"synthesizer": {"rows": 400}}})
     assert refused.value.status == 422
     message = json.loads(refused.value.body)["message"]
     assert "spec cannot change once the budget claim is Consumed" in message
     assert "create a new one" in message
-    # Labels are not the spec: they still change.
-    objects.patch_namespaced_custom_object(
-        API_GROUP,
-        API_VERSION,
-        NAMESPACE,
-        "syntheticdatasets",
-        "cancer-synthetic",
-        {"metadata": {"labels": {"team": "oncology"}}},
-    )
+    patch({"metadata": {"labels": {"team": "oncology"}}})  # labels are not the spec
 
 
 def test_dataset_beyond_the_budget_is_denied(objects: Any, source: Path) -> None:
