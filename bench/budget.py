@@ -12,7 +12,6 @@ Prints and writes bench/results/budget.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import Any
 from kubernetes import client, config
 from tests.cluster.localcluster import running
 
+from bench.report import publish
 from veil import API_GROUP, API_VERSION
 from veil.controllers.budget_store import BudgetRef, BudgetStore
 from veil.privacy import (
@@ -147,10 +147,7 @@ def main() -> None:
     started = time.monotonic()
     result = {**throughput(args.claimants, args.per_claimant), **tightness()}
     result["benchmark_seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, None if args.no_write else RESULTS / "budget.json")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from tests.unit.azure.keyvault_double import KeyVaultDouble
 from tests.unit.azure.server import ServerThread
 from tests.unit.azure.tls import make_tls
 
+from bench.report import publish
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WRITES = {"create", "update", "patch", "delete"}
@@ -160,10 +162,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     result = run(args.n)
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "reconcile.json").write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, None if args.no_write else RESULTS / "reconcile.json")
 
 
 if __name__ == "__main__":

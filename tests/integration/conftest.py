@@ -96,10 +96,18 @@ class OperatorProcess:
         log_path: Path,
         kubeconfig: Path,
         extra_env: dict[str, str],
+        *,
         namespaces: str = SESSION_NAMESPACES,
+        args: list[str] | None = None,
     ) -> None:
+        """`veil run` on `namespaces`, or `veil ARGS` (e.g. a chart Deployment's); either way
+        on free metrics and health ports."""
         self.metrics_port = free_port()
         self.health_port = free_port()
+        ports = {"--metrics-port": self.metrics_port, "--health-port": self.health_port}
+        base = args if args is not None else ["run", "--standalone", f"--namespace={namespaces}"]
+        argv = [a for a in base if a.split("=")[0] not in ports]
+        argv += [f"{flag}={port}" for flag, port in ports.items()]
         self.log_path = log_path
         env = {
             **os.environ,
@@ -109,16 +117,7 @@ class OperatorProcess:
             "VEIL_RESYNC_SECONDS": "3",
         }
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "veil.cli",
-                "run",
-                "--standalone",
-                f"--namespace={namespaces}",
-                f"--metrics-port={self.metrics_port}",
-                f"--health-port={self.health_port}",
-            ],
+            [sys.executable, "-m", "veil.cli", *argv],
             env=env,
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.localcluster import LocalCluster, free_port
-from tests.integration.conftest import wait_for
+from tests.cluster.localcluster import LocalCluster
+from tests.integration.conftest import OperatorProcess, wait_for
 from tests.unit.test_chart import CHART, kube_version, load_all, tools
 
 pytestmark = pytest.mark.cluster
@@ -102,50 +98,6 @@ def token_kubeconfig(cluster: LocalCluster, account: str, path: Path) -> Path:
     admin["contexts"][0]["context"]["user"] = account
     path.write_text(json.dumps(admin))
     return path
-
-
-class ChartOperator:
-    """`veil` with the chart Deployment's arguments, as the chart's ServiceAccount."""
-
-    def __init__(self, args: list[str], kubeconfig: Path, log: Path) -> None:
-        self.health_port = free_port()
-        ports = {
-            "--metrics-port": str(free_port()),
-            "--health-port": str(self.health_port),
-        }
-        args = [
-            f"{a.split('=')[0]}={ports[a.split('=')[0]]}" if a.split("=")[0] in ports else a
-            for a in args
-        ]
-        self.log = log
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": "veil-chart-test"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "veil.cli", *args],
-            env=env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.health_port}/healthz"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"operator exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"operator not healthy:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def used_by(cluster: LocalCluster, user: str) -> tuple[set[tuple[str, str, str]], list[str]]:
@@ -260,7 +212,10 @@ def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
     budget["metadata"]["namespace"] = EXAMPLE_NAMESPACE
     budget["spec"]["spenders"] = [{"namespace": EXAMPLE_NAMESPACE, "kind": "SyntheticDataset"}]
     cluster.kubectl("create", "namespace", EXAMPLE_NAMESPACE)
-    operator = ChartOperator(args, kubeconfig, tmp_path / "operator.log")
+    # The Deployment's own arguments, as the chart's ServiceAccount (POD_ID: kopf's peer id).
+    operator = OperatorProcess(
+        cluster, tmp_path / "operator.log", kubeconfig, {"POD_ID": "veil-chart-test"}, args=args
+    )
     try:
         operator.wait_healthy()
         apply(cluster, [budget])
@@ -290,7 +245,7 @@ def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
     assert not not_granted, f"used but not granted by the chart: {not_granted}"
     missing = sorted(MUST_USE - used)
     assert not missing, (
-        f"the exercised path did not use {missing}; log:\n" + (operator.log.read_text()[-3000:])
+        f"the exercised path did not use {missing}; log:\n" + operator.log_path.read_text()[-3000:]
     )
     unused = summarize(granted - used)
     (tmp_path / "rbac-report.txt").write_text(

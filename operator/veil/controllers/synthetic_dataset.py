@@ -21,6 +21,7 @@ from veil.artifacts import ArtifactError, read_bytes
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
+from veil.controllers.payment import pay_before_reading
 from veil.controllers.privacy_budget import store
 from veil.controllers.reconcile import Result, evaluate, forget, reconcile
 from veil.kube import apply
@@ -31,7 +32,6 @@ from veil.synthesis.privacy import claim_mechanisms
 
 KIND = "SyntheticDataset"
 PLURAL = "syntheticdatasets"
-PENDING_POLL_SECONDS = 30.0
 CONFIG = OperatorConfig.from_env()
 
 _locks: dict[str, threading.Lock] = {}
@@ -59,33 +59,6 @@ def _claim(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> ClaimRequest
             "attempt": int(meta.get("generation", 1)) - 1,
         }
     )
-
-
-def _pay(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result | str:
-    """The claim's state once it allows the Job, or the Result that says why not yet."""
-    if spec.allow_non_private:
-        return "NotRequired"
-    ref = _budget_ref(owner, spec)
-    try:
-        decision = store().claim(ref, _claim(owner, spec))
-    except BudgetUnavailableError as missing:
-        return Result(Outcome.failed("BudgetUnavailable", str(missing)), requeue_after=60)
-    except LedgerError as conflict:
-        return Result(Outcome.stalled_with("ClaimConflict", str(conflict)))
-    status = {"claimState": decision.state}
-    if decision.state == "Pending":
-        return Result(
-            Outcome.progressing("AwaitingBudget", decision.reason),
-            status=status,
-            requeue_after=PENDING_POLL_SECONDS,
-        )
-    if decision.state in ("Denied", "Released"):
-        reason = "BudgetDenied" if decision.state == "Denied" else "ClaimReleased"
-        return Result(Outcome.stalled_with(reason, decision.reason), status=status)
-    if decision.state == "Granted":
-        # From here on the Job can read the data: the grant is spent, for good.
-        store().consume(ref, decision.key)
-    return "Consumed"
 
 
 def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
@@ -123,13 +96,14 @@ def converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
 
 def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
     meta = owner["metadata"]
-    paid = _pay(owner, spec)
-    if isinstance(paid, Result):
-        return paid
-    status: dict[str, Any] = {
-        "claimState": paid if paid != "NotRequired" else None,
-        "jobName": build.job_name(owner),
-    }
+    status: dict[str, Any] = {}
+    if spec.allow_non_private:
+        status["claimState"] = None  # nothing to pay
+    else:
+        unpaid = pay_before_reading(_budget_ref(owner, spec), _claim(owner, spec), status)
+        if unpaid is not None:
+            return unpaid
+    status["jobName"] = build.job_name(owner)
     apply.ensure(build.children(owner, spec, CONFIG))
     job = apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
     state, message = job_outcome(job)

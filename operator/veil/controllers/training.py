@@ -14,22 +14,19 @@ from veil.api.confidential_model import ConfidentialModelSpec, SealedArtifact
 from veil.artifacts import ArtifactError, read_bytes
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
-from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
+from veil.controllers.budget_store import BudgetRef
+from veil.controllers.payment import pay_before_reading
 from veil.controllers.reconcile import Result
 from veil.kube import apply
 from veil.kube.jobs import job_outcome
-from veil.privacy import ClaimRequest, ConsumerRef, EpsilonDeltaMechanism, LedgerError
+from veil.privacy import ClaimRequest, ConsumerRef, EpsilonDeltaMechanism
 from veil.resources import training as build
 from veil.resources.common import selector_labels
-
-PENDING_POLL_SECONDS = 30.0
 
 
 def _pay(
     owner: Mapping[str, Any], spec: ConfidentialModelSpec, run: str, status: dict[str, Any]
 ) -> Result | None:
-    from veil.controllers.privacy_budget import store
-
     training = spec.training
     assert training is not None
     meta = owner["metadata"]
@@ -44,27 +41,7 @@ def _pay(
         mechanisms=(EpsilonDeltaMechanism(epsilon=training.epsilon, delta=training.delta),),
         attempt=int(meta.get("generation", 1)) - 1,
     )
-    try:
-        decision = store().claim(ref, request)
-    except BudgetUnavailableError as missing:
-        return Result(
-            Outcome.failed("BudgetUnavailable", str(missing)), status=status, requeue_after=60
-        )
-    except LedgerError as conflict:
-        return Result(Outcome.stalled_with("ClaimConflict", str(conflict)), status=status)
-    status["claimState"] = decision.state
-    if decision.state == "Pending":
-        return Result(
-            Outcome.progressing("AwaitingBudget", decision.reason),
-            status=status,
-            requeue_after=PENDING_POLL_SECONDS,
-        )
-    if decision.state in ("Denied", "Released"):
-        return Result(Outcome.stalled_with("BudgetDenied", decision.reason), status=status)
-    if decision.state == "Granted":
-        store().consume(ref, decision.key)  # before the Job can read the data
-        status["claimState"] = "Consumed"
-    return None
+    return pay_before_reading(ref, request, status)
 
 
 def _remove_other_runs(owner: Mapping[str, Any], current_job: str) -> None:
