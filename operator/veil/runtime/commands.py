@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from veil.runtime.sealing import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
@@ -21,14 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.runtime.commands")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"veil: {message}", file=sys.stderr)
-    return code
+    return fail("veil", message, code)
 
 
 def _configure_logging() -> None:

@@ -15,16 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, require
 from veil.synthesis.domain import DEFAULT_BINS, DomainError, parse_bounds
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"veil synthesize: {message}", file=sys.stderr)
-    return code
+    return fail("veil synthesize", message, code)
 
 
 def load_document(path: Path) -> dict[str, Any]:
@@ -102,18 +98,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
     settings["bounds"] = parse_bounds(args.bounds or [])
     settings["progress"] = args.progress if args.progress is not None else sys.stderr.isatty()
-    missing = [
-        flag
-        for flag, key in (
+    require(
+        settings,
+        (
             ("--source", "source_uri"),
             ("--output", "output_uri"),
             ("--method", "method"),
             ("--rows", "rows"),
-        )
-        if settings.get(key) is None
-    ]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)} (or give them in --spec)")
+        ),
+    )
     return SynthesisConfig(**settings)
 
 

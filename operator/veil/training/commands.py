@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, require
 
 if TYPE_CHECKING:
     from veil.runtime.keywrap import KeyWrapper
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 
 def _fail(message: str, code: int) -> int:
-    print(f"veil train: {message}", file=sys.stderr)
-    return code
+    return fail("veil train", message, code)
 
 
 def spec_defaults(path: Path) -> dict[str, Any]:
@@ -106,19 +102,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.default_bounds:
         settings["default_bounds"] = _span(args.default_bounds)
     settings["bounds_from_data"] = bool(args.bounds_from_data)
-    missing = [
-        flag
-        for flag, key in (
+    require(
+        settings,
+        (
             ("--dataset", "dataset_uri"),
             ("--target", "target_column"),
             ("--family", "family"),
             ("--epsilon", "epsilon"),
             ("--output", "output_uri"),
-        )
-        if settings.get(key) is None
-    ]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)} (or give them in --spec)")
+        ),
+    )
     return TrainingConfig(**settings)
 
 
