@@ -68,3 +68,20 @@ def restricted_pod_security() -> dict[str, Any]:
         "fsGroup": 65532,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def workload_identity_account(
+    owner: Mapping[str, Any],
+    name: str,
+    app: str,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A ServiceAccount for Azure workload identity; its token is never auto-mounted."""
+    meta = child_metadata(owner, name, app, "identity", annotations)
+    meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta,
+        "automountServiceAccountToken": False,
+    }

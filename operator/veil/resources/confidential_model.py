@@ -22,6 +22,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    workload_identity_account,
 )
 
 APP = "veil-model"
@@ -62,14 +63,7 @@ def service_account(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> di
         annotations[labels.WORKLOAD_IDENTITY_CLIENT_ID] = (
             spec.key_release.workload_identity_client_id
         )
-    meta = child_metadata(owner, owner["metadata"]["name"], APP, "identity", annotations)
-    meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": meta,
-        "automountServiceAccountToken": False,
-    }
+    return workload_identity_account(owner, owner["metadata"]["name"], APP, annotations)
 
 
 def _placement(spec: ConfidentialModelSpec) -> dict[str, Any]:

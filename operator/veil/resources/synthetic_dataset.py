@@ -14,6 +14,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    workload_identity_account,
 )
 from veil.resources.confidential_model import DNS_EGRESS
 
@@ -63,14 +64,7 @@ def synthesize_args(spec: SyntheticDatasetSpec) -> list[str]:
 
 
 def service_account(owner: Mapping[str, Any]) -> dict[str, Any]:
-    meta = child_metadata(owner, job_name(owner), APP, "identity")
-    meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": meta,
-        "automountServiceAccountToken": False,
-    }
+    return workload_identity_account(owner, job_name(owner), APP)
 
 
 def job(

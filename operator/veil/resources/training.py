@@ -15,6 +15,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    workload_identity_account,
 )
 from veil.resources.confidential_model import DNS_EGRESS
 
@@ -83,8 +84,6 @@ def children(
     owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> list[dict[str, Any]]:
     name, identity = job_name(owner, spec), identity_name(owner)
-    sa_meta = child_metadata(owner, identity, APP, "identity")
-    sa_meta["labels"][labels.WORKLOAD_IDENTITY_USE] = "true"
     pod_labels = {
         **selector_labels(owner, APP),
         labels.OWNER_KIND: owner["kind"],
@@ -142,13 +141,4 @@ def children(
             "egress": [DNS_EGRESS, {"ports": [{"protocol": "TCP", "port": 443}]}],
         },
     }
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": sa_meta,
-            "automountServiceAccountToken": False,
-        },
-        policy,
-        job,
-    ]
+    return [workload_identity_account(owner, identity, APP), policy, job]
