@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,3 +225,23 @@ def create_budget(
             "spec": {"dataset": {"name": "breast-cancer"}, "epsilon": epsilon, "delta": 1e-5},
         },
     )
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    """The condition of `type_` in obj's status, or {}."""
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {}
+    )
+
+
+def wait_for_condition(
+    fetch: Callable[[], dict[str, Any]], type_: str, status: str, timeout: float = 60
+) -> dict[str, Any]:
+    """Poll `fetch()` until its `type_` condition has `status`; return that object."""
+
+    def reached() -> dict[str, Any] | None:
+        obj = fetch()
+        return obj if condition(obj, type_).get("status") == status else None
+
+    found: dict[str, Any] = wait_for(reached, timeout=timeout, what=f"{type_} {status}")
+    return found

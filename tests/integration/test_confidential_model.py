@@ -12,7 +12,14 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import REPO, AzureDoubles, OperatorProcess, wait_for
+from tests.integration.conftest import (
+    REPO,
+    AzureDoubles,
+    OperatorProcess,
+    condition,
+    wait_for,
+    wait_for_condition,
+)
 from tests.unit.azure.keyvault_double import b64url_decode
 from veil import API_GROUP, API_VERSION
 from veil.conditions import kstatus_violations
@@ -53,13 +60,6 @@ def get(objects: client.CustomObjectsApi, name: str) -> dict[str, Any]:
         API_GROUP, API_VERSION, NAMESPACE, PLURAL, name
     )
     return found
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    for found in (obj.get("status") or {}).get("conditions", []):
-        if found["type"] == type_:
-            return found  # type: ignore[no-any-return]
-    return {}
 
 
 def ready(objects: client.CustomObjectsApi, name: str) -> dict[str, Any] | None:
@@ -290,15 +290,7 @@ def test_fqdn_egress_without_cilium_is_stalled_with_the_reason(
         PLURAL,
         model(azure, "needs-cilium", **{"network.fqdnEgress": True}),
     )
-    obj = wait_for(
-        lambda: (
-            (o := get(objects, "needs-cilium"))
-            and condition(o, "Stalled").get("status") == "True"
-            and o
-        ),
-        timeout=60,
-        what="Stalled",
-    )
+    obj = wait_for_condition(lambda: get(objects, "needs-cilium"), "Stalled", "True", timeout=60)
     assert condition(obj, "Ready")["reason"] == "CiliumNotInstalled"
     assert "Cilium" in condition(obj, "Ready")["message"]
 
@@ -309,15 +301,7 @@ def test_vault_refusal_is_explained(objects: client.CustomObjectsApi, azure: Azu
         objects.create_namespaced_custom_object(
             API_GROUP, API_VERSION, NAMESPACE, PLURAL, model(azure, "forbidden")
         )
-        obj = wait_for(
-            lambda: (
-                (o := get(objects, "forbidden"))
-                and condition(o, "KeyReady").get("status") == "False"
-                and o
-            ),
-            timeout=60,
-            what="KeyReady False",
-        )
+        obj = wait_for_condition(lambda: get(objects, "forbidden"), "KeyReady", "False", timeout=60)
     finally:
         azure.key_vault.clear_failures()
     key_ready = condition(obj, "KeyReady")

@@ -16,7 +16,14 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import OperatorProcess, create_budget, run_veil, wait_for
+from tests.integration.conftest import (
+    OperatorProcess,
+    condition,
+    create_budget,
+    run_veil,
+    wait_for,
+    wait_for_condition,
+)
 from veil import API_GROUP, API_VERSION
 from veil.api.synthetic_dataset import SyntheticDatasetSpec
 from veil.conditions import kstatus_violations
@@ -73,12 +80,6 @@ def dataset(name: str, source: Path, epsilon: float) -> dict[str, Any]:
     }
 
 
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next(
-        (c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {}
-    )
-
-
 def get(objects: Any, name: str) -> dict[str, Any]:
     found: dict[str, Any] = objects.get_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", name
@@ -97,15 +98,7 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     objects.create_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", manifest
     )
-    obj = wait_for(
-        lambda: (
-            (o := get(objects, "cancer-synthetic"))
-            and condition(o, "Ready").get("status") == "True"
-            and o
-        ),
-        timeout=120,
-        what="the SyntheticDataset Ready",
-    )
+    obj = wait_for_condition(lambda: get(objects, "cancer-synthetic"), "Ready", "True", timeout=120)
     assert kstatus_violations(obj) == []
     status = obj["status"]
     assert condition(obj, "Ready")["reason"] == "Synthesized"
@@ -160,15 +153,7 @@ def test_dataset_beyond_the_budget_is_denied(objects: Any, source: Path) -> None
         "syntheticdatasets",
         dataset("too-expensive", source, epsilon=1.0),
     )
-    obj = wait_for(
-        lambda: (
-            (o := get(objects, "too-expensive"))
-            and condition(o, "Stalled").get("status") == "True"
-            and o
-        ),
-        timeout=60,
-        what="the claim denied",
-    )
+    obj = wait_for_condition(lambda: get(objects, "too-expensive"), "Stalled", "True", timeout=60)
     assert condition(obj, "Ready")["reason"] == "BudgetDenied"
     assert obj["status"]["claimState"] == "Denied"
     assert "jobName" not in obj["status"], "no Job without a grant"
