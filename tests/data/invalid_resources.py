@@ -42,6 +42,10 @@ class Case:
             document["metadata"]["name"] = name
         if namespace:
             document["metadata"]["namespace"] = namespace
+        if self.base == "budget" and name and "spec.dataset.uri" not in self.changes:
+            # One budget protects a dataset: each named copy gets a dataset of its own.
+            where = document["metadata"].get("namespace", "default")
+            document["spec"]["dataset"]["uri"] = f"file:///data/{where}/{name}.csv"
         return document  # type: ignore[no-any-return]
 
 
@@ -157,6 +161,42 @@ CASES: list[Case] = [
         {"spec.training.family": "xgboost"},
         "spec.training.family",
     ),
+    Case(
+        "cm-training-classes-missing",
+        "training",
+        {"spec.training.classes": DELETE},
+        "spec.training.classes",
+    ),
+    Case(
+        "cm-training-one-class",
+        "training",
+        {"spec.training.classes": ["0"]},
+        "spec.training.classes",
+    ),
+    Case(
+        "cm-training-classes-repeat",
+        "training",
+        {"spec.training.classes": ["0", "0"]},
+        "spec.training.classes",
+    ),
+    Case(
+        "cm-training-class-comma",
+        "training",
+        {"spec.training.classes": ["0", "a,b"]},
+        "spec.training.classes",
+    ),
+    Case(
+        "cm-training-evaluation-epsilon-negative",
+        "training",
+        {"spec.training.evaluationEpsilon": -0.1},
+        "spec.training.evaluationEpsilon",
+    ),
+    Case(
+        "cm-training-test-fraction-one",
+        "training",
+        {"spec.training.testFraction": 1},
+        "spec.training.testFraction",
+    ),
     # --- PrivacyBudget ---
     Case("pb-epsilon-zero", "budget", {"spec.epsilon": 0}, "spec.epsilon"),
     Case("pb-epsilon-negative", "budget", {"spec.epsilon": -1}, "spec.epsilon"),
@@ -164,6 +204,13 @@ CASES: list[Case] = [
     Case("pb-delta-zero", "budget", {"spec.delta": 0}, "spec.delta"),
     Case("pb-delta-one", "budget", {"spec.delta": 1}, "spec.delta"),
     Case("pb-missing-dataset", "budget", {"spec.dataset": DELETE}, "spec.dataset"),
+    Case("pb-missing-dataset-uri", "budget", {"spec.dataset.uri": DELETE}, "spec.dataset.uri"),
+    Case(
+        "pb-dataset-uri-scheme",
+        "budget",
+        {"spec.dataset.uri": "diabetes.csv"},
+        "spec.dataset.uri",
+    ),
     Case("pb-accountant-enum", "budget", {"spec.accountant": "moments"}, "spec.accountant"),
     Case(
         "pb-cap-above-total",
@@ -198,6 +245,20 @@ CASES: list[Case] = [
         "budget",
         {"spec.accountant": "rdp"},
         "accountant is immutable",
+        transition=True,
+    ),
+    Case(
+        "pb-epsilon-immutable",
+        "budget",
+        {"spec.epsilon": 80},
+        "epsilon is immutable",
+        transition=True,
+    ),
+    Case(
+        "pb-delta-immutable",
+        "budget",
+        {"spec.delta": 1e-3},
+        "delta is immutable",
         transition=True,
     ),
     # --- SyntheticDataset ---

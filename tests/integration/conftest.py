@@ -210,9 +210,15 @@ def run_veil(args: list[str], extra_env: dict[str, str] | None = None) -> str:
 
 
 def create_budget(
-    objects: client.CustomObjectsApi, namespace: str, name: str, epsilon: float
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    name: str,
+    epsilon: float,
+    dataset_uri: str | None = None,
 ) -> None:
-    """A PrivacyBudget over the breast-cancer data at (epsilon, 1e-5)."""
+    """A PrivacyBudget at (ε, 1e-5) over the dataset at `dataset_uri`, the only one it pays
+    for (default: a dataset of its own, since one budget protects a dataset)."""
+    dataset_uri = dataset_uri or f"file:///data/{namespace}/{name}.csv"
     objects.create_namespaced_custom_object(
         API_GROUP,
         API_VERSION,
@@ -222,7 +228,11 @@ def create_budget(
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
             "kind": "PrivacyBudget",
             "metadata": {"name": name},
-            "spec": {"dataset": {"name": "breast-cancer"}, "epsilon": epsilon, "delta": 1e-5},
+            "spec": {
+                "dataset": {"name": "breast-cancer", "uri": dataset_uri},
+                "epsilon": epsilon,
+                "delta": 1e-5,
+            },
         },
     )
 

@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client, config
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.claimant import request
+from tests.integration.claimant import dataset_of, request
 from tests.integration.conftest import OperatorProcess, wait_for
 from veil import API_GROUP, API_VERSION
 from veil.controllers.budget_store import BudgetRef, BudgetStore, BudgetUnavailableError
@@ -49,7 +49,7 @@ def _budget(
         "kind": "PrivacyBudget",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
-            "dataset": {"name": name},
+            "dataset": {"name": name, "uri": dataset_of(NAMESPACE, name)},
             "epsilon": epsilon,
             "delta": 1e-5,
             "accountant": accountant,
@@ -70,7 +70,7 @@ def test_64_concurrent_claimants_never_overspend(
     store: BudgetStore, api: client.ApiClient, crds: LocalCluster
 ) -> None:
     ref = _budget(api, "concurrent", epsilon=3.0)
-    requests = [request(i, NAMESPACE) for i in range(64)]
+    requests = [request(i, NAMESPACE, "concurrent") for i in range(64)]
     # Eight stores, as eight operator replicas or CLIs would be: they share no lock, so they
     # really race, and only the API server's resourceVersion check keeps them apart.
     stores = [
@@ -99,8 +99,8 @@ def test_64_concurrent_claimants_never_overspend(
 
 def test_repeated_claim_is_the_same_claim(store: BudgetStore, api: client.ApiClient) -> None:
     ref = _budget(api, "idempotent", epsilon=10.0)
-    first = store.claim(ref, request(1, NAMESPACE))
-    again = store.claim(ref, request(1, NAMESPACE))
+    first = store.claim(ref, request(1, NAMESPACE, "idempotent"))
+    again = store.claim(ref, request(1, NAMESPACE, "idempotent"))
     assert first.state == again.state == "Granted"
     assert not again.changed
     assert len(_ledger(store, ref).claims) == 1
@@ -146,6 +146,7 @@ def test_ten_thousand_claims_fit_in_the_object(store: BudgetStore, api: client.A
             key=f"job-{index:05d}",
             consumer=ConsumerRef(kind="SyntheticDataset", namespace=NAMESPACE, name=f"j{index}"),
             mechanisms=(EpsilonDeltaMechanism(epsilon=0.05 + (index % 7) * 0.001),),
+            dataset=dataset_of(NAMESPACE, "ten-thousand"),
         )
         ledger, _ = decide(ledger, claim, terms, now)
         ledger = mark_consumed(ledger, claim.key, now)
@@ -173,7 +174,10 @@ def test_compaction_writes_the_audit_trail(store: BudgetStore, api: client.ApiCl
     ledger, now = Ledger(), datetime(2026, 1, 1, tzinfo=UTC)
     for index in range(430):
         claim = ClaimRequest(
-            key=f"k{index}", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),)
+            key=f"k{index}",
+            consumer=consumer,
+            mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),),
+            dataset=dataset_of(NAMESPACE, "audited"),
         )
         ledger, _ = decide(ledger, claim, terms, now)
         ledger = mark_consumed(ledger, claim.key, now)
@@ -194,7 +198,10 @@ def test_compaction_writes_the_audit_trail(store: BudgetStore, api: client.ApiCl
     assert folded + kept == 430
     # One more claim still works on the compacted ledger, and is charged once.
     extra = ClaimRequest(
-        key="k-extra", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),)
+        key="k-extra",
+        consumer=consumer,
+        mechanisms=(EpsilonDeltaMechanism(epsilon=0.01),),
+        dataset=dataset_of(NAMESPACE, "audited"),
     )
     assert store.claim(ref, extra).state == "Granted"
     assert store.get(ref)["status"]["epsilonSpent"] == pytest.approx(4.31, rel=1e-6)
@@ -202,7 +209,7 @@ def test_compaction_writes_the_audit_trail(store: BudgetStore, api: client.ApiCl
 
 def test_refusals_are_clear(store: BudgetStore, api: client.ApiClient) -> None:
     ref = _budget(api, "guarded", epsilon=5.0, spenders=[{"namespace": "team-a"}])
-    outsider = request(1, NAMESPACE)
+    outsider = request(1, NAMESPACE, "guarded")
     with pytest.raises(BudgetUnavailableError, match="may not spend"):
         store.claim(ref, outsider)
     with pytest.raises(BudgetUnavailableError, match="does not exist"):
@@ -226,11 +233,21 @@ def test_operator_grants_waiting_claims_as_budget_unlocks(
     consumer = ConsumerRef(kind="SyntheticDataset", namespace=NAMESPACE, name="u")
     first = store.claim(
         ref,
-        ClaimRequest(key="u1", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),)),
+        ClaimRequest(
+            key="u1",
+            consumer=consumer,
+            mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),),
+            dataset=dataset_of(NAMESPACE, "unlocking"),
+        ),
     )
     second = store.claim(
         ref,
-        ClaimRequest(key="u2", consumer=consumer, mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),)),
+        ClaimRequest(
+            key="u2",
+            consumer=consumer,
+            mechanisms=(EpsilonDeltaMechanism(epsilon=0.9),),
+            dataset=dataset_of(NAMESPACE, "unlocking"),
+        ),
     )
     assert (first.state, second.state) == ("Granted", "Pending")
     time.sleep(4)

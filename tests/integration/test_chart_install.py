@@ -52,6 +52,12 @@ MUST_USE = {
     ("kopf.dev", "clusterkopfpeerings", "patch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    # Binding the budget to its dataset: one budget a dataset, spending records of deleted ones.
+    ("veil.dev", "privacybudgets", "list"),
+    ("", "configmaps", "list"),
+    # The ledger key, created on first start in the release namespace.
+    ("", "secrets", "get"),
+    ("", "secrets", "create"),
 }
 
 
@@ -211,10 +217,17 @@ def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
     budget = yaml.safe_load(EXAMPLE.read_text())
     budget["metadata"]["namespace"] = EXAMPLE_NAMESPACE
     budget["spec"]["spenders"] = [{"namespace": EXAMPLE_NAMESPACE, "kind": "SyntheticDataset"}]
+    # One budget protects a dataset: this copy of the example protects a dataset of its own.
+    budget["spec"]["dataset"]["uri"] = f"file:///data/{EXAMPLE_NAMESPACE}/diabetes.csv"
     cluster.kubectl("create", "namespace", EXAMPLE_NAMESPACE)
-    # The Deployment's own arguments, as the chart's ServiceAccount (POD_ID: kopf's peer id).
+    # The Deployment's own arguments and the environment its fieldRefs give, as the chart's
+    # ServiceAccount (POD_ID: kopf's peer id; VEIL_NAMESPACE: where the ledger key lives).
     operator = OperatorProcess(
-        cluster, tmp_path / "operator.log", kubeconfig, {"POD_ID": "veil-chart-test"}, args=args
+        cluster,
+        tmp_path / "operator.log",
+        kubeconfig,
+        {"POD_ID": "veil-chart-test", "VEIL_NAMESPACE": NAMESPACE},
+        args=args,
     )
     try:
         operator.wait_healthy()
@@ -233,8 +246,13 @@ def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
         operator.stop()
         cluster.kubectl("delete", "namespace", EXAMPLE_NAMESPACE, "--wait=false", check=False)
 
-    role = next(d for d in installed if d["kind"] == "ClusterRole")
-    granted = granted_set(role["rules"])
+    role = next(
+        d
+        for d in installed
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+    )
+    ledger_key = next(d for d in installed if d["kind"] == "Role")
+    granted = granted_set(role["rules"]) | granted_set(ledger_key["rules"])
     user = f"system:serviceaccount:{NAMESPACE}:{account}"
     # A watch is audited when it ends, i.e. as the stopped operator's connections close.
     with contextlib.suppress(AssertionError):
@@ -260,3 +278,73 @@ def summarize(rules: set[tuple[str, str, str]]) -> str:
     for group, resource, verb in sorted(rules):
         by_resource.setdefault((group or "core", resource), []).append(verb)
     return "\n".join(f"  {g} {r}: {' '.join(v)}" for (g, r), v in by_resource.items())
+
+
+# What each user-facing ClusterRole may do, asked of the real API server (SubjectAccessReview
+# through `kubectl auth can-i --as`). The attacker's question is the first block: can anyone
+# but the operator rewrite a ledger, an audit batch or a spending record?
+NEVER = [
+    ("patch", "privacybudgets.veil.dev", "status"),
+    ("update", "privacybudgets.veil.dev", "status"),
+    ("patch", "syntheticdatasets.veil.dev", "status"),
+    ("patch", "confidentialmodels.veil.dev", "status"),
+    ("create", "configmaps", ""),
+    ("delete", "configmaps", ""),
+    ("patch", "configmaps", ""),
+    ("get", "secrets", ""),
+]
+MAY = {
+    "viewer": [("list", "privacybudgets.veil.dev"), ("get", "syntheticdatasets.veil.dev")],
+    "editor": [("create", "syntheticdatasets.veil.dev"), ("delete", "confidentialmodels.veil.dev")],
+    "budget-owner": [("create", "privacybudgets.veil.dev"), ("delete", "privacybudgets.veil.dev")],
+}
+MAY_NOT = {
+    "viewer": [("create", "syntheticdatasets.veil.dev"), ("patch", "privacybudgets.veil.dev")],
+    "editor": [("create", "privacybudgets.veil.dev"), ("patch", "privacybudgets.veil.dev")],
+    "budget-owner": [("create", "syntheticdatasets.veil.dev")],
+}
+
+
+def can(cluster: LocalCluster, user: str, verb: str, resource: str, sub: str = "") -> bool:
+    args = ["auth", "can-i", verb, resource, "-n", ROLES_NAMESPACE, f"--as={user}"]
+    if sub:
+        args.append(f"--subresource={sub}")
+    answer = cluster.kubectl(*args, check=False).strip()
+    assert answer in ("yes", "no"), answer
+    return answer == "yes"
+
+
+ROLES_NAMESPACE = "veil-chart-roles"
+
+
+def test_user_roles_never_write_status_audit_trail_or_spending_records(
+    cluster: LocalCluster, installed: list[dict[str, Any]]
+) -> None:
+    roles = {
+        d["metadata"]["name"].removeprefix(f"{RELEASE}-"): d
+        for d in installed
+        if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-operator")
+    }
+    assert set(roles) == set(MAY)
+    cluster.kubectl("create", "namespace", ROLES_NAMESPACE)
+    try:
+        for role, manifest in roles.items():
+            cluster.kubectl(
+                "create",
+                "rolebinding",
+                f"test-{role}",
+                f"--clusterrole={manifest['metadata']['name']}",
+                f"--user=user-{role}",
+                "-n",
+                ROLES_NAMESPACE,
+            )
+        for role in roles:
+            user = f"user-{role}"
+            for verb, resource, sub in NEVER:
+                assert not can(cluster, user, verb, resource, sub), (role, verb, resource, sub)
+            for verb, resource in MAY[role]:
+                assert can(cluster, user, verb, resource), (role, verb, resource)
+            for verb, resource in MAY_NOT[role]:
+                assert not can(cluster, user, verb, resource), (role, verb, resource)
+    finally:
+        cluster.kubectl("delete", "namespace", ROLES_NAMESPACE, "--wait=false", check=False)

@@ -62,11 +62,16 @@ def test_budget_reports_its_figures_and_follows_generation(objects: Any) -> None
     first = wait_for(lambda: _settled(objects, "privacybudgets", name), what="first status")
     assert first["status"]["epsilonRemaining"] == manifest["spec"]["epsilon"]
     objects.patch_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", name, {"spec": {"epsilon": 6}}
+        API_GROUP,
+        API_VERSION,
+        NAMESPACE,
+        "privacybudgets",
+        name,
+        {"spec": {"maxEpsilonPerClaim": 2}},
     )
     second = wait_for(lambda: _settled(objects, "privacybudgets", name), what="second status")
     assert second["metadata"]["generation"] == 2
-    assert second["status"]["epsilonRemaining"] == 6
+    assert second["status"]["epsilonRemaining"] == manifest["spec"]["epsilon"]
     assert kstatus_violations(second) == []
 
 

@@ -69,9 +69,9 @@ def test_killed_operator_neither_double_grants_nor_loses_claims(
         "--user=veil-operator-crash",
     )
     objects = client.CustomObjectsApi(api)
-    create_budget(objects, NAMESPACE, BUDGET, epsilon=EPSILON)
     # The Job's pods are kwok's fakes, so the source is never read; it need not exist.
     source = tmp_path / "cancer.csv"
+    create_budget(objects, NAMESPACE, BUDGET, epsilon=EPSILON, dataset_uri=source.as_uri())
 
     def start(log: str) -> OperatorProcess:
         process = OperatorProcess(

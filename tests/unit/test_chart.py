@@ -499,7 +499,13 @@ def rules_file() -> list[dict[str, Any]]:
 
 def test_cluster_role_is_the_rules_file_without_wildcards() -> None:
     docs = render()
-    role = one(docs, "ClusterRole")
+    operator_roles = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+    ]
+    assert len(operator_roles) == 1
+    role = operator_roles[0]
     assert role["rules"] == rules_file()
     for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
@@ -640,3 +646,37 @@ def test_schema_refuses_unknown_and_mistyped_values() -> None:
         )
         assert failed.returncode != 0, bad
         assert "values don't meet the specifications of the schema" in failed.stderr, bad
+
+
+def test_user_roles_never_grant_status_configmaps_or_secrets() -> None:
+    """Viewer, editor and budget owner: none may write a status (the ledger lives there), the
+    audit trail and spending records (ConfigMaps), or read the ledger key (a Secret)."""
+    docs = render()
+    roles = {
+        d["metadata"]["name"]: d["rules"]
+        for d in docs
+        if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-operator")
+    }
+    assert {name.rsplit("-", 1)[-1] for name in roles} >= {"viewer", "editor", "owner"}
+    for name, rules in roles.items():
+        for rule in rules:
+            assert rule["apiGroups"] == ["veil.dev"], (name, rule)
+            assert not any("/" in r or "*" in r for r in rule["resources"]), (name, rule)
+            assert "*" not in rule["verbs"], (name, rule)
+    without = render(None, "userRoles.create=false")
+    assert [d["metadata"]["name"] for d in without if d["kind"] == "ClusterRole"] == [
+        "veil-operator"
+    ]
+
+
+def test_ledger_key_role_is_namespaced_and_named() -> None:
+    docs = render()
+    role = one(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    get = next(r for r in role["rules"] if "get" in r["verbs"])
+    assert get["resources"] == ["secrets"]
+    assert get["resourceNames"] == ["veil-ledger-key"]
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VEIL_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["VEIL_LEDGER_KEY_SECRET"]["value"] == "veil-ledger-key"

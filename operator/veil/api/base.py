@@ -72,6 +72,10 @@ class WireModel(BaseModel):
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
+# Where datasets live: a local path (tests, dev), Azure Blob (az://account/container/path),
+# or HTTPS.
+DATA_URI_PATTERN = r"^(file|az|https)://\S+$"
+
 # Names of a Kubernetes object, as the API server accepts them (DNS-1123 subdomain).
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A DNS-1123 label: the rule for namespaces and Service names.

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from veil.api.base import (
+    DATA_URI_PATTERN,
     DNS_LABEL_PATTERN,
     Condition,
     CustomResource,
@@ -23,7 +24,13 @@ class Dataset(WireModel):
     """The dataset a budget protects. Fixed for the budget's lifetime."""
 
     name: str = Field(min_length=1, max_length=253)
-    uri: str | None = Field(default=None, min_length=1, max_length=2048)
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=DATA_URI_PATTERN,
+        description="Where the dataset lives: the budget pays only for jobs that read exactly "
+        "this URI, and one budget protects it at a time.",
+    )
 
 
 class Spender(WireModel):
@@ -61,11 +68,34 @@ class PrivacyBudgetSpec(WireModel):
             ]
         }
     )
-    epsilon: float = Field(gt=0, le=1000, description="Total ε of the dataset.")
-    delta: float = Field(gt=0, lt=1, description="Total δ of the dataset.")
+    epsilon: float = Field(
+        gt=0,
+        le=1000,
+        description="Total ε of the dataset; fixed at creation.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "epsilon is immutable: the total a dataset may give away is "
+                    "fixed when its budget is created",
+                }
+            ]
+        },
+    )
+    delta: float = Field(
+        gt=0,
+        lt=1,
+        description="Total δ of the dataset; fixed at creation.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "delta is immutable once the budget exists"}
+            ]
+        },
+    )
     accountant: Accountant = Field(
         default="pld",
-        description="pld (tight) or rdp (fast); fixed at creation.",
+        description="pld: tight (ε, δ) for a fixed sequence of claims; rdp: a Rényi privacy "
+        "filter, valid when claims are chosen adaptively. Fixed at creation.",
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
@@ -109,6 +139,12 @@ class PrivacyBudgetStatus(WireModel):
     claims: ClaimCounts | None = None
     ledger: dict[str, Any] | None = Field(
         default=None, description="Claims and the running composition (see the README)."
+    )
+    ledger_seal: dict[str, Any] | None = Field(
+        default=None, description="The operator's HMAC seal of the ledger (tamper evidence)."
+    )
+    guarantee: str | None = Field(
+        default=None, max_length=512, description="What this budget's accountant promises."
     )
 
 

@@ -6,10 +6,24 @@ the conditions always change together and no writer can overwrite another's clai
 server refuses a write based on a stale read with 409, and the decision is taken again on the
 fresh object. Claims are keyed by the consumer's UID, so a decision retried after a crash or
 a conflict is the same claim, never a second charge.
+
+What keeps the budget honest beyond that:
+
+- **Sealed ledger.** Every ledger written carries an HMAC seal (`veil.privacy.seal`) under
+  the operator's ledger key; a ledger that fails it (forged, edited, removed, an older one put
+  back) stops all granting: the budget goes Stalled with reason `LedgerTampered`.
+- **Bound to its dataset.** At its first transaction a budget binds to `spec.dataset.uri`:
+  refused while another live budget protects the same dataset, and charged with what deleted
+  budgets over it spent (their spending records). A claim for another dataset is refused.
+- **Spending outlives the budget.** Deleting a budget (behind the finalizer) writes an
+  immutable spending record, not owned by the budget, that the next budget for the dataset
+  starts from; audit batches are not owned by the budget either.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import random
@@ -23,10 +37,12 @@ from typing import Any, TypeVar, cast
 import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from veil import API_GROUP, API_VERSION, labels
 from veil.api.privacy_budget import PrivacyBudgetSpec, Spender
 from veil.conditions import Outcome, Status, apply_outcome, now_rfc3339, set_condition
+from veil.controllers.ledger_key import load_ledger_key
 from veil.controllers.reconcile import status_patch
 from veil.metrics import REGISTRY
 from veil.privacy import (
@@ -46,6 +62,18 @@ from veil.privacy import (
     summarize,
     unlocked_fraction,
 )
+from veil.privacy.accounting import GUARANTEES
+from veil.privacy.audit import audit_batch_digest, parse_audit_batch
+from veil.privacy.ledger import Binding, bind
+from veil.privacy.mechanisms import MECHANISM, merge
+from veil.privacy.seal import (
+    LedgerSeal,
+    LedgerTamperedError,
+    SealWatermarks,
+    canonical,
+    seal,
+    verify_seal,
+)
 
 log = logging.getLogger(__name__)
 PLURAL = "privacybudgets"
@@ -64,6 +92,28 @@ class BudgetUnavailableError(Exception):
 
 class BudgetGoneError(BudgetUnavailableError):
     """The budget does not exist (never created, or deleted)."""
+
+
+class DatasetMismatchError(BudgetUnavailableError):
+    """The consumer would read a dataset that this budget does not protect."""
+
+
+class BindingRefusedError(BudgetUnavailableError):
+    """The budget cannot bind to its dataset (another budget protects it, or its history
+    cannot be verified); nothing may be charged to it until that is resolved."""
+
+
+# The operator marks a budget once it has written a sealed ledger: a status without a
+# ledger is then a removed ledger, not a new budget. Only the operator writes it.
+LEDGER_ANNOTATION = f"{API_GROUP}/ledger"
+DATASET_LABEL = f"{API_GROUP}/dataset-sha256"
+BUDGET_UID_LABEL = f"{API_GROUP}/budget-uid"
+SPENDING_RECORD = "spending-record"
+
+
+def dataset_digest(uri: str) -> str:
+    """A label value for a dataset URI (labels cannot hold URIs)."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:63]
 
 
 @dataclass(frozen=True)
@@ -100,11 +150,18 @@ def budget_outcome(summary: BudgetSummary) -> tuple[Outcome, tuple[Status, str, 
 
 
 class BudgetStore:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, ledger_key: bytes | None = None) -> None:
+        self.api = api
         self.objects = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self._lanes: dict[BudgetRef, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._given_key = ledger_key
+        self.watermarks = SealWatermarks()
+
+    @functools.cached_property
+    def ledger_key(self) -> bytes:
+        return self._given_key or load_ledger_key(self.api)
 
     def get(self, ref: BudgetRef) -> dict[str, Any]:
         try:
@@ -123,32 +180,45 @@ class BudgetStore:
         with self._guard:
             return self._lanes.setdefault(ref, threading.Lock())
 
-    def transact(self, ref: BudgetRef, change: Change[T]) -> T:
+    def transact(self, ref: BudgetRef, change: Change[T], *, new_claim: bool = False) -> T:
         """Apply `change` to the ledger and write the whole status atomically.
 
         Within this process a budget's transactions queue on one lock, so the operator's own
         threads never race; other writers (another replica, a CLI) are caught by the
-        resourceVersion precondition and retried with jittered backoff.
+        resourceVersion precondition and retried with jittered backoff. `new_claim` changes
+        are refused once the budget is being deleted (its spending record is being written).
         """
         with self._lane(ref):
-            return self._transact(ref, change)
+            return self._transact(ref, change, new_claim)
 
-    def _transact(self, ref: BudgetRef, change: Change[T]) -> T:
+    def _transact(self, ref: BudgetRef, change: Change[T], new_claim: bool) -> T:
         for attempt in range(MAX_ATTEMPTS):
             budget = self.get(ref)
+            if new_claim and budget["metadata"].get("deletionTimestamp"):
+                raise BudgetGoneError(f"PrivacyBudget {ref.namespace}/{ref.name} is being deleted")
             spec = PrivacyBudgetSpec.model_validate(budget["spec"])
             terms = BudgetTerms.from_spec(spec)
             now = datetime.now(UTC)
             created = _parse_time(budget["metadata"]["creationTimestamp"])
             unlocked = unlocked_fraction(spec.unlock, created, now)
             current = budget.get("status") or {}
-            ledger = Ledger.from_wire(current.get("ledger"))
+            try:
+                ledger, found_seal = self.verified_ledger(budget)
+                before = ledger
+                if ledger.binding is None:
+                    ledger = self._bind(budget, spec, ledger)
+            except (LedgerTamperedError, BindingRefusedError) as refused:
+                self._stall(budget, refused)
+                raise
             after, result = change(ledger, terms, unlocked, now)
             batches: list[AuditBatch] = []
             if len(after.claims) > COMPACT_ABOVE:
                 after, batches = compact(after, now)
+            next_seal = found_seal
+            if found_seal is None or canonical(after) != canonical(before):
+                next_seal = seal(after, budget["metadata"]["uid"], self.ledger_key, found_seal)
             summary = summarize(after, terms, unlocked)
-            desired = self._desired_status(budget, after, summary)
+            desired = self._desired_status(budget, after, summary, next_seal, terms)
             patch = status_patch(current, desired)
             if not patch:
                 PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
@@ -171,12 +241,212 @@ class BudgetStore:
                     time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
                     continue
                 raise
+            if next_seal is not None:
+                self.watermarks.advance(budget["metadata"]["uid"], next_seal)
+                self._mark_sealed(budget)
             PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
             return result
         raise RuntimeError(f"PrivacyBudget {ref.namespace}/{ref.name}: too many write conflicts")
 
+    # --- the sealed ledger --------------------------------------------------------
+
+    def verified_ledger(self, budget: Mapping[str, Any]) -> tuple[Ledger, LedgerSeal | None]:
+        """The ledger in the budget's status, if the operator wrote it; else raise.
+
+        A ledger with neither seal nor binding on a budget never marked sealed is one written
+        by an older Veil: it is adopted (bound and sealed on this transaction).
+        """
+        meta = budget["metadata"]
+        status = budget.get("status") or {}
+        data, seal_data = status.get("ledger"), status.get("ledgerSeal")
+        marked = (meta.get("annotations") or {}).get(LEDGER_ANNOTATION) == "sealed"
+        if data is None:
+            if marked or seal_data is not None:
+                raise LedgerTamperedError(
+                    "the ledger was removed from status after the operator had written one"
+                )
+            self.watermarks.check(meta["uid"], None)
+            return Ledger(), None
+        try:
+            ledger = Ledger.from_wire(data)
+            found = None if seal_data is None else LedgerSeal.model_validate(seal_data)
+        except ValidationError as bad:
+            raise LedgerTamperedError(
+                f"the ledger in status is not one the operator writes: {_first_error(bad)}"
+            ) from bad
+        if found is None:
+            if marked or ledger.binding is not None:
+                raise LedgerTamperedError("the ledger in status has no seal")
+            return ledger, None
+        verify_seal(ledger, meta["uid"], self.ledger_key, found)
+        self.watermarks.check(meta["uid"], found)
+        return ledger, found
+
+    def _mark_sealed(self, budget: Mapping[str, Any]) -> None:
+        meta = budget["metadata"]
+        if (meta.get("annotations") or {}).get(LEDGER_ANNOTATION) == "sealed":
+            return
+        try:
+            self.objects.patch_namespaced_custom_object(
+                API_GROUP,
+                API_VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                {"metadata": {"annotations": {LEDGER_ANNOTATION: "sealed"}}},
+            )
+        except ApiException as failed:
+            if failed.status != 404:
+                raise
+
+    def _stall(self, budget: Mapping[str, Any], refused: Exception) -> None:
+        """Say why nothing is granted, in conditions only: the ledger is left as found."""
+        reason = "LedgerTampered" if isinstance(refused, LedgerTamperedError) else "BindingRefused"
+        action = (
+            "restore the status the operator wrote, or re-create the budget after an audit"
+            if reason == "LedgerTampered"
+            else "resolve it; the operator retries"
+        )
+        current = budget.get("status") or {}
+        generation = int(budget["metadata"].get("generation", 0))
+        outcome = Outcome.stalled_with(reason, f"{refused}; no claim is granted: {action}")
+        conditions = apply_outcome(
+            current.get("conditions", []), outcome, generation, now_rfc3339()
+        )
+        patch = status_patch(current, {**current, "conditions": conditions})
+        if not patch:
+            return
+        log.warning(
+            "PrivacyBudget %s/%s: %s",
+            budget["metadata"]["namespace"],
+            budget["metadata"]["name"],
+            refused,
+        )
+        try:
+            self.objects.patch_namespaced_custom_object_status(
+                API_GROUP,
+                API_VERSION,
+                budget["metadata"]["namespace"],
+                PLURAL,
+                budget["metadata"]["name"],
+                {"status": {"conditions": conditions}},
+            )
+        except ApiException as failed:
+            if failed.status not in (404, 409):
+                raise
+
+    # --- binding to the dataset and spending records ---------------------------------
+
+    def _bind(self, budget: Mapping[str, Any], spec: PrivacyBudgetSpec, ledger: Ledger) -> Ledger:
+        meta = budget["metadata"]
+        uri = spec.dataset.uri
+        mine = (meta["creationTimestamp"], meta["uid"])
+        listed = cast(
+            dict[str, Any], self.objects.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+        )
+        for other in listed.get("items", []):
+            other_meta = other["metadata"]
+            other_uri = ((other.get("spec") or {}).get("dataset") or {}).get("uri")
+            if other_meta["uid"] == meta["uid"] or other_uri != uri:
+                continue
+            if (other_meta["creationTimestamp"], other_meta["uid"]) < mine:
+                raise BindingRefusedError(
+                    f"PrivacyBudget {other_meta['namespace']}/{other_meta['name']} already "
+                    f"protects dataset {uri}: one budget per dataset (delete one of them)"
+                )
+        records = self.spending_records(uri)
+        superseded = {name for record in records for name in record.get("supersedes", [])}
+        carried: list[Any] = []
+        names: list[str] = []
+        for record in records:
+            name = record["name"]
+            if name in superseded:
+                continue
+            if not record.get("verified"):
+                raise BindingRefusedError(
+                    f"the spending record {name} of a deleted budget for {uri} could not be "
+                    "verified (its ledger had been tampered with)"
+                )
+            carried.extend(MECHANISM.validate_python(m) for m in record.get("charged", []))
+            names.append(name)
+        binding = Binding(dataset=uri, carried=merge(carried), carried_from=tuple(sorted(names)))
+        return bind(ledger, binding)
+
+    def spending_records(self, uri: str) -> list[dict[str, Any]]:
+        """The spending records of deleted budgets over `uri`, in any namespace."""
+        found = self.core.list_config_map_for_all_namespaces(
+            label_selector=f"{labels.COMPONENT}={SPENDING_RECORD},{DATASET_LABEL}={dataset_digest(uri)}"
+        )
+        records: list[dict[str, Any]] = []
+        for item in found.items:
+            try:
+                record = json.loads((item.data or {}).get("record.json", ""))
+            except ValueError:
+                record = {"dataset": uri, "verified": False}
+            if record.get("dataset") != uri:
+                continue
+            where = item.metadata or client.V1ObjectMeta()
+            records.append({**record, "name": f"{where.namespace}/{where.name}"})
+        return records
+
+    def record_spending(self, budget: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Before a budget goes: keep what it spent in an immutable record it does not own.
+
+        Returns the record (None when nothing was ever charged and the ledger verifies).
+        """
+        meta = budget["metadata"]
+        spec = PrivacyBudgetSpec.model_validate(budget["spec"])
+        try:
+            ledger, _ = self.verified_ledger(budget)
+            verified = True
+        except LedgerTamperedError:
+            ledger, verified = Ledger(), False
+        if verified and not ledger.charged:
+            return None
+        terms = BudgetTerms.from_spec(spec)
+        record = {
+            "dataset": spec.dataset.uri,
+            "budget": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+            "verified": verified,
+            "charged": [m.model_dump(mode="json", by_alias=True) for m in ledger.charged],
+            "supersedes": list(ledger.binding.carried_from) if ledger.binding else [],
+            "epsilonSpent": summarize(ledger, terms).epsilon_spent if verified else None,
+            "delta": spec.delta,
+            "recordedAt": now_rfc3339(),
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": f"{meta['name'][:200]}-spent-{meta['uid'][:8]}",
+                "namespace": meta["namespace"],
+                "labels": {
+                    labels.MANAGED_BY: "veil",
+                    labels.OWNER_KIND: "PrivacyBudget",
+                    labels.INSTANCE: meta["name"][:63],
+                    labels.COMPONENT: SPENDING_RECORD,
+                    DATASET_LABEL: dataset_digest(spec.dataset.uri),
+                    BUDGET_UID_LABEL: meta["uid"],
+                },
+            },
+            "immutable": True,
+            "data": {"record.json": json.dumps(record, sort_keys=True)},
+        }
+        try:
+            self.core.create_namespaced_config_map(meta["namespace"], body)  # type: ignore[arg-type]
+        except ApiException as failed:
+            if failed.status != 409:  # written by an earlier try of this deletion
+                raise
+        self.watermarks.forget(meta["uid"])
+        return record
+
     def _desired_status(
-        self, budget: Mapping[str, Any], ledger: Ledger, summary: BudgetSummary
+        self,
+        budget: Mapping[str, Any],
+        ledger: Ledger,
+        summary: BudgetSummary,
+        ledger_seal: LedgerSeal | None,
+        terms: BudgetTerms,
     ) -> dict[str, Any]:
         current = budget.get("status") or {}
         generation = int(budget["metadata"].get("generation", 0))
@@ -194,36 +464,35 @@ class BudgetStore:
         )
         return {
             "ledger": ledger.to_wire(),
+            "ledgerSeal": None if ledger_seal is None else ledger_seal.to_wire(),
             **summary.status_fields(),
+            "guarantee": GUARANTEES[terms.accountant],
             "conditions": conditions,
             "observedGeneration": generation,
         }
 
     def _write_audit(self, budget: Mapping[str, Any], batches: list[AuditBatch]) -> None:
-        """Folded claims go to numbered ConfigMaps before the status forgets them."""
+        """Folded claims go to ConfigMaps named by their digest before the status forgets them.
+
+        Not owned by the budget: the trail outlives it. A batch written before a lost
+        conflict stays as an orphan no chain reaches; the retry's batch has its own name.
+        """
         meta = budget["metadata"]
         for batch in batches:
-            name = f"{meta['name']}-audit-{batch.sequence:06d}"
+            digest = audit_batch_digest(batch)
             body: dict[str, Any] = {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
-                    "name": name,
+                    "name": f"{meta['name'][:200]}-audit-{batch.sequence:06d}-{digest[:16]}",
                     "namespace": meta["namespace"],
                     "labels": {
                         labels.MANAGED_BY: "veil",
                         labels.OWNER_KIND: "PrivacyBudget",
-                        labels.INSTANCE: meta["name"],
+                        labels.INSTANCE: meta["name"][:63],
                         labels.COMPONENT: "audit",
+                        BUDGET_UID_LABEL: meta["uid"],
                     },
-                    "ownerReferences": [
-                        {
-                            "apiVersion": budget["apiVersion"],
-                            "kind": budget["kind"],
-                            "name": meta["name"],
-                            "uid": meta["uid"],
-                        }
-                    ],
                 },
                 "immutable": True,
                 "data": {"batch.json": serialize_audit_batch(batch)},
@@ -231,9 +500,18 @@ class BudgetStore:
             try:
                 self.core.create_namespaced_config_map(meta["namespace"], body)  # type: ignore[arg-type]
             except ApiException as failed:
-                # A batch written before a conflict or a crash is the same batch: keep it.
+                # Same name, same digest: the same batch, written before a crash.
                 if failed.status != 409:
                     raise
+
+    def audit_batches(self, budget: Mapping[str, Any]) -> list[AuditBatch]:
+        """Every audit batch written for this budget, orphans included."""
+        meta = budget["metadata"]
+        found = self.core.list_namespaced_config_map(
+            meta["namespace"],
+            label_selector=f"{labels.COMPONENT}=audit,{BUDGET_UID_LABEL}={meta['uid']}",
+        )
+        return [parse_audit_batch((item.data or {})["batch.json"]) for item in found.items]
 
     # --- what consumers and the budget's own handler call ----------------------------
 
@@ -246,13 +524,20 @@ class BudgetStore:
                 f"{consumer.kind} {consumer.namespace}/{consumer.name} may not spend "
                 f"PrivacyBudget {ref.namespace}/{ref.name} (see its spec.spenders)"
             )
+        if request.dataset != spec.dataset.uri:
+            raise DatasetMismatchError(
+                f"{consumer.kind} {consumer.namespace}/{consumer.name} would read "
+                f"{request.dataset or 'an unnamed dataset'}, but PrivacyBudget "
+                f"{ref.namespace}/{ref.name} pays only for {spec.dataset.uri}: use the budget "
+                "of that dataset"
+            )
 
         def change(
             ledger: Ledger, terms: BudgetTerms, unlocked: float, now: datetime
         ) -> tuple[Ledger, Decision]:
             return decide(ledger, request, terms, now, unlocked)
 
-        decision = self.transact(ref, change)
+        decision = self.transact(ref, change, new_claim=True)
         if decision.changed:
             _event(budget, decision)
         return decision
@@ -284,6 +569,11 @@ class BudgetStore:
             return schedule_pending(ledger, terms, now, unlocked), None
 
         self.transact(ref, change)
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return str(first.get("msg", error))
 
 
 def _event(budget: Mapping[str, Any], decision: Decision) -> None:

@@ -9,12 +9,38 @@ from __future__ import annotations
 from typing import Any
 
 from veil.conditions import Outcome
-from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
+from veil.controllers.budget_store import (
+    BindingRefusedError,
+    BudgetRef,
+    BudgetUnavailableError,
+    DatasetMismatchError,
+)
 from veil.controllers.privacy_budget import store
 from veil.controllers.reconcile import Result
 from veil.privacy import ClaimRequest, LedgerError
+from veil.privacy.seal import LedgerTamperedError
 
 PENDING_POLL_SECONDS = 30.0
+
+
+def _refusal(error: Exception, status: dict[str, Any]) -> Result:
+    """Why the claim could not be made, as the consumer's status says it."""
+    if isinstance(error, DatasetMismatchError):
+        return Result(Outcome.stalled_with("DatasetMismatch", str(error)), status=status)
+    if isinstance(error, BindingRefusedError):
+        message = f"{error}; nothing runs until it is resolved"
+        return Result(Outcome.failed("BudgetBindingUnavailable", message), status=status, requeue_after=60)
+    if isinstance(error, BudgetUnavailableError):
+        return Result(
+            Outcome.failed("BudgetUnavailable", str(error)), status=status, requeue_after=60
+        )
+    if isinstance(error, LedgerTamperedError):
+        message = (
+            f"the budget's ledger failed verification ({error}); nothing runs until an "
+            "administrator restores it"
+        )
+        return Result(Outcome.failed("BudgetLedgerInvalid", message), status=status, requeue_after=60)
+    return Result(Outcome.stalled_with("ClaimConflict", str(error)), status=status)
 
 
 def pay_before_reading(
@@ -26,12 +52,10 @@ def pay_before_reading(
     """
     try:
         decision = store().claim(ref, request)
-    except BudgetUnavailableError as missing:
-        return Result(
-            Outcome.failed("BudgetUnavailable", str(missing)), status=status, requeue_after=60
-        )
-    except LedgerError as conflict:
-        return Result(Outcome.stalled_with("ClaimConflict", str(conflict)), status=status)
+        if decision.state == "Granted":
+            store().consume(ref, decision.key)  # before the Job can read the data
+    except (BudgetUnavailableError, LedgerError) as refused:
+        return _refusal(refused, status)
     status["claimState"] = decision.state
     if decision.state == "Pending":
         return Result(
@@ -43,6 +67,5 @@ def pay_before_reading(
         reason = "BudgetDenied" if decision.state == "Denied" else "ClaimReleased"
         return Result(Outcome.stalled_with(reason, decision.reason), status=status)
     if decision.state == "Granted":
-        store().consume(ref, decision.key)  # before the Job can read the data
         status["claimState"] = "Consumed"
     return None

@@ -1,7 +1,9 @@
 """PrivacyBudget handlers: keep the ledger, figures and conditions current.
 
-Claims arrive from consumers' handlers through `BudgetStore.claim`; this handler grants
-waiting claims as an unlock schedule releases budget, and refreshes the status.
+Claims arrive from consumers' handlers through `BudgetStore.claim`; this handler binds a new
+budget to its dataset, grants waiting claims as an unlock schedule releases budget, and
+refreshes the status. Deletion waits behind the finalizer until the budget's spending is
+recorded where the next budget for the same dataset will find it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from veil.api.privacy_budget import PrivacyBudgetSpec
 from veil.conditions import Outcome
 from veil.controllers.budget_store import (
     PRIVACY_METRICS,
+    BindingRefusedError,
     BudgetGoneError,
     BudgetRef,
     BudgetStore,
 )
 from veil.controllers.reconcile import Result, forget, observed, reconcile
 from veil.kube.apply import api_client
+from veil.privacy.seal import LedgerTamperedError
 
 KIND = "PrivacyBudget"
 PLURAL = "privacybudgets"
@@ -61,6 +65,9 @@ async def _refresh(body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
         except BudgetGoneError:
             # Deleted between the event and the read: nothing is left to refresh.
             logger.debug("PrivacyBudget %s is gone; nothing to refresh", _ref(body))
+        except (LedgerTamperedError, BindingRefusedError) as refused:
+            # Already in status (Stalled, with the reason); the timer retries a binding.
+            logger.warning("PrivacyBudget %s: %s", _ref(body), refused)
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
@@ -71,8 +78,10 @@ async def on_budget(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -
 
 
 def _waiting(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    counts = dict(status or {}).get("claims") or {}
-    return bool(spec.get("unlock")) or int(counts.get("pending", 0)) > 0
+    current = dict(status or {})
+    counts = current.get("claims") or {}
+    unbound = not (current.get("ledger") or {}).get("binding")
+    return bool(spec.get("unlock")) or int(counts.get("pending", 0)) > 0 or unbound
 
 
 @kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=30, idle=5, when=_waiting)
@@ -81,7 +90,20 @@ async def unlock_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any)
     await _refresh(body, patch, logger)
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
-async def on_budget_deleted(body: kopf.Body, **_: Any) -> None:
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+async def on_budget_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Record what the budget spent before it goes (the finalizer holds it until then)."""
+    try:
+        record = await asyncio.to_thread(store().record_spending, body)
+    except ValidationError as invalid:
+        # A spec only an outdated CRD let through never bound, so it never charged anything.
+        logger.warning("PrivacyBudget %s has an invalid spec: %s", _ref(body), invalid)
+        record = None
+    if record is not None:
+        logger.info(
+            "PrivacyBudget %s deleted; its spending stays recorded for dataset %s",
+            _ref(body),
+            record["dataset"],
+        )
     forget(KIND, body)
     PRIVACY_METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])

@@ -59,6 +59,11 @@ class ClaimRequest(WireModel):
     consumer: ConsumerRef
     mechanisms: tuple[Mechanism, ...] = Field(min_length=1, max_length=16)
     attempt: int = Field(default=0, ge=0, description="Raise it to re-request after a denial.")
+    dataset: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="URI of the dataset the consumer will read: it must be the budget's own.",
+    )
 
     @field_validator("mechanisms")
     @classmethod

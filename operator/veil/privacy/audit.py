@@ -7,16 +7,20 @@ detail, and folds older terminal claims (Denied, Consumed, Released) into
 spent ε is unchanged), counts by state, and digests of their keys (so a repeated key is
 still recognised and never charged twice).
 
-The folded claims come back as `AuditBatch`es, numbered without gaps. The controller
-writes each one (`serialize_audit_batch`) to an append-only trail, e.g. one ConfigMap a
-batch named after the budget and the batch number, *before* it writes the compacted
-status; rewriting a batch with the same number is harmless, since a batch not yet
-referenced by the status carries no weight. `verify_audit_trail` checks a trail against
-a ledger, and `restore` rebuilds the uncompacted ledger from both.
+The folded claims come back as `AuditBatch`es, numbered without gaps and chained: each
+batch names the digest of the one before it, and the ledger's `folded.head` names the
+digest of the last. The controller writes each batch (`serialize_audit_batch`) to an
+append-only trail *before* it writes the compacted status, under a name that holds its
+digest (`audit_batch_digest`): a write that loses a conflict leaves an orphan batch that no
+chain reaches, and the retry writes its own batch under its own name, so a batch can never
+be replaced by a different one with the same number. `verify_audit_trail` follows the chain
+from the ledger's head (orphans are ignored) and checks it against the ledger, and
+`restore` rebuilds the uncompacted ledger from both.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -53,6 +57,9 @@ class AuditBatch(WireModel):
 
     version: Literal[1] = 1
     sequence: int = Field(ge=0)
+    previous: str = Field(
+        default="", max_length=64, description="Digest of the batch before this one."
+    )
     folded_at: datetime
     claims: tuple[Claim, ...]
     consumed: tuple[Mechanism, ...] = Field(
@@ -75,11 +82,13 @@ def compact(
     to_fold = terminal[: max(0, len(terminal) - keep_terminal)]
     if not to_fold:
         return ledger, []
-    first = ledger.folded.batches
-    batches = [
-        _batch(first + i, now, to_fold[start : start + batch_size])
-        for i, start in enumerate(range(0, len(to_fold), batch_size))
-    ]
+    batches: list[AuditBatch] = []
+    previous = ledger.folded.head
+    for start in range(0, len(to_fold), batch_size):
+        sequence = ledger.folded.batches + len(batches)
+        batch = _batch(sequence, previous, now, to_fold[start : start + batch_size])
+        batches.append(batch)
+        previous = audit_batch_digest(batch)
     folded = _fold(ledger.folded, batches)
     gone = {c.key for c in to_fold}
     claims = {k: c for k, c in ledger.claims.items() if k not in gone}
@@ -95,19 +104,45 @@ def parse_audit_batch(text: str | bytes) -> AuditBatch:
     return AuditBatch.model_validate_json(text)
 
 
-def replay_audit_trail(batches: Iterable[AuditBatch]) -> Folded:
-    """What the ledger's `folded` summary must be, given every batch written so far."""
-    ordered = sorted(batches, key=lambda b: b.sequence)
+def audit_batch_digest(batch: AuditBatch) -> str:
+    """The batch's SHA-256 over its serialized form: its name in the trail and in the chain."""
+    return hashlib.sha256(serialize_audit_batch(batch).encode()).hexdigest()
+
+
+def chain(head: str, batches: Iterable[AuditBatch]) -> list[AuditBatch]:
+    """The batches reachable from `head`, oldest first; raise if a link is missing."""
+    by_digest = {audit_batch_digest(b): b for b in batches}
+    ordered: list[AuditBatch] = []
+    digest = head
+    while digest:
+        batch = by_digest.get(digest)
+        if batch is None:
+            raise AuditTrailError(
+                f"audit batch {digest[:16]}… (after batch {len(ordered)} from the head) is "
+                "missing from the trail"
+            )
+        ordered.append(batch)
+        digest = batch.previous
+    ordered.reverse()
     if [b.sequence for b in ordered] != list(range(len(ordered))):
         raise AuditTrailError(
             f"audit batches {[b.sequence for b in ordered]} are not 0..{len(ordered) - 1}"
         )
-    return _fold(Folded(), ordered)
+    return ordered
+
+
+def replay_audit_trail(head: str, batches: Iterable[AuditBatch]) -> Folded:
+    """What the ledger's `folded` summary must be, given the chain that ends at `head`."""
+    return _fold(Folded(), chain(head, batches))
 
 
 def verify_audit_trail(ledger: Ledger, batches: Iterable[AuditBatch]) -> None:
-    """Raise `AuditTrailError` unless the trail accounts exactly for the folded claims."""
-    replayed = replay_audit_trail(batches)
+    """Raise `AuditTrailError` unless the trail accounts exactly for the folded claims.
+
+    `batches` may hold more than the chain (orphans of lost write conflicts): only the
+    chain from `ledger.folded.head` counts.
+    """
+    replayed = replay_audit_trail(ledger.folded.head, batches)
     if replayed != ledger.folded:
         raise AuditTrailError(
             f"the audit trail ({replayed.batches} batches) does not match the ledger's folded "
@@ -118,7 +153,7 @@ def verify_audit_trail(ledger: Ledger, batches: Iterable[AuditBatch]) -> None:
 def restore(ledger: Ledger, batches: Sequence[AuditBatch]) -> Ledger:
     """The uncompacted ledger: folded claims back in full detail (for audits and forensics)."""
     verify_audit_trail(ledger, batches)
-    claims = {c.key: c for b in sorted(batches, key=lambda b: b.sequence) for c in b.claims}
+    claims = {c.key: c for b in chain(ledger.folded.head, batches) for c in b.claims}
     claims.update(ledger.claims)
     return Ledger.model_validate(
         {
@@ -130,9 +165,10 @@ def restore(ledger: Ledger, batches: Sequence[AuditBatch]) -> Ledger:
     )
 
 
-def _batch(sequence: int, now: datetime, claims: Sequence[Claim]) -> AuditBatch:
+def _batch(sequence: int, previous: str, now: datetime, claims: Sequence[Claim]) -> AuditBatch:
     return AuditBatch(
         sequence=sequence,
+        previous=previous,
         folded_at=now,
         claims=tuple(claims),
         consumed=merge(*(c.mechanisms for c in claims if c.state == "Consumed")),
@@ -151,4 +187,5 @@ def _fold(folded: Folded, batches: Sequence[AuditBatch]) -> Folded:
         counts=dict(sorted(counts.items())),
         key_digests=encode_digests(frozenset(digests)),
         batches=folded.batches + len(batches),
+        head=audit_batch_digest(batches[-1]) if batches else folded.head,
     )

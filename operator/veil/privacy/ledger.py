@@ -17,7 +17,8 @@ it. A grant is refundable only while no such object has ever existed, so a Relea
 Consumed is refused: once data could have been read, its privacy cost is spent for good.
 
 Granted and Consumed claims are *charged*: `Ledger.charged` is their running composition
-(plus the folded part, see `veil.privacy.audit`), kept up to date on every transition so
+(plus the folded part, see `veil.privacy.audit`, and what deleted budgets over the same
+dataset spent, `Ledger.binding.carried`), kept up to date on every transition so
 admission never recomposes thousands of claims. Every function returns a new ledger and
 leaves its input untouched; when nothing changes it returns the same object.
 
@@ -135,6 +136,9 @@ class Folded(WireModel):
     )
     key_digests: str = Field(default="", description="base64 of sorted 8-byte SHA-256 key digests.")
     batches: int = Field(default=0, ge=0, description="Audit batches written so far.")
+    head: str = Field(
+        default="", max_length=64, description="Digest of the last audit batch (the chain's head)."
+    )
 
     @field_validator("key_digests")
     @classmethod
@@ -147,10 +151,30 @@ class Folded(WireModel):
         return key_digest(key) in decode_digests(self.key_digests)
 
 
+class Binding(WireModel):
+    """The dataset a ledger pays for, and what earlier budgets already spent on it.
+
+    Set once, at the budget's first transaction: a budget deleted with spent claims leaves a
+    record behind (see `veil.controllers.budget_store`), and a later budget for the same
+    dataset starts from that spending instead of from zero.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    dataset: str = Field(min_length=1, max_length=2048)
+    carried: tuple[Mechanism, ...] = Field(
+        default=(), description="Composition spent on this dataset by deleted budgets."
+    )
+    carried_from: tuple[str, ...] = Field(
+        default=(), description="The spending records of those budgets (namespace/name)."
+    )
+
+
 class Ledger(WireModel):
     model_config = ConfigDict(frozen=True)
 
     version: Literal[1] = 1
+    binding: Binding | None = None
     next_seq: int = Field(default=0, ge=0)
     charged: tuple[Mechanism, ...] = Field(
         default=(), description="Running composition of Granted + Consumed, folded included."
@@ -212,10 +236,20 @@ class Ledger(WireModel):
 
 
 def recompute_charged(ledger: Ledger) -> Composition:
-    """The charged composition from scratch: folded consumption plus charged claims."""
+    """The charged composition from scratch: carried and folded consumption, charged claims."""
     return merge(
+        ledger.binding.carried if ledger.binding else (),
         ledger.folded.consumed,
         *(c.mechanisms for c in ledger.claims.values() if c.state in CHARGED_STATES),
+    )
+
+
+def bind(ledger: Ledger, binding: Binding) -> Ledger:
+    """Bind a ledger that has none yet to its dataset, charging what was carried over."""
+    if ledger.binding is not None:
+        raise LedgerError("the ledger is already bound to a dataset")
+    return ledger.model_copy(
+        update={"binding": binding, "charged": merge(ledger.charged, binding.carried)}
     )
 
 

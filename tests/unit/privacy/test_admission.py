@@ -20,6 +20,7 @@ from veil.privacy import (
     decide,
     epsilon_spent,
     mark_consumed,
+    rdp_epsilon,
     release,
 )
 from veil.privacy.audit import compact
@@ -40,11 +41,14 @@ def sequential_grants(accountant: str, claims: int = 80) -> int:
 
 
 @pytest.mark.slow
-def test_notes_figure_pld_admits_about_70_rdp_about_62() -> None:
-    pld, rdp = sequential_grants("pld"), sequential_grants("rdp")
+def test_notes_figure_pld_admits_about_70_the_renyi_filter_about_51() -> None:
+    pld, rdp_filter = sequential_grants("pld"), sequential_grants("rdp")
     assert 65 <= pld <= 75
-    assert 57 <= rdp <= 67
-    assert pld > rdp
+    # The filter pays for adaptivity (a union bound over its orders, a fixed δ split): it
+    # admits fewer than plain RDP's ~62 for a fixed sequence, never more.
+    assert 46 <= rdp_filter <= 56
+    assert rdp_epsilon([SGD] * rdp_filter, NOTES_BUDGET["delta"]) <= NOTES_BUDGET["epsilon"]
+    assert pld > rdp_filter
 
 
 def test_a_repeated_claim_is_the_same_claim() -> None:

@@ -27,7 +27,7 @@ from veil.privacy import (
     serialize_audit_batch,
     verify_audit_trail,
 )
-from veil.privacy.audit import AuditBatch
+from veil.privacy.audit import AuditBatch, audit_batch_digest
 
 STATUS_LEDGER_LIMIT = 512 * 1024
 HUGE = EpsilonDeltaMechanism(epsilon=20.0)  # more than the whole budget: always denied
@@ -135,11 +135,31 @@ def test_a_missing_or_altered_batch_is_detected() -> None:
     ledger, _, _, _ = busy_ledger(300)
     compacted, batches = compact(ledger, at(400), keep_terminal=10, batch_size=100)
     assert len(batches) >= 2
-    with pytest.raises(AuditTrailError, match="not 0"):
+    with pytest.raises(AuditTrailError, match="missing"):
         verify_audit_trail(compacted, batches[1:])
+    # An altered batch has another digest: the chain no longer reaches it.
     altered = AuditBatch.model_validate(
         {**batches[0].model_dump(), "claims": batches[0].claims[1:]}
     )
-    with pytest.raises(AuditTrailError, match="does not match"):
+    with pytest.raises(AuditTrailError, match="missing"):
         verify_audit_trail(compacted, [altered, *batches[1:]])
-    assert replay_audit_trail(batches) == compacted.folded
+    # Even re-chained by someone who rewrites every batch after it, the replay disagrees.
+    rechained = [altered]
+    for batch in batches[1:]:
+        rechained.append(batch.model_copy(update={"previous": audit_batch_digest(rechained[-1])}))
+    forged_head = compacted.folded.model_copy(update={"head": audit_batch_digest(rechained[-1])})
+    with pytest.raises(AuditTrailError, match="does not match"):
+        verify_audit_trail(compacted.model_copy(update={"folded": forged_head}), rechained)
+    assert replay_audit_trail(compacted.folded.head, batches) == compacted.folded
+
+
+def test_a_batch_orphaned_by_a_lost_write_conflict_does_not_break_the_trail() -> None:
+    """The writer compacts, writes its batch, loses the status write (409) and retries later:
+    the retry folds other claims into another batch with the same number."""
+    ledger, _, _, _ = busy_ledger(300)
+    _, lost = compact(ledger, at(400), keep_terminal=10, batch_size=100)
+    retried, kept = compact(ledger, at(401), keep_terminal=20, batch_size=100)
+    assert [b.sequence for b in lost][:1] == [b.sequence for b in kept][:1]
+    assert {audit_batch_digest(b) for b in lost}.isdisjoint(audit_batch_digest(b) for b in kept)
+    verify_audit_trail(retried, [*lost, *kept])  # the orphans are ignored
+    assert restore(retried, [*lost, *kept]) == restore(retried, kept)
