@@ -16,7 +16,14 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import REPO, AzureDoubles, OperatorProcess, run_veil, wait_for
+from tests.integration.conftest import (
+    REPO,
+    AzureDoubles,
+    OperatorProcess,
+    create_budget,
+    run_veil,
+    wait_for,
+)
 from veil import API_GROUP, API_VERSION
 from veil.api.confidential_model import ConfidentialModelSpec
 from veil.artifacts import read_bytes
@@ -28,27 +35,32 @@ NAMESPACE = "veil-dp-training"
 
 
 @pytest.fixture(scope="module")
-def objects(operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient) -> Any:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-    budget = yaml.safe_load((REPO / "examples" / "dp-training" / "budget.yaml").read_text())
-    budget["metadata"]["namespace"] = NAMESPACE
-    budget["spec"].pop("unlock")
-    api_objects = client.CustomObjectsApi(api)
-    api_objects.create_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", budget
-    )
-    return api_objects
-
-
-def _example_model(work: Path, azure: AzureDoubles) -> dict[str, Any]:
-    """examples/dp-training/model.yaml on a local copy of the oncology data, sealing locally."""
+def oncology(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local copy of the oncology data: the one dataset the module's budget pays for."""
     from sklearn.datasets import load_breast_cancer
 
     frame = load_breast_cancer(as_frame=True).frame
     frame = frame[["mean radius", "mean texture", "mean smoothness", "target"]]
     frame.columns = ["radius", "texture", "smoothness", "malignant"]
-    frame.to_csv(work / "oncology.csv", index=False)
+    path = tmp_path_factory.mktemp("oncology") / "oncology.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def objects(
+    operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient, oncology: Path
+) -> Any:
+    crds.kubectl("create", "namespace", NAMESPACE)
+    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    api_objects = client.CustomObjectsApi(api)
+    # Two runs at ε 1 + 0.2 (evaluation) in the first test, one at 0.5 + 0.2 in the second.
+    create_budget(api_objects, NAMESPACE, "oncology-records", 4.0, dataset_uri=oncology.as_uri())
+    return api_objects
+
+
+def _example_model(work: Path, azure: AzureDoubles, oncology: Path) -> dict[str, Any]:
+    """examples/dp-training/model.yaml on the local oncology data, sealing locally."""
     model: dict[str, Any] = yaml.safe_load(
         (REPO / "examples" / "dp-training" / "model.yaml").read_text()
     )
@@ -56,7 +68,7 @@ def _example_model(work: Path, azure: AzureDoubles) -> dict[str, Any]:
     spec = model["spec"]
     spec["tee"].pop("nodePool")
     spec["keyRelease"]["vaultUrl"] = azure.key_vault.url
-    spec["training"]["datasetUri"] = (work / "oncology.csv").as_uri()
+    spec["training"]["datasetUri"] = oncology.as_uri()
     spec["training"]["outputUri"] = (work / "model.onnx.sealed").as_uri()
     return model
 
@@ -121,9 +133,10 @@ def test_trained_model_is_paid_for_sealed_and_served(
     objects: Any,
     azure: AzureDoubles,
     api: client.ApiClient,
+    oncology: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    model = _example_model(tmp_path_factory.mktemp("training"), azure)
+    model = _example_model(tmp_path_factory.mktemp("training"), azure, oncology)
     spec = model["spec"]
     objects.create_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
@@ -132,9 +145,17 @@ def test_trained_model_is_paid_for_sealed_and_served(
     # Job's own arguments, sealing through the Key Vault double.
     batch = client.BatchV1Api(api)
     job, result = _train_as_the_job(batch, spec, azure)
-    # One DP fit is noisy by design (it can fall below the majority class): accuracy is
-    # judged over many seeds in tests/unit/training; here the pipeline is.
-    assert 0 <= result["accuracy"] <= 1
+    # The only figure about the data is the paid, noisy accuracy estimate (judged over many
+    # seeds in tests/unit/training; here the pipeline is).
+    assert result["dpEstimates"] == [
+        "evaluation.accuracy",
+        "evaluation.noisyCorrect",
+        "evaluation.noisyTotal",
+    ]
+    assert result["evaluation"]["epsilon"] == spec["training"]["evaluationEpsilon"]
+    assert result["evaluation"]["accuracy"] is None or 0 <= result["evaluation"]["accuracy"] <= 1
+    assert result["classes"] == [0, 1]
+    assert not {"accuracy", "rows", "seconds"} & set(result)
     assert result["sealed"]["keyId"].startswith(f"{azure.key_vault.url}/keys/tumour-grader/")
 
     obj = wait_for(
@@ -155,7 +176,9 @@ def test_trained_model_is_paid_for_sealed_and_served(
     first_key = f"{uid}.{status['trainingRun']}"
     claim = _ledger(objects).claims[first_key]
     assert claim.state == "Consumed"
-    assert claim.mechanisms[0].type == "epsilonDelta"
+    # The claim paid for everything the run spent: the fit and the evaluation.
+    claimed = [m.model_dump(mode="json", by_alias=True) for m in claim.mechanisms]
+    assert sorted(claimed, key=json.dumps) == sorted(result["mechanisms"], key=json.dumps)
 
     # A finished run is never run again: deleting its Job brings no new Job and no new claim.
     batch.delete_namespaced_job(job.metadata.name, NAMESPACE, propagation_policy="Background")
@@ -194,12 +217,13 @@ def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
     objects: Any,
     azure: AzureDoubles,
     api: client.ApiClient,
+    oncology: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    model = _example_model(tmp_path_factory.mktemp("lost"), azure)
+    model = _example_model(tmp_path_factory.mktemp("lost"), azure, oncology)
     model["metadata"]["name"] = "lost-grader"
     model["spec"]["keyRelease"]["keyName"] = "lost-grader"
-    model["spec"]["training"]["epsilon"] = 0.5  # what the test above left of the budget
+    model["spec"]["training"]["epsilon"] = 0.5  # within what the test above left of the budget
     objects.create_namespaced_custom_object(
         API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
     )

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, StringConstraints
 
 from veil.api.base import (
     DNS_LABEL_PATTERN,
@@ -229,15 +229,54 @@ class Network(WireModel):
     )
 
 
+# A declared class label: no comma (the Job passes the list comma-separated) and no
+# surrounding whitespace (the trainer compares labels exactly).
+ClassLabel = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^,\s]([^,]*[^,\s])?$")
+]
+
+
+def _unique_classes(classes: list[str]) -> list[str]:
+    if len(set(classes)) != len(classes):
+        raise ValueError("classes must not repeat a label")
+    return classes
+
+
 class Training(WireModel):
     """Train the model with differential privacy instead of bringing a sealed one."""
+
+    # The data's domain is declared here (classes, bounds), never read off the rows. The
+    # claim is ε (+ δ as declared) for the fit and, beside it, evaluationEpsilon.
 
     budget_ref: ObjectReference
     dataset_uri: str = Field(min_length=1, max_length=2048)
     target_column: str = Field(min_length=1, max_length=256)
+    classes: Annotated[list[ClassLabel], AfterValidator(_unique_classes)] = Field(
+        min_length=2,
+        max_length=256,
+        description="The label set (public): values of targetColumn, numbers written as "
+        "strings. Rows with any other label are dropped.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
     family: Literal["logisticRegression", "gaussianNB", "randomForest"] = "logisticRegression"
-    epsilon: float = Field(gt=0, le=100)
-    delta: float = Field(default=0.0, ge=0, lt=1)
+    epsilon: float = Field(gt=0, le=100, description="ε of the fit (pure DP).")
+    delta: float = Field(
+        default=0.0, ge=0, lt=1, description="Charged as declared; the models use none."
+    )
+    evaluation_epsilon: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="ε of a DP accuracy estimate on held-out rows, charged beside epsilon; "
+        "0: no held-out rows and no accuracy.",
+    )
+    test_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Expected share of rows held out for the evaluation (each row by a "
+        "keyed hash of its content); unused when evaluationEpsilon is 0.",
+    )
     features: list[str] = Field(default_factory=list, max_length=512)
     bounds: list[ColumnBounds] = Field(
         default_factory=list,

@@ -1,7 +1,9 @@
 """A ConfidentialModel's DP training stage: claim, train in a Job, hand over the sealed model.
 
 The claim follows the SyntheticDataset rule: Consumed before the Job exists (the Job reads
-the dataset), never refunded afterwards.
+the dataset), never refunded afterwards. It names the dataset (a budget pays only for its own)
+and carries every mechanism the run spends (`veil.training.claim`, which the trainer's result
+reports too). Only the sealed model's digest is taken from the Job's result into the status.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from veil.controllers.payment import pay_before_reading
 from veil.controllers.reconcile import Result
 from veil.kube import apply
 from veil.kube.jobs import job_outcome
-from veil.privacy import ClaimRequest, ConsumerRef, EpsilonDeltaMechanism
+from veil.privacy import ClaimRequest, ConsumerRef
 from veil.resources import training as build
 from veil.resources.common import selector_labels
+from veil.training.claim import mechanisms
 
 
 def _pay(
@@ -37,9 +40,11 @@ def _pay(
         consumer=ConsumerRef(
             kind="ConfidentialModel", namespace=meta["namespace"], name=meta["name"]
         ),
-        # diffprivlib's models are pure ε; δ is charged as declared.
-        mechanisms=(EpsilonDeltaMechanism(epsilon=training.epsilon, delta=training.delta),),
+        # Everything the run spends, as the trainer reports it: the fit, then the evaluation.
+        mechanisms=mechanisms(training.epsilon, training.evaluation_epsilon, training.delta),
         attempt=int(meta.get("generation", 1)) - 1,
+        # The budget pays only for its own dataset.
+        dataset=training.dataset_uri,
     )
     return pay_before_reading(ref, request, status)
 

@@ -73,6 +73,11 @@ def train_args(spec: ConfidentialModelSpec) -> list[str]:
         "--key-name",
         spec.key_release.key_name,
     ]
+    # The label set is public and declared; the API forbids commas inside a label.
+    args += ["--classes", ",".join(training.classes)]
+    if training.evaluation_epsilon > 0:
+        args += ["--evaluation-epsilon", repr(training.evaluation_epsilon)]
+        args += ["--test-fraction", repr(training.test_fraction)]
     if training.features:
         args += ["--features", ",".join(training.features)]
     for bound in training.bounds:

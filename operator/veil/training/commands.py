@@ -2,7 +2,8 @@
 
 `register(subparsers)` adds the subcommand; it sets `func(args) -> exit code`:
 0 done (the result JSON on stdout), 1 failed (I/O, fit, an ONNX mismatch, sealing),
-2 refused or bad arguments (no public bounds, unknown family, an invalid spec).
+2 refused or bad arguments (no public bounds or classes, unknown family, an invalid spec,
+a spec that does not match the table's header).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def spec_defaults(path: Path) -> dict[str, Any]:
         "family": training.family,
         "epsilon": training.epsilon,
         "delta": training.delta,
+        "evaluation_epsilon": training.evaluation_epsilon,
+        "test_fraction": training.test_fraction,
+        "classes": list(training.classes),
+        "features": list(training.features) or None,
+        "bounds": {b.column: (b.lower, b.upper) for b in training.bounds},
+        "output_uri": training.output_uri,
     }
 
 
@@ -78,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "family": args.family,
         "epsilon": args.epsilon,
         "delta": args.delta,
+        "evaluation_epsilon": args.evaluation_epsilon,
         "output_uri": args.output,
         "test_fraction": args.test_fraction,
         "seed": args.seed,
@@ -91,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         settings["features"] = [f.strip() for item in args.features for f in item.split(",")]
     if args.classes:
         settings["classes"] = [c.strip() for item in args.classes for c in item.split(",")]
-    bounds: dict[str, tuple[float, float]] = {}
+    bounds: dict[str, tuple[float, float]] = dict(settings.get("bounds", {}))
     if args.bounds_file:
         bounds.update(load_bounds_file(args.bounds_file))
     try:
@@ -101,7 +109,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
     settings["bounds"] = bounds
     if args.default_bounds:
         settings["default_bounds"] = _span(args.default_bounds)
-    settings["bounds_from_data"] = bool(args.bounds_from_data)
     require(
         settings,
         (
@@ -109,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             ("--target", "target_column"),
             ("--family", "family"),
             ("--epsilon", "epsilon"),
+            ("--classes", "classes"),
             ("--output", "output_uri"),
         ),
     )
@@ -142,10 +150,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "train",
         help="train a differentially-private model (diffprivlib), export ONNX and seal it",
         description="Train logistic regression, Gaussian naive Bayes or a random forest with "
-        "diffprivlib at epsilon on a table (features clipped to public bounds), export it to "
-        "ONNX, check the export predicts like the trained model, seal it to the model key and "
-        "write it; prints the result (accuracy, sha256, mechanisms) as JSON. Flags override "
-        "the fields of --spec.",
+        "diffprivlib at epsilon on a table (declared classes; features clipped to public "
+        "bounds), export it to ONNX, check the export predicts like the trained model on "
+        "points of the bounds box, seal it to the model key and write it; prints the result "
+        "(mechanisms, sha256, a DP accuracy estimate with --evaluation-epsilon) as JSON. "
+        "Flags override the fields of --spec.",
     )
     parser.add_argument(
         "--spec", type=Path, help="JSON/YAML ConfidentialModel, its spec, or its spec.training"
@@ -159,10 +168,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--family", choices=("logisticRegression", "gaussianNB", "randomForest"), help="model"
     )
-    parser.add_argument("--epsilon", type=float, help="epsilon (pure DP)")
+    parser.add_argument("--epsilon", type=float, help="epsilon of the fit (pure DP)")
     parser.add_argument("--delta", type=float, help="accepted for the spec; unused (pure DP)")
     parser.add_argument(
-        "--bounds", action="append", metavar="COL=LOW:HIGH", help="public bounds of a feature"
+        "--bounds",
+        action="append",
+        metavar="COL=LOW:HIGH",
+        help="public bounds of a feature (every feature needs some)",
     )
     parser.add_argument(
         "--bounds-file", metavar="PATH|URI", help='JSON {"column": [low, high], ...}'
@@ -171,15 +183,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--default-bounds", metavar="LOW:HIGH", help="bounds of every feature not bounded above"
     )
     parser.add_argument(
-        "--bounds-from-data",
-        action="store_true",
-        help="read bounds off the training rows (NOT private; recorded in the result)",
+        "--classes",
+        action="append",
+        metavar="C[,C...]",
+        help="the label set, required: it is public, never read off the data (rows with "
+        "another label are dropped)",
     )
     parser.add_argument(
-        "--classes", action="append", metavar="C[,C...]", help="the label set (default: read)"
+        "--evaluation-epsilon",
+        type=float,
+        help="epsilon of a DP accuracy estimate on held-out rows, beside --epsilon "
+        "(default 0: no held-out rows, no accuracy)",
     )
-    parser.add_argument("--test-fraction", type=float, help="held-out test share (default 0.2)")
-    parser.add_argument("--seed", type=int, help="seed of the split and of diffprivlib's noise")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        help="expected held-out share with --evaluation-epsilon (default 0.2)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="fixes the split's hash key and the noise (tests only)"
+    )
     parser.add_argument("--max-iter", type=int, help="logistic regression iterations (100)")
     parser.add_argument("--n-estimators", type=int, help="random forest trees (10)")
     parser.add_argument("--max-depth", type=int, help="random forest depth (5)")

@@ -7,11 +7,14 @@ parameters are all that prediction uses:
 - logistic regression: `coef_`, `intercept_`, `classes_` (one-vs-rest, as diffprivlib fits it);
 - Gaussian naive Bayes: `theta_`, `var_`, `class_prior_`, `class_count_`, `classes_`;
 - random forest: the fitted trees themselves (diffprivlib's trees are scikit-learn
-  `DecisionTreeClassifier`s holding a scikit-learn `Tree`), in a scikit-learn forest.
+  `DecisionTreeClassifier`s holding a scikit-learn `Tree`), in a scikit-learn forest
+  (`forest_of`, which is also how `veil.training.learners` assembles the trained forest).
 
 The exported graph is `MinMaxScaler(clip=True) → classifier`, the scaler set from the public
 bounds (never fitted to data), so the ONNX model takes raw features exactly as the training
-rows came and clips and scales them the same way.
+rows came and clips and scales them the same way. `check_export` compares the export with the
+trained model on points drawn from the bounds box (`probe_points`), never on data rows, so
+the check itself learns nothing about the data and its figures may be published.
 """
 
 from __future__ import annotations
@@ -62,17 +65,22 @@ def plain_estimator(model: Any, family: str) -> Any:
         plain.n_features_in_ = int(model.theta_.shape[1])
         return plain
     if family == "randomForest":
-        from sklearn.ensemble import RandomForestClassifier
-
-        plain = RandomForestClassifier(n_estimators=len(model.estimators_))
-        plain.estimators_ = list(model.estimators_)
-        plain.classes_ = np.array(model.classes_)
-        plain.n_classes_ = len(model.classes_)
-        plain.n_outputs_ = 1
-        plain.n_features_in_ = int(model.n_features_in_)
-        plain.estimator_ = model.estimators_[0]
-        return plain
+        return forest_of(list(model.estimators_), model.classes_, int(model.n_features_in_))
     raise ValueError(f"unknown model family {family!r}")
+
+
+def forest_of(trees: list[Any], classes: npt.NDArray[Any], n_features: int) -> Any:
+    """A scikit-learn forest holding already fitted trees (it predicts by averaging them)."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(n_estimators=len(trees))
+    forest.estimators_ = trees
+    forest.classes_ = np.array(classes)
+    forest.n_classes_ = len(classes)
+    forest.n_outputs_ = 1
+    forest.n_features_in_ = n_features
+    forest.estimator_ = trees[0]
+    return forest
 
 
 def export_onnx(
@@ -107,3 +115,48 @@ def onnx_predict(payload: bytes, features: npt.NDArray[Any]) -> tuple[Any, Any]:
     session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"input": np.asarray(features, dtype=np.float32)})
     return outputs[0], outputs[1]
+
+
+PROBE_POINTS = 512
+PROBABILITY_TOLERANCE = 1e-4
+
+
+class ExportMismatchError(Exception):
+    """The ONNX export predicts differently from the trained model."""
+
+
+def probe_points(
+    lower: npt.NDArray[np.float64], upper: npt.NDArray[np.float64], seed: int | None
+) -> npt.NDArray[np.float64]:
+    """Points to check an export on, drawn from the public bounds box alone (never from the
+    data): three quarters inside it, a quarter up to one span beyond it (where the export must
+    clip). Rounded to float32, the ONNX input type, so both models see the same numbers."""
+    rng = np.random.default_rng(seed)
+    span = upper - lower
+    inside = rng.uniform(lower, upper, size=(PROBE_POINTS * 3 // 4, len(lower)))
+    around = rng.uniform(lower - span, upper + span, size=(PROBE_POINTS // 4, len(lower)))
+    return np.vstack([inside, around]).astype(np.float32).astype(np.float64)
+
+
+def check_export(
+    payload: bytes, model: Any, scaler: Any, points: npt.NDArray[np.float64]
+) -> dict[str, float]:
+    """Refuse an export that does not predict like the trained model on `points`.
+
+    Labels must agree wherever the model's top class leads by more than the tolerance (a
+    forest's tied vote may break either way); probabilities must agree everywhere."""
+    onnx_labels, onnx_proba = onnx_predict(payload, points)
+    scaled = scaler.transform(points)
+    proba = np.asarray(model.predict_proba(scaled))
+    ranked = np.sort(proba, axis=1)
+    decided = ranked[:, -1] - ranked[:, -2] > PROBABILITY_TOLERANCE
+    agree = np.asarray(onnx_labels) == model.predict(scaled)
+    agreement = float(np.mean(agree[decided])) if decided.any() else 1.0
+    proba_diff = float(np.max(np.abs(np.asarray(onnx_proba) - proba)))
+    if agreement < 1.0 or proba_diff > PROBABILITY_TOLERANCE:
+        raise ExportMismatchError(
+            f"the ONNX export does not predict like the trained model on {len(points)} points "
+            f"of the public bounds box (label agreement {agreement:.4f}, largest probability "
+            f"difference {proba_diff:.2e})"
+        )
+    return {"labelAgreement": agreement, "maxProbabilityDiff": proba_diff}
