@@ -42,7 +42,11 @@ class Case:
             document["metadata"]["name"] = name
         if namespace:
             document["metadata"]["namespace"] = namespace
-        if self.base == "budget" and name and "spec.dataset.uri" not in self.changes:
+        if (
+            self.base == "budget"
+            and name
+            and not any(path.startswith("spec.dataset") for path in self.changes)
+        ):
             # One budget protects a dataset: each named copy gets a dataset of its own.
             where = document["metadata"].get("namespace", "default")
             document["spec"]["dataset"]["uri"] = f"file:///data/{where}/{name}.csv"
@@ -271,12 +275,8 @@ CASES: list[Case] = [
     Case("sd-format-enum", "synth", {"spec.source.format": "xlsx"}, "spec.source.format"),
     Case("sd-missing-output", "synth", {"spec.output": DELETE}, "spec.output"),
     Case("sd-no-budget", "synth", {"spec.budgetRef": DELETE}, "spec.budgetRef"),
-    Case(
-        "sd-nonprivate-with-budget",
-        "synth",
-        {"spec.allowNonPrivate": True},
-        "allowNonPrivate output cannot be charged to a budget",
-    ),
+    # allowNonPrivate is gone: every synthesis is paid for.
+    Case("sd-allow-non-private", "synth", {"spec.allowNonPrivate": True}, "spec.allowNonPrivate"),
     Case(
         "sd-preprocessor-eps",
         "synth",
@@ -290,4 +290,87 @@ CASES: list[Case] = [
         "output.uri must differ from source.uri",
     ),
     Case("sd-budget-name", "synth", {"spec.budgetRef.name": "Not_A_Name"}, "spec.budgetRef.name"),
+    # --- SyntheticDataset: every column's domain is public ---
+    Case(
+        "sd-no-columns", "synth", {"spec.synthesizer.columns": DELETE}, "spec.synthesizer.columns"
+    ),
+    Case("sd-empty-columns", "synth", {"spec.synthesizer.columns": []}, "spec.synthesizer.columns"),
+    Case(
+        "sd-column-type-enum",
+        "synth",
+        {"spec.synthesizer.columns.0.type": "text"},
+        "spec.synthesizer.columns[0].type",
+    ),
+    Case(
+        "sd-categorical-without-values",
+        "synth",
+        {"spec.synthesizer.columns.5.values": DELETE},
+        "a categorical column needs its public values, or discover: true",
+    ),
+    Case(
+        "sd-values-on-numeric",
+        "synth",
+        {"spec.synthesizer.columns.0.values": ["young"]},
+        "values and discover are for categorical columns",
+    ),
+    Case(
+        "sd-bounds-on-categorical",
+        "synth",
+        {"spec.synthesizer.columns.1.bins": 4},
+        "lower, upper and bins are for numeric columns",
+    ),
+    Case(
+        "sd-half-bounds",
+        "synth",
+        {"spec.synthesizer.columns.0.upper": DELETE},
+        "give both lower and upper, or neither",
+    ),
+    Case(
+        "sd-bounds-order",
+        "synth",
+        {"spec.synthesizer.columns.0.lower": 100},
+        "lower must be below upper",
+    ),
+    Case(
+        "sd-max-values-without-discover",
+        "synth",
+        {"spec.synthesizer.columns.1.maxValues": 5},
+        "maxValues is only for discover: true",
+    ),
+    Case(
+        "sd-value-type",
+        "synth",
+        {"spec.synthesizer.columns.1.values": [{"name": "female"}]},
+        "values are strings (up to 1024 characters) or numbers",
+    ),
+    Case(
+        "sd-duplicate-column",
+        "synth",
+        {"spec.synthesizer.columns.1.name": "age"},
+        "Duplicate value",
+    ),
+    Case(
+        "sd-discover-without-epsilon",
+        "synth",
+        {"spec.synthesizer.discoveryEpsilon": 0},
+        "discoveryEpsilon must be above 0 exactly when a column has discover: true",
+    ),
+    Case(
+        "sd-discovery-delta-above-delta",
+        "synth",
+        {"spec.synthesizer.discoveryDelta": 1e-5},
+        "discoveryDelta must be smaller than delta",
+    ),
+    Case(
+        "sd-preprocessor-unused",
+        "synth",
+        {"spec.synthesizer.columns.3.lower": 50, "spec.synthesizer.columns.3.upper": 300},
+        "preprocessorEpsilon must be above 0 exactly when a numeric column has no lower/upper",
+    ),
+    Case(
+        "sd-parts-above-epsilon",
+        "synth",
+        {"spec.synthesizer.reportEpsilon": 0.95},
+        "with discoveryEpsilon and reportEpsilon added",
+    ),
 ]

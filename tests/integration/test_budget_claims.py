@@ -204,7 +204,10 @@ def test_compaction_writes_the_audit_trail(store: BudgetStore, api: client.ApiCl
         dataset=dataset_of(NAMESPACE, "audited"),
     )
     assert store.claim(ref, extra).state == "Granted"
-    assert store.get(ref)["status"]["epsilonSpent"] == pytest.approx(4.31, rel=1e-6)
+    # 431 claims of ε 0.01 under the Rényi filter (the `rdp` accountant).
+    assert store.get(ref)["status"]["epsilonSpent"] == pytest.approx(
+        epsilon_spent([EpsilonDeltaMechanism(epsilon=0.01, count=431)], 1e-5, "rdp"), rel=1e-9
+    )
 
 
 def test_refusals_are_clear(store: BudgetStore, api: client.ApiClient) -> None:
