@@ -72,6 +72,12 @@ class WireModel(BaseModel):
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
+
+def immutable(message: str) -> dict[str, Any]:
+    """`json_schema_extra` for a field the API server must keep as it was created."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": message}]}
+
+
 # Where datasets live: a local path (tests, dev), Azure Blob (az://account/container/path),
 # or HTTPS.
 DATA_URI_PATTERN = r"^(file|az|https)://\S+$"

@@ -14,6 +14,7 @@ from veil.api.base import (
     Rule,
     WireModel,
     conditions_field,
+    immutable,
 )
 
 Accountant = Literal["pld", "rdp"]
@@ -59,51 +60,28 @@ class UnlockSchedule(WireModel):
 
 class PrivacyBudgetSpec(WireModel):
     dataset: Dataset = Field(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self == oldSelf",
-                    "message": "dataset is immutable: a budget protects one dataset for life",
-                }
-            ]
-        }
+        json_schema_extra=immutable("dataset is immutable: a budget protects one dataset for life")
     )
     epsilon: float = Field(
         gt=0,
         le=1000,
         description="Total ε of the dataset; fixed at creation.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self == oldSelf",
-                    "message": "epsilon is immutable: the total a dataset may give away is "
-                    "fixed when its budget is created",
-                }
-            ]
-        },
+        json_schema_extra=immutable(
+            "epsilon is immutable: the total a dataset may give away is fixed when its budget "
+            "is created"
+        ),
     )
     delta: float = Field(
         gt=0,
         lt=1,
         description="Total δ of the dataset; fixed at creation.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "self == oldSelf", "message": "delta is immutable once the budget exists"}
-            ]
-        },
+        json_schema_extra=immutable("delta is immutable once the budget exists"),
     )
     accountant: Accountant = Field(
         default="pld",
         description="pld: tight (ε, δ) for a fixed sequence of claims; rdp: a Rényi privacy "
         "filter, valid when claims are chosen adaptively. Fixed at creation.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self == oldSelf",
-                    "message": "accountant is immutable once the budget exists",
-                }
-            ]
-        },
+        json_schema_extra=immutable("accountant is immutable once the budget exists"),
     )
     spenders: list[Spender] = Field(
         default_factory=list,
