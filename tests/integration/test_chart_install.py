@@ -318,14 +318,16 @@ ROLES_NAMESPACE = "veil-chart-roles"
 
 
 def test_user_roles_never_write_status_audit_trail_or_spending_records(
-    cluster: LocalCluster, installed: list[dict[str, Any]]
+    crds: LocalCluster,
 ) -> None:
+    cluster = crds
     roles = {
         d["metadata"]["name"].removeprefix(f"{RELEASE}-"): d
-        for d in installed
+        for d in helm_template()
         if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-operator")
     }
     assert set(roles) == set(MAY)
+    apply(cluster, list(roles.values()))
     cluster.kubectl("create", "namespace", ROLES_NAMESPACE)
     try:
         for role, manifest in roles.items():
@@ -348,3 +350,5 @@ def test_user_roles_never_write_status_audit_trail_or_spending_records(
                 assert not can(cluster, user, verb, resource), (role, verb, resource)
     finally:
         cluster.kubectl("delete", "namespace", ROLES_NAMESPACE, "--wait=false", check=False)
+        for manifest in roles.values():
+            cluster.kubectl("delete", "clusterrole", manifest["metadata"]["name"], check=False)

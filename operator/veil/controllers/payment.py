@@ -29,7 +29,9 @@ def _refusal(error: Exception, status: dict[str, Any]) -> Result:
         return Result(Outcome.stalled_with("DatasetMismatch", str(error)), status=status)
     if isinstance(error, BindingRefusedError):
         message = f"{error}; nothing runs until it is resolved"
-        return Result(Outcome.failed("BudgetBindingUnavailable", message), status=status, requeue_after=60)
+        return Result(
+            Outcome.failed("BudgetBindingUnavailable", message), status=status, requeue_after=60
+        )
     if isinstance(error, BudgetUnavailableError):
         return Result(
             Outcome.failed("BudgetUnavailable", str(error)), status=status, requeue_after=60
@@ -39,7 +41,9 @@ def _refusal(error: Exception, status: dict[str, Any]) -> Result:
             f"the budget's ledger failed verification ({error}); nothing runs until an "
             "administrator restores it"
         )
-        return Result(Outcome.failed("BudgetLedgerInvalid", message), status=status, requeue_after=60)
+        return Result(
+            Outcome.failed("BudgetLedgerInvalid", message), status=status, requeue_after=60
+        )
     return Result(Outcome.stalled_with("ClaimConflict", str(error)), status=status)
 
 

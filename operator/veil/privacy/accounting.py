@@ -203,9 +203,7 @@ def _filter_bound(composition: Composition, delta: float) -> float:
     for mechanism in composition:
         total += mechanism.multiplicity * _filter_curve(mechanism.unit())
     per_order_delta = delta * (1 - FILTER_APPROX_DELTA_SHARE) / len(FILTER_ORDERS)
-    finite, _order = rdp_privacy_accountant.compute_epsilon(
-        FILTER_ORDERS, total, per_order_delta
-    )
+    finite, _order = rdp_privacy_accountant.compute_epsilon(FILTER_ORDERS, total, per_order_delta)
     # Order ∞ is the basic-composition filter for pure ε (Rogers et al. 2016): Σ ε ≤ budget,
     # valid adaptively and with no δ of its own, so it takes no share of the union bound.
     pure = sum(
