@@ -341,7 +341,7 @@ CASES: list[Case] = [
         "sd-value-type",
         "synth",
         {"spec.synthesizer.columns.1.values": [{"name": "female"}]},
-        "values are strings (up to 1024 characters) or numbers",
+        "spec.synthesizer.columns[1].values[0]",
     ),
     Case(
         "sd-duplicate-column",

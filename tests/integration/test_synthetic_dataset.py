@@ -2,12 +2,15 @@
 
 kwok runs the Job's pod as a fake that succeeds; the synthesis itself runs here as a local
 process of the same entrypoint with the Job's own arguments, and the operator reads its
-report back exactly as it would in a cluster.
+report back exactly as it would in a cluster. A Job that must stay running asks for more CPU
+than any fake node has, so its pod is never scheduled.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +31,15 @@ from veil import API_GROUP, API_VERSION
 from veil.api.synthetic_dataset import SyntheticDatasetSpec
 from veil.conditions import kstatus_violations
 from veil.privacy import Ledger
-from veil.resources.synthetic_dataset import synthesize_args
+from veil.resources.synthetic_dataset import job_name, synthesize_args
 
 NAMESPACE = "veil-synthesis"
-
-
-@pytest.fixture(scope="module")
-def objects(operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient) -> Any:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-    api_objects = client.CustomObjectsApi(api)
-    create_budget(api_objects, NAMESPACE, "cancer-study", epsilon=1.2)
-    return api_objects
+# The declared domains of the source: public bounds and the 0/1 label.
+COLUMNS = [
+    {"name": "radius", "type": "numeric", "lower": 6, "upper": 29},
+    {"name": "texture", "type": "numeric", "lower": 9, "upper": 40},
+    {"name": "malignant", "type": "categorical", "values": ["0", "1"]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,18 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def dataset(name: str, source: Path, epsilon: float) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def objects(
+    operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient, source: Path
+) -> Any:
+    crds.kubectl("create", "namespace", NAMESPACE)
+    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    api_objects = client.CustomObjectsApi(api)
+    create_budget(api_objects, NAMESPACE, "cancer-study", epsilon=1.2, dataset_uri=source.as_uri())
+    return api_objects
+
+
+def dataset(name: str, source: Path, epsilon: float, report_epsilon: float = 0.0) -> dict[str, Any]:
     output = source.parent / f"{name}.csv"
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
@@ -67,11 +78,8 @@ def dataset(name: str, source: Path, epsilon: float) -> dict[str, Any]:
                 "epsilon": epsilon,
                 "delta": 1e-6,
                 "rows": 300,
-                "categoricalColumns": ["malignant"],
-                "bounds": [
-                    {"column": "radius", "lower": 6, "upper": 29},
-                    {"column": "texture", "lower": 9, "upper": 40},
-                ],
+                "reportEpsilon": report_epsilon,
+                "columns": COLUMNS,
             },
             "budgetRef": {"name": "cancer-study"},
             "output": {"uri": output.as_uri()},
@@ -90,7 +98,7 @@ def get(objects: Any, name: str) -> dict[str, Any]:
 def test_dataset_is_paid_for_synthesized_and_reported(
     objects: Any, source: Path, api: client.ApiClient
 ) -> None:
-    manifest = dataset("cancer-synthetic", source, epsilon=1.0)
+    manifest = dataset("cancer-synthetic", source, epsilon=1.0, report_epsilon=0.1)
     # The Job's program, run here on the same inputs with the Job's own arguments.
     args = synthesize_args(SyntheticDatasetSpec.model_validate(manifest["spec"]))
     run_veil(args)
@@ -104,10 +112,20 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     assert condition(obj, "Ready")["reason"] == "Synthesized"
     assert status["rows"] == 300
     assert status["claimState"] == "Consumed"
-    assert (
-        status["quality"]["oneWayTvd"]["mean"]
-        < status["quality"]["uniformBaseline"]["oneWayTvdMean"]
-    )
+    # Only the DP estimate, paid from reportEpsilon: no exact figure of the source.
+    quality = status["quality"]
+    assert quality["kind"] == "dpEstimate"
+    assert quality["oneWayTvd"]["mean"] < quality["uniformOneWayTvd"]["mean"]
+    assert "DP estimate" in condition(obj, "Ready")["message"]
+    assert set(status) <= {
+        "observedGeneration",
+        "conditions",
+        "claimState",
+        "jobName",
+        "outputUri",
+        "rows",
+        "quality",
+    }
 
     job = client.BatchV1Api(api).read_namespaced_job(status["jobName"], NAMESPACE)
     container = job.spec.template.spec.containers[0]
@@ -125,7 +143,7 @@ def test_dataset_is_paid_for_synthesized_and_reported(
     )
     claim = Ledger.from_wire(budget["status"]["ledger"]).claims[obj["metadata"]["uid"]]
     assert claim.state == "Consumed"
-    assert claim.mechanisms[0].type == "zcdp"
+    assert [m.type for m in claim.mechanisms] == ["zcdp", "gaussian"]
     report = json.loads(Path(source.parent / "cancer-synthetic.csv.report.json").read_text())
     assert report["rhoSpent"] <= claim.mechanisms[0].rho  # type: ignore[union-attr]
 
@@ -174,3 +192,104 @@ def test_deleting_the_dataset_removes_its_job(objects: Any, api: client.ApiClien
         timeout=60,
         what="the Job garbage-collected",
     )
+
+
+# --- a deleted Job never runs again on the same claim ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(objects: Any, source: Path) -> Path:
+    """A dataset of its own (one budget protects one dataset), with a budget for two runs."""
+    copy = source.parent / "registry" / "cancer.csv"
+    copy.parent.mkdir()
+    shutil.copy(source, copy)
+    create_budget(objects, NAMESPACE, "registry-study", epsilon=5.0, dataset_uri=copy.as_uri())
+    return copy
+
+
+def _jobs(api: client.ApiClient, name: str) -> list[Any]:
+    return list(
+        client.BatchV1Api(api)
+        .list_namespaced_job(NAMESPACE, label_selector=f"app.kubernetes.io/instance={name}")
+        .items
+    )
+
+
+def _delete_job_and_nudge(objects: Any, api: client.ApiClient, name: str) -> None:
+    """Delete the dataset's Job, wait until it is gone, then make the operator reconcile."""
+    batch = client.BatchV1Api(api)
+    batch.delete_namespaced_job(
+        job_name({"metadata": {"name": name}}), NAMESPACE, propagation_policy="Background"
+    )
+    wait_for(lambda: not _jobs(api, name), timeout=60, what="the Job deleted")
+    objects.patch_namespaced_custom_object(
+        API_GROUP,
+        API_VERSION,
+        NAMESPACE,
+        "syntheticdatasets",
+        name,
+        {"metadata": {"labels": {"nudged": "yes"}}},
+    )
+
+
+def _never_again(objects: Any, api: client.ApiClient, name: str, seconds: float = 8) -> None:
+    """No Job for `name` for a while, and exactly one claim of its, Consumed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert _jobs(api, name) == [], "the Job was created again"
+        time.sleep(0.5)
+    budget = objects.get_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", "registry-study"
+    )
+    ledger = Ledger.from_wire(budget["status"]["ledger"])
+    uid = get(objects, name)["metadata"]["uid"]
+    assert [k for k in ledger.claims if k.startswith(uid)] == [uid]
+    assert ledger.claims[uid].state == "Consumed"
+
+
+def _registry_dataset(name: str, registry: Path, **spec: Any) -> dict[str, Any]:
+    manifest = dataset(name, registry, epsilon=1.0)
+    manifest["spec"]["budgetRef"] = {"name": "registry-study"}
+    manifest["spec"].update(spec)
+    return manifest
+
+
+def test_a_finished_dataset_whose_job_is_deleted_stays_ready(
+    objects: Any, registry: Path, api: client.ApiClient
+) -> None:
+    manifest = _registry_dataset("kept-synthetic", registry)
+    run_veil(synthesize_args(SyntheticDatasetSpec.model_validate(manifest["spec"])))
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", manifest
+    )
+    wait_for_condition(lambda: get(objects, "kept-synthetic"), "Ready", "True", timeout=120)
+
+    _delete_job_and_nudge(objects, api, "kept-synthetic")
+    _never_again(objects, api, "kept-synthetic")
+    obj = get(objects, "kept-synthetic")
+    assert condition(obj, "Ready")["status"] == "True"
+    assert condition(obj, "Ready")["reason"] == "Synthesized"
+    assert obj["status"]["outputUri"] == manifest["spec"]["output"]["uri"]
+
+
+def test_an_unfinished_dataset_whose_job_is_deleted_stalls(
+    objects: Any, registry: Path, api: client.ApiClient
+) -> None:
+    # More CPU than any node has: the pod is never scheduled, the Job never finishes.
+    manifest = _registry_dataset("lost-synthetic", registry, resources={"requests": {"cpu": "64"}})
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", manifest
+    )
+    wait_for(lambda: _jobs(api, "lost-synthetic"), timeout=60, what="the Job created")
+    # Recorded as it was created: from here on it is never created again.
+    wait_for(
+        lambda: (get(objects, "lost-synthetic").get("status") or {}).get("jobName"),
+        what="status.jobName",
+    )
+
+    _delete_job_and_nudge(objects, api, "lost-synthetic")
+    obj = wait_for_condition(lambda: get(objects, "lost-synthetic"), "Stalled", "True")
+    assert condition(obj, "Stalled")["reason"] == "JobLost"
+    assert "create a new SyntheticDataset" in condition(obj, "Stalled")["message"]
+    _never_again(objects, api, "lost-synthetic")
+    assert kstatus_violations(get(objects, "lost-synthetic")) == []

@@ -1,6 +1,8 @@
 """Smoke test of the synthesis benchmark: `--quick` runs end to end and writes sane JSON.
 
-No timing thresholds: seconds only have to be positive.
+No timing thresholds: seconds only have to be positive. The private-domains entry states what
+discovery and the DP report cost (their ε, carved out of the same total) and the TVD before
+and after.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ TOP_KEYS = (
     "rows",
     "columns",
     "synth",
+    "private_domains_and_report",
     "nonprivate_baseline",
     "nonprivate_mean_2way_tvd",
     "training",
@@ -41,7 +44,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
     for key in TOP_KEYS:
         assert key in written, key
     assert "randhie" in written["dataset"]
-    assert written["rows"] == 300
+    assert written["rows"] == 2000
     assert written["columns"] == len(synth.QUICK_COLUMNS)
     assert isinstance(written["nonprivate_baseline"], str)
     assert 0 <= written["nonprivate_mean_2way_tvd"] <= 1
@@ -56,6 +59,21 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0 <= entry["direct_mean_2way_tvd"] <= 1
         # A working synthesizer beats one that draws every column uniformly.
         assert entry["mean_2way_tvd"] < written["uniform_mean_2way_tvd"]
+
+    (private,) = written["private_domains_and_report"]
+    assert (private["method"], private["epsilon"]) == ("mst", 1.0)
+    assert 0 <= private["mean_2way_tvd_declared"] <= 1
+    report = private["declared+report"]
+    assert report["report_epsilon"] == pytest.approx(0.1)
+    assert report["discovery_epsilon"] == 0
+    assert report["synthesizer_epsilon"] == pytest.approx(0.9)
+    assert 0 <= report["dp_report_mean_1way_tvd"] <= 1
+    found = private["private_domains+report"]
+    assert found["discovery_epsilon"] == pytest.approx(0.1)
+    assert found["preprocessor_epsilon"] == pytest.approx(0.05)
+    assert found["synthesizer_epsilon"] == pytest.approx(0.75)
+    assert set(found["values_discovered"]) == {"lncoins", "idp"}
+    assert found["mean_2way_tvd"] < written["uniform_mean_2way_tvd"]
 
     assert [(e["model"], e["epsilon"]) for e in written["training"]] == [
         ("logisticRegression", 1.0)

@@ -3,6 +3,13 @@
 Claim rule (see the README): the claim becomes Consumed *before* the Job exists, because from
 then on the Job could read the dataset; a Consumed claim is never refunded, whatever the Job
 does later. A claim still Pending or Granted when the SyntheticDataset is deleted is Released.
+
+One SyntheticDataset is one run: `status.jobName` is written as its Job is created, and from
+then on the Job is never created again, nor the budget asked again. If the Job disappears,
+a finished dataset stays Ready with its report; an unfinished one is Stalled (`JobLost`).
+
+Status holds public facts only (claim state, Job name, output URI, the row count asked for)
+and the report's DP estimates: nothing computed from the data without paying for it.
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ _guard = threading.Lock()
 
 
 def _budget_ref(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> BudgetRef:
-    assert spec.budget_ref is not None
     return BudgetRef(
         spec.budget_ref.namespace or owner["metadata"]["namespace"], spec.budget_ref.name
     )
@@ -53,11 +59,36 @@ def _claim(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> ClaimRequest
             "key": meta["uid"],
             "consumer": ConsumerRef(kind=KIND, namespace=meta["namespace"], name=meta["name"]),
             "mechanisms": claim_mechanisms(
-                synth.method, synth.epsilon, synth.delta, synth.preprocessor_epsilon
+                synth.method,
+                synth.epsilon,
+                synth.delta,
+                synth.preprocessor_epsilon,
+                discovery_epsilon=synth.discovery_epsilon,
+                discovery_delta=synth.discovery_delta,
+                report_epsilon=synth.report_epsilon,
             ),
             # A new generation may ask again after a denial.
             "attempt": int(meta.get("generation", 1)) - 1,
+            # The budget pays only for its own dataset.
+            "dataset": spec.source.uri,
         }
+    )
+
+
+def _done(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
+    """Ready, with what the status says: the rows asked for and the DP estimate, if any."""
+    tvd = ((status.get("quality") or {}).get("oneWayTvd") or {}).get("mean")
+    estimate = (
+        f"; DP estimate of the mean 1-way TVD {tvd:.3f} (reportEpsilon "
+        f"{spec.synthesizer.report_epsilon:g})"
+        if isinstance(tvd, int | float)
+        else ""
+    )
+    return Result(
+        Outcome.done(
+            "Synthesized", f"{status['rows']} rows at ε {spec.synthesizer.epsilon:g}{estimate}"
+        ),
+        status=status,
     )
 
 
@@ -72,18 +103,16 @@ def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
             status=status,
             requeue_after=60,
         )
-    quality = report.get("quality") or {}
-    rows = report.get("rows") or {}
-    status.update(outputUri=spec.output.uri, rows=int(rows.get("synthetic", 0)), quality=quality)
-    one_way = (quality.get("oneWayTvd") or {}).get("mean")
-    two_way = (quality.get("twoWayTvd") or {}).get("mean")
-    figures = f"; mean 1-way TVD {one_way:.3f}, 2-way {two_way:.3f}" if one_way and two_way else ""
-    return Result(
-        Outcome.done(
-            "Synthesized", f"{status['rows']} rows at ε {spec.synthesizer.epsilon:g}{figures}"
-        ),
-        status=status,
+    # Only public facts and the paid DP estimate: the row count is the one asked for.
+    quality = report.get("quality")
+    status.update(
+        outputUri=spec.output.uri,
+        rows=spec.synthesizer.rows,
+        quality=quality
+        if isinstance(quality, dict) and quality.get("kind") == "dpEstimate"
+        else None,
     )
+    return _done(spec, status)
 
 
 def converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
@@ -94,18 +123,66 @@ def converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
         return _converge(owner, spec)
 
 
-def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
+def _job(owner: Mapping[str, Any]) -> dict[str, Any] | None:
     meta = owner["metadata"]
-    status: dict[str, Any] = {}
-    if spec.allow_non_private:
-        status["claimState"] = None  # nothing to pay
-    else:
-        unpaid = pay_before_reading(_budget_ref(owner, spec), _claim(owner, spec), status)
-        if unpaid is not None:
-            return unpaid
-    status["jobName"] = build.job_name(owner)
+    return apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
+
+
+def _create_job(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str) -> None:
+    """Create the Job and record at once that it was: it is never created again."""
+    meta = owner["metadata"]
     apply.ensure(build.children(owner, spec, CONFIG))
-    job = apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
+    apply.patch_status(
+        f"{API_GROUP}/{API_VERSION}",
+        KIND,
+        meta["name"],
+        meta["namespace"],
+        {"jobName": name, "claimState": "Consumed"},
+    )
+
+
+def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
+    name = build.job_name(owner)
+    if (owner.get("status") or {}).get("jobName") == name:
+        return _started(owner, spec, name)
+    status: dict[str, Any] = {}
+    unpaid = pay_before_reading(_budget_ref(owner, spec), _claim(owner, spec), status)
+    if unpaid is not None:
+        return unpaid
+    _create_job(owner, spec, name)
+    status["jobName"] = name
+    return _outcome(spec, _job(owner), status)
+
+
+def _started(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str) -> Result:
+    """A run whose Job was created: the budget is not asked again (its claim may be folded
+    away) and the Job is never made again."""
+    previous = owner.get("status") or {}
+    status: dict[str, Any] = {"claimState": "Consumed", "jobName": name}
+    if previous.get("outputUri"):
+        status.update(
+            outputUri=previous["outputUri"],
+            rows=spec.synthesizer.rows,
+            quality=previous.get("quality"),
+        )
+        return _done(spec, status)
+    job = _job(owner)
+    if job is None:
+        return Result(
+            Outcome.stalled_with(
+                "JobLost",
+                f"Job {name} was deleted before it finished; it may have read the data, so it "
+                "is not run again on the same claim: create a new SyntheticDataset to "
+                "synthesize again, paid anew",
+            ),
+            status=status,
+        )
+    return _outcome(spec, job, status)
+
+
+def _outcome(
+    spec: SyntheticDatasetSpec, job: Mapping[str, Any] | None, status: dict[str, Any]
+) -> Result:
     state, message = job_outcome(job)
     if state == "Complete":
         return _finished(spec, status)

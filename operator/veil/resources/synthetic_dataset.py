@@ -3,6 +3,7 @@ NetworkPolicy that lets it reach the storage endpoint and nothing else. Pure."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,13 +28,15 @@ def job_name(owner: Mapping[str, Any]) -> str:
 
 
 def report_uri(spec: SyntheticDatasetSpec) -> str:
-    """The full quality report sits beside the output."""
+    """The report (public facts and DP estimates only) sits beside the output."""
     return f"{spec.output.uri}.report.json"
 
 
 def synthesize_args(spec: SyntheticDatasetSpec) -> list[str]:
+    """`veil synthesize` with every setting of the spec; the columns as one JSON argument."""
     synth = spec.synthesizer
-    args = [
+    columns = [c.to_wire() for c in synth.columns]
+    return [
         "synthesize",
         "--source",
         spec.source.uri,
@@ -47,20 +50,23 @@ def synthesize_args(spec: SyntheticDatasetSpec) -> list[str]:
         repr(synth.delta),
         "--rows",
         str(synth.rows),
+        "--bins",
+        str(synth.bins),
         "--preprocessor-epsilon",
         repr(synth.preprocessor_epsilon),
+        "--discovery-epsilon",
+        repr(synth.discovery_epsilon),
+        "--discovery-delta",
+        repr(synth.discovery_delta),
+        "--report-epsilon",
+        repr(synth.report_epsilon),
+        "--columns",
+        json.dumps(columns, separators=(",", ":"), sort_keys=True),
         "--output",
         spec.output.uri,
         "--report",
         report_uri(spec),
     ]
-    if synth.categorical_columns:
-        args += ["--categorical", ",".join(synth.categorical_columns)]
-    for bound in synth.bounds:
-        args += ["--bounds", f"{bound.column}={bound.lower!r}:{bound.upper!r}"]
-    if spec.allow_non_private:
-        args.append("--allow-non-private")
-    return args
 
 
 def service_account(owner: Mapping[str, Any]) -> dict[str, Any]:

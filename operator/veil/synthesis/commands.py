@@ -2,9 +2,11 @@
 
 `register(subparsers)` adds the subcommand; it sets `func(args) -> exit code`:
 0 done (the report JSON on stdout), 1 failed (I/O, fit, a spend check), 2 refused or bad
-arguments (a non-private generator without --allow-non-private, a column that cannot be
-encoded privately, an invalid spec). Nothing is written unless the run succeeds up to the
-output.
+arguments (an undeclared column, an invalid spec or column list, an inconsistent budget
+split). Nothing is written unless the run succeeds up to the output.
+
+Every message this program prints is free of data values: a library's own exception text
+(which may quote a row) is replaced by its type.
 """
 
 from __future__ import annotations
@@ -15,8 +17,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from veil.api.synthetic_dataset import DEFAULT_BINS
 from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, require
-from veil.synthesis.domain import DEFAULT_BINS, DomainError, parse_bounds
+from veil.synthesis.domain import DomainError
+
+SPEC_FIELDS = (
+    "method",
+    "epsilon",
+    "delta",
+    "rows",
+    "bins",
+    "preprocessor_epsilon",
+    "discovery_epsilon",
+    "discovery_delta",
+    "report_epsilon",
+)
 
 
 def _fail(message: str, code: int) -> int:
@@ -54,20 +69,33 @@ def spec_defaults(path: Path) -> dict[str, Any]:
         "source_uri": spec.source.uri,
         "source_format": spec.source.format,
         "output_uri": spec.output.uri,
-        "method": synth.method,
-        "epsilon": synth.epsilon,
-        "delta": synth.delta,
-        "rows": synth.rows,
-        "preprocessor_epsilon": synth.preprocessor_epsilon,
-        "categorical_columns": list(synth.categorical_columns),
-        "allow_non_private": spec.allow_non_private,
+        "columns": list(synth.columns),
+        **{name: getattr(synth, name) for name in SPEC_FIELDS},
     }
 
 
-def _categorical(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+def parse_columns(text: str) -> list[Any]:
+    """`--columns`: a JSON/YAML list of columns (as in the spec), inline or in a file.
+
+    A file may also hold `{columns: [...]}`, a `synthesizer`, a spec or a whole resource.
+    """
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from veil.api.synthetic_dataset import Column
+
+    inline = text.lstrip().startswith(("[", "{"))
+    try:
+        document = yaml.safe_load(text if inline else Path(text).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as bad:
+        raise ValueError(f"--columns is neither a readable file nor JSON/YAML: {bad}") from bad
+    for key in ("spec", "synthesizer", "columns"):
+        if isinstance(document, dict) and key in document:
+            document = document[key]
+    try:
+        return TypeAdapter(list[Column]).validate_python(document)
+    except ValidationError as bad:
+        raise ValueError(f"--columns is not a valid list of columns: {bad}") from bad
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -83,20 +111,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "epsilon": args.epsilon,
         "delta": args.delta,
         "rows": args.rows,
-        "preprocessor_epsilon": args.preprocessor_epsilon,
-        "categorical_columns": _categorical(args.categorical),
         "bins": args.bins,
-        "holdout_fraction": args.holdout_fraction,
+        "preprocessor_epsilon": args.preprocessor_epsilon,
+        "discovery_epsilon": args.discovery_epsilon,
+        "discovery_delta": args.discovery_delta,
+        "report_epsilon": args.report_epsilon,
         "seed": args.seed,
         "max_model_size": args.max_model_size,
         "rounds": args.rounds,
         "report_uri": args.report,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
-    settings["allow_non_private"] = bool(
-        args.allow_non_private or settings.get("allow_non_private")
-    )
-    settings["bounds"] = parse_bounds(args.bounds or [])
+    if args.columns is not None:
+        settings["columns"] = parse_columns(args.columns)
     settings["progress"] = args.progress if args.progress is not None else sys.stderr.isatty()
     require(
         settings,
@@ -104,7 +131,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
             ("--source", "source_uri"),
             ("--output", "output_uri"),
             ("--method", "method"),
+            ("--epsilon", "epsilon"),
             ("--rows", "rows"),
+            ("--columns", "columns"),
         ),
     )
     return SynthesisConfig(**settings)
@@ -124,6 +153,12 @@ def _synthesize(args: argparse.Namespace) -> int:
         return _fail(str(refused), EXIT_USAGE)
     except (SynthesisError, ArtifactError) as failed:
         return _fail(str(failed), EXIT_FAILED)
+    except Exception as unexpected:
+        return _fail(
+            f"failed with {type(unexpected).__name__} (details withheld: a library's message "
+            "may quote the data)",
+            EXIT_FAILED,
+        )
     print(json.dumps(report, indent=2, sort_keys=True))
     return EXIT_OK
 
@@ -133,10 +168,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "synthesize",
         help="fit a differentially-private synthesizer (MST, AIM) and write synthetic data",
-        description="Read a table (CSV/Parquet; file://, https://, az:// or a path), fit "
-        "smartnoise-synth's MST or AIM at the given epsilon, sample rows, write them, and "
-        "print a quality report (marginal TVD, correlation difference, DCR) as JSON. "
-        "Flags override the fields of --spec.",
+        description="Read a table (CSV/Parquet; file://, https://, az:// or a path) whose "
+        "columns are all declared with their public domains, fit smartnoise-synth's MST or "
+        "AIM at the given epsilon, sample rows, write them, and print a report as JSON: public "
+        "facts, plus DP quality estimates when --report-epsilon is set. Flags override the "
+        "fields of --spec.",
     )
     parser.add_argument(
         "--spec",
@@ -151,47 +187,47 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=("csv", "parquet"),
         help="output format (default: from the output's suffix, else the source's)",
     )
+    parser.add_argument("--method", choices=("mst", "aim"), help="mst or aim (both DP)")
     parser.add_argument(
-        "--method",
-        choices=("mst", "aim", "marginals"),
-        help="mst or aim (DP); marginals = independent exact 1-way marginals, NOT private",
+        "--epsilon", type=float, help="the run's total epsilon, every part included"
     )
-    parser.add_argument("--epsilon", type=float, help="total epsilon, preprocessing included")
-    parser.add_argument("--delta", type=float, help="delta (default 1e-6)")
+    parser.add_argument("--delta", type=float, help="the run's total delta (default 1e-6)")
     parser.add_argument("--rows", type=int, help="rows to sample")
+    parser.add_argument(
+        "--columns",
+        metavar="JSON|YAML|FILE",
+        help="every column of the source with its public domain, as in the spec's "
+        "synthesizer.columns: a list of {name, type: categorical|numeric, values, discover, "
+        "maxValues, lower, upper, bins, nullable}, inline or in a file",
+    )
+    parser.add_argument(
+        "--bins",
+        type=int,
+        help=f"bins of a numeric column without its own (default {DEFAULT_BINS})",
+    )
     parser.add_argument(
         "--preprocessor-epsilon",
         type=float,
-        help="part of epsilon spent inferring bounds of numeric columns without --bounds "
-        "(default 0: such columns must be integer-valued, or bounded, or categorical)",
+        help="part of epsilon spent inferring the bounds of numeric columns declared without "
+        "lower/upper (default 0)",
     )
     parser.add_argument(
-        "--categorical",
-        action="append",
-        metavar="COL[,COL...]",
-        help="categorical column(s) (repeatable)",
-    )
-    parser.add_argument(
-        "--bounds",
-        action="append",
-        metavar="COL=LOW:HIGH",
-        help="public bounds of a numeric column, binned without spending budget (repeatable)",
-    )
-    parser.add_argument(
-        "--bins", type=int, help=f"bins per numeric column (default {DEFAULT_BINS})"
-    )
-    parser.add_argument(
-        "--allow-non-private",
-        action="store_true",
-        default=False,
-        help="allow a non-private generator or bounds read off the data (no budget is charged)",
-    )
-    parser.add_argument(
-        "--holdout-fraction",
+        "--discovery-epsilon",
         type=float,
-        help="share of rows held out of the fit for the DCR check (default 0.2; 0 disables)",
+        help="part of epsilon spent discovering the values of discover: true columns",
     )
-    parser.add_argument("--seed", type=int, help="seed of the split and report sampling")
+    parser.add_argument("--discovery-delta", type=float, help="part of delta spent on discovery")
+    parser.add_argument(
+        "--report-epsilon",
+        type=float,
+        help="part of epsilon spent on DP quality estimates in the report (default 0: none)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed numpy's global generator (tests and benchmarks only: it makes the "
+        "synthesizer's selection steps reproducible)",
+    )
     parser.add_argument(
         "--max-model-size", type=float, help="AIM: largest model, in MB (default 80)"
     )

@@ -1,42 +1,46 @@
 """The discrete domain a synthesizer works on: one plan per column, and its encoding.
 
-MST and AIM model discrete data only, so every column becomes a small set of codes:
+MST and AIM model discrete data only, so every column becomes a small set of codes. Every
+domain is public — nothing about it is read off the data for free:
 
-- **categorical** (declared, or not numeric): one code per value. The set of values is read
-  from the data, as smartnoise-synth's `LabelTransformer` does; it is treated as public schema
-  (a category that only one person has is visible in the output's domain — declare such
-  columns away or coarsen them before synthesis).
+- **categorical**: one code per value: the values declared in the spec (`values`), plus, with
+  `discover: true`, those a DP mechanism found (`veil.synthesis.dp.discover_values`);
 - **binned** (numeric): `bins` equal-width bins between a lower and an upper bound, values
-  clipped into them; the synthetic value is the bin's midpoint. The bounds come from one of
-    * `public`: given by the caller (`--bounds COL=LO:HI`), no budget spent;
-    * `dp`: inferred by smartnoise-synth's `approx_bounds` (a Laplace histogram, pure ε) with
-      the preprocessor ε, split evenly across such columns — counted in the claim;
-    * `data`: the column's min and max, which is NOT private: only with `allowNonPrivate`.
-- an undeclared integer-valued numeric column without bounds, when the preprocessor has no
-  budget, counts as pre-binned: categorical, one code per value.
+  clipped into them; the synthetic value is the bin's midpoint. The bounds are declared
+  (`public`), or inferred privately with the preprocessor ε (`dp`);
+- **nullable** is declared: a nullable column has one more code, for missing values.
 
-Anything else (a fractional column, no bounds, no preprocessor budget, private run) is refused
-with a message that names the column and the three ways out.
+A value outside its column's domain (an unknown category, a missing or non-numeric value)
+becomes the null code when the column is nullable; otherwise its row is dropped. Both are
+decided per record, so adding or removing one record changes the encoded rows by at most
+that record (a stable transformation), and how many rows were dropped is never reported.
+
+Which columns the source has is schema (its header), public: a source column that the spec
+does not declare is refused before any row is read (`check_header`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from veil.api.synthetic_dataset import DEFAULT_BINS, Column
+
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped,unused-ignore]
 
 ColumnKind = Literal["categorical", "binned"]
-BoundsSource = Literal["public", "dp", "data", "none"]
+DomainSource = Literal["public", "dp"]
 Codes = npt.NDArray[np.int64]
 
-DEFAULT_BINS = 10
+COLUMNS_FIELD = "spec.synthesizer.columns"
 
 
 class DomainError(ValueError):
@@ -47,28 +51,40 @@ class DomainError(ValueError):
 class ColumnPlan:
     name: str
     kind: ColumnKind
-    categories: tuple[Any, ...] = ()  # categorical: sorted values, then None when nullable
+    categories: tuple[Any, ...] = ()  # categorical: the values, in code order
     lower: float | None = None
     upper: float | None = None
     bins: int = 0
-    bounds_source: BoundsSource = "none"
     nullable: bool = False
+    source: DomainSource = "public"  # dp: values discovered or bounds inferred privately
+
+    @property
+    def null_code(self) -> int:
+        return len(self.categories) if self.kind == "categorical" else self.bins
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """A binned column's (lower, upper)."""
+        if self.lower is None or self.upper is None:
+            raise DomainError(f"column {self.name} has no bounds")
+        return self.lower, self.upper
 
     @property
     def cardinality(self) -> int:
-        if self.kind == "categorical":
-            return len(self.categories)
-        return self.bins + (1 if self.nullable else 0)
+        return self.null_code + (1 if self.nullable else 0)
 
     def describe(self) -> dict[str, Any]:
+        """Public facts, or outputs of paid mechanisms (discovered values, private bounds)."""
         out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
+            "nullable": self.nullable,
+            "domain": self.source,
             "cardinality": self.cardinality,
         }
         if self.kind == "binned":
             out["bounds"] = [self.lower, self.upper]
-            out["boundsSource"] = self.bounds_source
+            out["bins"] = self.bins
         return out
 
 
@@ -90,175 +106,198 @@ def parse_bounds(items: Iterable[str]) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def _is_numeric(series: pd.Series) -> bool:
-    import pandas as pd
-
-    return bool(
-        pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series)
-    )
-
-
-def _is_integer_valued(series: pd.Series) -> bool:
-    values = series.dropna().to_numpy(dtype=float)
-    return bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
+def _number(text: str) -> int | float | None:
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return None
 
 
-def _sorted_categories(series: pd.Series) -> tuple[Any, ...]:
-    values = [_plain(v) for v in series.dropna().unique()]
-    try:
-        ordered = sorted(values)
-    except TypeError:
-        ordered = sorted(values, key=str)
-    if series.isna().any():
-        ordered.append(None)
-    return tuple(ordered)
+def canonical(value: Any) -> str | int | float:
+    """A category as plain Python: integral numbers as int, other numbers as float, text that
+    reads as a number as that number (as a CSV reader would read it)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        number = _number(value)
+        return value if number is None else canonical(number)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return str(value)
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python ones (JSON, sorting, dict keys)."""
-    return value.item() if isinstance(value, np.generic) else value
+def value_key(value: Any) -> str:
+    """The key a category is matched by: data `3`, `3.0` and `"3"` all match a declared "3"."""
+    plain = canonical(value)
+    return repr(plain) if isinstance(plain, float) else str(plain)
+
+
+def from_key(key: str) -> str | int | float:
+    """A category's key back to a value, decided by the key's text alone (never by how the
+    source stores it): integers and decimals as numbers, anything else as text. `value_key`
+    of the result is the key again."""
+    with contextlib.suppress(ValueError):
+        if str(int(key)) == key:
+            return int(key)
+    with contextlib.suppress(ValueError):
+        if repr(float(key)) == key:
+            return float(key)
+    return key
+
+
+def check_header(header: Sequence[str], columns: Sequence[Column]) -> None:
+    """Refuse a source whose columns are not exactly the declared ones (header only)."""
+    declared = {c.name for c in columns}
+    present = [str(name) for name in header]
+    undeclared = [name for name in present if name not in declared]
+    if undeclared:
+        raise DomainError(
+            f"source column(s) {', '.join(undeclared)} are not declared: every column needs "
+            f"its public domain in {COLUMNS_FIELD} (CLI: --columns) — categorical values, "
+            "numeric bounds, nullable — or must be removed from the source"
+        )
+    missing = sorted(declared - set(present))
+    if missing:
+        raise DomainError(
+            f"column(s) {', '.join(missing)} of {COLUMNS_FIELD} are not in the source"
+        )
+    if len(set(present)) != len(present):
+        raise DomainError("the source has duplicate column names")
+
+
+def _categories(column: Column, discovered: Sequence[Any]) -> tuple[Any, ...]:
+    """Declared values (in their order), then discovered ones; one per key."""
+    seen: set[str] = set()
+    out: list[Any] = []
+    for value in [*(column.values or []), *discovered]:
+        key = value_key(value)
+        if key not in seen:
+            seen.add(key)
+            out.append(from_key(key))
+    return tuple(out)
 
 
 def build_plan(
-    data: pd.DataFrame,
+    columns: Sequence[Column],
     *,
-    categorical: Sequence[str] = (),
-    bounds: Mapping[str, tuple[float, float]] | None = None,
     bins: int = DEFAULT_BINS,
-    preprocessor_epsilon: float = 0.0,
-    allow_non_private: bool = False,
+    discovered: Mapping[str, Sequence[Any]] | None = None,
+    inferred: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[ColumnPlan]:
-    """Decide each column's encoding (see the module docstring for the rules)."""
-    bounds = dict(bounds or {})
-    if bins < 2:
-        raise DomainError("bins must be at least 2")
-    unknown = [c for c in [*categorical, *bounds] if c not in data.columns]
-    if unknown:
-        raise DomainError(f"no such column(s) in the source: {', '.join(sorted(set(unknown)))}")
-    both = sorted(set(categorical) & set(bounds))
-    if both:
-        raise DomainError(f"column(s) both categorical and bounded: {', '.join(both)}")
-
+    """Each column's encoding, from its declaration and the outputs of the DP mechanisms."""
+    discovered = discovered or {}
+    inferred = inferred or {}
     plan: list[ColumnPlan] = []
-    refused: list[str] = []
-    for name in data.columns:
-        series = data[name]
-        nullable = bool(series.isna().any())
-        column = str(name)
-        if column in categorical or not _is_numeric(series):
-            plan.append(ColumnPlan(column, "categorical", _sorted_categories(series)))
-        elif column in bounds:
-            lo, hi = bounds[column]
-            plan.append(ColumnPlan(column, "binned", (), lo, hi, bins, "public", nullable))
-        elif preprocessor_epsilon > 0:
-            plan.append(ColumnPlan(column, "binned", (), None, None, bins, "dp", nullable))
-        elif _is_integer_valued(series):
-            plan.append(ColumnPlan(column, "categorical", _sorted_categories(series)))
-        elif allow_non_private:
-            finite = series.dropna().to_numpy(dtype=float)
-            lo = float(finite.min()) if finite.size else 0.0
-            hi = float(finite.max()) if finite.size else 1.0
-            hi = hi if hi > lo else lo + 1.0
-            plan.append(ColumnPlan(column, "binned", (), lo, hi, bins, "data", nullable))
+    for column in columns:
+        if column.type == "categorical":
+            categories = _categories(column, discovered.get(column.name, ()))
+            if not categories and not column.nullable:
+                raise DomainError(
+                    f"column {column.name}: no value was declared or discovered, and it is not "
+                    "nullable: declare values, or give discovery more budget"
+                )
+            source: DomainSource = "dp" if column.discover else "public"
+            plan.append(
+                ColumnPlan(
+                    column.name, "categorical", categories, None, None, 0, column.nullable, source
+                )
+            )
+            continue
+        if column.lower is not None and column.upper is not None:
+            lower, upper, source = column.lower, column.upper, "public"
+        elif column.name in inferred:
+            (lower, upper), source = inferred[column.name], "dp"
         else:
-            refused.append(column)
-    if refused:
-        raise DomainError(
-            f"column(s) {', '.join(refused)} are continuous and have no public bounds: give "
-            "them with --bounds COL=LOW:HIGH, declare them categorical, or give the "
-            "preprocessor some epsilon to infer bounds privately (reading bounds off the data "
-            "is not private and needs --allow-non-private)"
+            raise DomainError(f"column {column.name}: no bounds declared or inferred")
+        plan.append(
+            ColumnPlan(
+                column.name,
+                "binned",
+                (),
+                float(lower),
+                float(upper),
+                column.bins or bins,
+                column.nullable,
+                source,
+            )
         )
     return plan
 
 
-def make_transformer(plan: Sequence[ColumnPlan]) -> Any:
-    """A smartnoise-synth TableTransformer ("cube" style) that encodes exactly as the plan says."""
-    from snsynth.transform.bin import BinTransformer  # type: ignore[import-untyped,unused-ignore]
-    from snsynth.transform.label import (  # type: ignore[import-untyped,unused-ignore]
-        LabelTransformer,
-    )
-    from snsynth.transform.table import (  # type: ignore[import-untyped,unused-ignore]
-        TableTransformer,
-    )
+def numeric_values(series: pd.Series) -> npt.NDArray[np.float64]:
+    """A column as floats: missing and non-numeric values as NaN."""
+    import pandas as pd
 
-    transformers: list[Any] = []
-    for column in plan:
-        if column.kind == "categorical":
-            transformers.append(LabelTransformer(nullable=None in column.categories))
-        else:
-            transformers.append(
-                BinTransformer(
-                    bins=column.bins,
-                    lower=column.lower,
-                    upper=column.upper,
-                    nullable=column.nullable,
-                )
-            )
-    return TableTransformer(transformers)
+    return np.asarray(pd.to_numeric(series, errors="coerce"), dtype=np.float64)
 
 
-def finalize_plan(plan: Sequence[ColumnPlan], transformer: Any) -> list[ColumnPlan]:
-    """Read privately inferred bounds back from a fitted transformer into the plan.
+def category_keys(series: pd.Series) -> list[str | None]:
+    """A column as category keys (None for missing values)."""
+    missing = series.isna().to_numpy()
+    values = series.to_numpy(dtype=object)
+    return [None if gone else value_key(v) for v, gone in zip(values, missing, strict=True)]
 
-    A degenerate inferred range (upper <= lower) is widened to one unit: post-processing.
-    """
-    out: list[ColumnPlan] = []
-    for column, fitted in zip(plan, transformer.transformers, strict=True):
-        if column.kind == "binned" and column.bounds_source == "dp":
-            lo, hi = float(fitted.fit_lower), float(fitted.fit_upper)
-            if not hi > lo:
-                hi = lo + 1.0
-                fitted.fit_upper = hi
-            out.append(replace(column, lower=lo, upper=hi))
-        else:
-            out.append(column)
-    return out
+
+def _encode_column(series: pd.Series, column: ColumnPlan) -> tuple[Codes, npt.NDArray[np.bool_]]:
+    """Codes of one column, and where its value is outside the domain (missing included)."""
+    if column.kind == "categorical":
+        index = {value_key(v): i for i, v in enumerate(column.categories)}
+        found = [index.get(k, -1) if k is not None else -1 for k in category_keys(series)]
+        codes = np.asarray(found, dtype=np.int64)
+        return codes, codes < 0
+    lower, upper = column.span
+    values = numeric_values(series)
+    outside = np.isnan(values)
+    clipped = np.clip(np.nan_to_num(values, nan=lower), lower, upper)
+    scaled = column.bins * (clipped - lower) / (upper - lower)
+    return np.minimum(column.bins - 1, np.floor(scaled)).astype(np.int64), outside
 
 
 def encode(data: pd.DataFrame, plan: Sequence[ColumnPlan]) -> Codes:
-    """Each row as one code per column, the way the synthesizer saw it."""
+    """The rows as codes, one per column; out-of-domain values as null, or their row dropped."""
     codes = np.empty((len(data), len(plan)), dtype=np.int64)
+    keep = np.ones(len(data), dtype=bool)
     for j, column in enumerate(plan):
-        series = data[column.name]
-        if column.kind == "categorical":
-            index = {value: i for i, value in enumerate(column.categories)}
-            try:
-                codes[:, j] = [
-                    index[None if _is_missing(v) else _plain(v)] for v in series.to_numpy()
-                ]
-            except KeyError as missing:
-                raise DomainError(
-                    f"column {column.name}: value {missing} is not in its domain"
-                ) from None
+        col, outside = _encode_column(data[column.name], column)
+        if column.nullable:
+            col[outside] = column.null_code
         else:
-            assert column.lower is not None
-            assert column.upper is not None
-            values = series.to_numpy(dtype=float)
-            clipped = np.clip(values, column.lower, column.upper)
-            scaled = column.bins * (clipped - column.lower) / (column.upper - column.lower)
-            binned = np.minimum(column.bins - 1, np.floor(np.nan_to_num(scaled)))
-            codes[:, j] = np.where(np.isnan(values), column.bins, binned).astype(np.int64)
-    return codes
+            keep &= ~outside
+        codes[:, j] = col
+    return codes[keep]
+
+
+def _categorical_series(codes: Codes, column: ColumnPlan) -> pd.Series:
+    """Decoded values with a dtype that follows from the plan alone, never from the data."""
+    import pandas as pd
+
+    values = [column.categories[c] if c < column.null_code else None for c in codes]
+    kinds = {type(v) for v in column.categories}
+    if kinds == {int}:
+        return pd.Series(values, dtype="Int64" if column.nullable else "int64")
+    if kinds <= {int, float}:
+        return pd.Series(values, dtype="float64")
+    return pd.Series(values, dtype="object")
 
 
 def decode(codes: Codes, plan: Sequence[ColumnPlan]) -> pd.DataFrame:
-    """Codes back to values: the category, or the bin's midpoint (NaN for the null code)."""
+    """Codes back to values: the category, or the bin's midpoint (null for the null code)."""
     import pandas as pd
 
     columns: dict[str, Any] = {}
     for j, column in enumerate(plan):
         col = codes[:, j]
         if column.kind == "categorical":
-            columns[column.name] = [column.categories[c] for c in col]
+            columns[column.name] = _categorical_series(col, column)
         else:
-            assert column.lower is not None
-            assert column.upper is not None
-            width = (column.upper - column.lower) / column.bins
-            mid = column.lower + (np.minimum(col, column.bins - 1) + 0.5) * width
+            lower, upper = column.span
+            width = (upper - lower) / column.bins
+            mid = lower + (np.minimum(col, column.bins - 1) + 0.5) * width
             columns[column.name] = np.where(col >= column.bins, np.nan, mid)
     return pd.DataFrame(columns)
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

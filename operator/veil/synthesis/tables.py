@@ -1,14 +1,18 @@
 """Tables in and out by URI: CSV or Parquet, through `veil.artifacts` (file://, https://, az://).
 
 Sources are downloaded into a private temporary directory that is removed as soon as the
-table is parsed: sensitive data never lands in a cache.
+table is parsed: sensitive data never lands in a cache. The header can be read (and checked)
+before any row is parsed. Errors never quote the data: a parser's own message may.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
@@ -48,20 +52,61 @@ def _parquet_engine() -> str:
     return "pyarrow"
 
 
-def read_table(uri: str, fmt: str = "csv") -> pd.DataFrame:
-    import pandas as pd
-
-    if fmt not in FORMATS:
-        raise ArtifactError(f"unknown table format {fmt!r}: use csv or parquet")
+@contextlib.contextmanager
+def fetched(uri: str) -> Iterator[Path]:
+    """The table's bytes in a private temporary file, removed on exit."""
     with tempfile.TemporaryDirectory(prefix="veil-table-") as tmp:
         local = Path(tmp) / "table"
         fetch(as_uri(uri), local)
-        try:
+        yield local
+
+
+def _unreadable(fmt: str, bad: Exception) -> ArtifactError:
+    # A parser's message may quote the data (a line, a value): only its type leaves.
+    return ArtifactError(f"the source is not a readable {fmt} table ({type(bad).__name__})")
+
+
+def read_header(local: Path, fmt: str = "csv") -> list[str]:
+    """The column names only: no row is parsed."""
+    import pandas as pd
+
+    _check_format(fmt)
+    try:
+        if fmt == "parquet":
+            from pyarrow import parquet  # type: ignore[import-untyped,unused-ignore]
+
+            _parquet_engine()
+            return [str(name) for name in parquet.read_schema(local).names]
+        return [str(name) for name in pd.read_csv(local, nrows=0).columns]
+    except (ValueError, OSError) as bad:
+        raise _unreadable(fmt, bad) from None
+
+
+def read_rows(local: Path, fmt: str, columns: Sequence[str]) -> pd.DataFrame:
+    """The named columns of every row."""
+    import pandas as pd
+
+    _check_format(fmt)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. DtypeWarning says which columns mix types
             if fmt == "parquet":
-                return pd.read_parquet(local, engine=_parquet_engine())
-            return pd.read_csv(local)
-        except (ValueError, OSError) as bad:
-            raise ArtifactError(f"{uri} is not a readable {fmt} table: {bad}") from bad
+                return pd.read_parquet(local, engine=_parquet_engine(), columns=list(columns))
+            return pd.read_csv(local, usecols=list(columns))
+    except (ValueError, OSError) as bad:
+        raise _unreadable(fmt, bad) from None
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ArtifactError(f"unknown table format {fmt!r}: use csv or parquet")
+
+
+def read_table(uri: str, fmt: str = "csv") -> pd.DataFrame:
+    """The whole table (header and rows at once)."""
+    with fetched(uri) as local:
+        header = read_header(local, fmt)
+        return read_rows(local, fmt, header)
 
 
 def table_bytes(data: pd.DataFrame, fmt: str = "csv") -> bytes:

@@ -23,11 +23,26 @@ from tests.unit.synthesis.azurite import Azurite, AzuriteUnavailableError, insta
 RANDHIE_COLUMNS = ["mdvis", "lncoins", "idp", "physlm", "disea", "hlthg", "lpi"]
 # The MST test's columns (five: a fit's time is mostly JAX compiling one program per pair).
 RANDHIE_MST_COLUMNS = ["mdvis", "lncoins", "idp", "disea", "lpi"]
-# Public bounds, chosen from what the variables are rather than read off the rows: doctor
+# Public domains, chosen from what the variables are rather than read off the rows: doctor
 # visits per year capped at 20 (a choice: larger counts are clipped), physlm a 0..1
-# limitation index, disea a chronic-disease count below 60, lpi a log payment below ln(3000).
-RANDHIE_BOUNDS = ["mdvis=0:20", "disea=0:60", "lpi=0:8"]
-RANDHIE_CATEGORICAL = "lncoins,idp"
+# limitation index, disea a chronic-disease count below 60, lpi a log payment below ln(3000);
+# lncoins is ln(1 + coinsurance %) for the experiment's plans (0, 25, 50, 95, 100 %), idp and
+# hlthg are 0/1 indicators.
+LNCOINS = [0.0, 3.258096, 3.931826, 4.564348, 4.61512]
+RANDHIE_DOMAINS: dict[str, dict[str, Any]] = {
+    "mdvis": {"type": "numeric", "lower": 0, "upper": 20},
+    "lncoins": {"type": "categorical", "values": LNCOINS},
+    "idp": {"type": "categorical", "values": [0, 1]},
+    "physlm": {"type": "numeric", "lower": 0, "upper": 1},
+    "disea": {"type": "numeric", "lower": 0, "upper": 60},
+    "hlthg": {"type": "categorical", "values": [0, 1]},
+    "lpi": {"type": "numeric", "lower": 0, "upper": 8},
+}
+
+
+def randhie_columns(names: list[str], **overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The declared columns of `names`, in the spec's wire format (`overrides` per column)."""
+    return [{"name": n, **(overrides.get(n) or RANDHIE_DOMAINS[n])} for n in names]
 
 
 @pytest.fixture(scope="session", autouse=True)
