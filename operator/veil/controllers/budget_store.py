@@ -70,7 +70,6 @@ from veil.privacy.seal import (
     LedgerSeal,
     LedgerTamperedError,
     SealWatermarks,
-    canonical,
     seal,
     verify_seal,
 )
@@ -214,11 +213,14 @@ class BudgetStore:
             batches: list[AuditBatch] = []
             if len(after.claims) > COMPACT_ABOVE:
                 after, batches = compact(after, now)
+            wire = after.to_wire()
             next_seal = found_seal
-            if found_seal is None or canonical(after) != canonical(before):
-                next_seal = seal(after, budget["metadata"]["uid"], self.ledger_key, found_seal)
+            # Reseal only a changed ledger (the ledger functions return the very same object
+            # when nothing changes): a settled budget's resync writes nothing.
+            if found_seal is None or after is not before:
+                next_seal = seal(wire, budget["metadata"]["uid"], self.ledger_key, found_seal)
             summary = summarize(after, terms, unlocked)
-            desired = self._desired_status(budget, after, summary, next_seal, terms)
+            desired = self._desired_status(budget, wire, summary, next_seal, terms)
             patch = status_patch(current, desired)
             if not patch:
                 PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
@@ -243,6 +245,7 @@ class BudgetStore:
                 raise
             if next_seal is not None:
                 self.watermarks.advance(budget["metadata"]["uid"], next_seal)
+                self.watermarks.remember(budget["metadata"]["uid"], after, next_seal)
                 self._mark_sealed(budget)
             PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
             return result
@@ -278,7 +281,9 @@ class BudgetStore:
             if marked or ledger.binding is not None:
                 raise LedgerTamperedError("the ledger in status has no seal")
             return ledger, None
-        verify_seal(ledger, meta["uid"], self.ledger_key, found)
+        if not self.watermarks.known_genuine(meta["uid"], ledger, found):
+            verify_seal(ledger, meta["uid"], self.ledger_key, found)
+            self.watermarks.remember(meta["uid"], ledger, found)
         self.watermarks.check(meta["uid"], found)
         return ledger, found
 
@@ -349,7 +354,11 @@ class BudgetStore:
             other_uri = ((other.get("spec") or {}).get("dataset") or {}).get("uri")
             if other_meta["uid"] == meta["uid"] or other_uri != uri:
                 continue
-            if (other_meta["creationTimestamp"], other_meta["uid"]) < mine:
+            # A budget already bound keeps its dataset; between unbound ones, the older wins
+            # (creation times have one-second resolution: the UID breaks ties the same way
+            # for both).
+            other_bound = bool(((other.get("status") or {}).get("ledger") or {}).get("binding"))
+            if other_bound or (other_meta["creationTimestamp"], other_meta["uid"]) < mine:
                 raise BindingRefusedError(
                     f"PrivacyBudget {other_meta['namespace']}/{other_meta['name']} already "
                     f"protects dataset {uri}: one budget per dataset (delete one of them)"
@@ -443,7 +452,7 @@ class BudgetStore:
     def _desired_status(
         self,
         budget: Mapping[str, Any],
-        ledger: Ledger,
+        ledger_wire: dict[str, Any],
         summary: BudgetSummary,
         ledger_seal: LedgerSeal | None,
         terms: BudgetTerms,
@@ -463,7 +472,7 @@ class BudgetStore:
             now=now,
         )
         return {
-            "ledger": ledger.to_wire(),
+            "ledger": ledger_wire,
             "ledgerSeal": None if ledger_seal is None else ledger_seal.to_wire(),
             **summary.status_fields(),
             "guarantee": GUARANTEES[terms.accountant],

@@ -48,14 +48,32 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch that turns `current` status into `desired`; empty when they agree."""
+    """The merge patch that turns `current` status into `desired`; empty when they agree.
+
+    A key of `desired` set to None is removed. Nested objects are diffed the same way and keys
+    they no longer have are removed (RFC 7386 merges objects, so a plain copy would keep
+    them: a sealed ledger must be stored exactly as it was sealed). Other top-level keys of
+    `current` are left alone.
+    """
     patch: dict[str, Any] = {}
     for key, value in desired.items():
         if value is None:
             if key in current:
                 patch[key] = None
         elif current.get(key) != value:
-            patch[key] = value
+            old = current.get(key)
+            patch[key] = _object_patch(old, value) if isinstance(old, Mapping) else value
+    return patch
+
+
+def _object_patch(current: Mapping[str, Any], desired: Any) -> Any:
+    if not isinstance(desired, Mapping):
+        return desired
+    patch: dict[str, Any] = {key: None for key in current if key not in desired}
+    for key, value in desired.items():
+        old = current.get(key)
+        if old != value:
+            patch[key] = _object_patch(old, value) if isinstance(old, Mapping) else value
     return patch
 
 

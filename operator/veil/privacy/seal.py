@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import threading
+from typing import Any
 
 from pydantic import ConfigDict, Field
 
@@ -36,20 +37,27 @@ class LedgerSeal(WireModel):
     mac: str = Field(min_length=MAC_HEX_LENGTH, max_length=MAC_HEX_LENGTH)
 
 
-def canonical(ledger: Ledger) -> bytes:
-    """The ledger as the MAC sees it: its wire form with sorted keys and no spaces."""
-    return json.dumps(ledger.to_wire(), sort_keys=True, separators=(",", ":")).encode()
+def canonical(ledger: Ledger | dict[str, Any]) -> bytes:
+    """The ledger as the MAC sees it: its wire form (`Ledger.to_wire()`, or that form already
+    made) with sorted keys and no spaces."""
+    wire = ledger.to_wire() if isinstance(ledger, Ledger) else ledger
+    return json.dumps(wire, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _mac(key: bytes, budget_uid: str, seq: int, previous: str, ledger: Ledger) -> str:
+def _mac(
+    key: bytes, budget_uid: str, seq: int, previous: str, ledger: Ledger | dict[str, Any]
+) -> str:
     message = b"\n".join(
         (b"veil-ledger-v1", budget_uid.encode(), str(seq).encode(), previous.encode())
     )
     return hmac.new(key, message + b"\n" + canonical(ledger), hashlib.sha256).hexdigest()
 
 
-def seal(ledger: Ledger, budget_uid: str, key: bytes, previous: LedgerSeal | None) -> LedgerSeal:
-    """The seal of `ledger`, the next link after `previous` (None: the first ledger)."""
+def seal(
+    ledger: Ledger | dict[str, Any], budget_uid: str, key: bytes, previous: LedgerSeal | None
+) -> LedgerSeal:
+    """The seal of `ledger` (or its wire form), the next link after `previous` (None: the
+    first ledger)."""
     seq = 1 if previous is None else previous.seq + 1
     link = "" if previous is None else previous.mac
     return LedgerSeal(seq=seq, previous=link, mac=_mac(key, budget_uid, seq, link, ledger))
@@ -65,11 +73,23 @@ def verify_seal(ledger: Ledger, budget_uid: str, key: bytes, found: LedgerSeal) 
 
 
 class SealWatermarks:
-    """The newest seal number seen per budget UID in this process: a rollback detector."""
+    """Per budget UID in this process: the newest seal number seen (a rollback detector), and
+    the last ledger known genuine with its MAC, so an unchanged ledger is not MACed again."""
 
     def __init__(self) -> None:
         self._seen: dict[str, int] = {}
+        self._known: dict[str, tuple[str, Ledger]] = {}
         self._guard = threading.Lock()
+
+    def known_genuine(self, budget_uid: str, ledger: Ledger, found: LedgerSeal) -> bool:
+        with self._guard:
+            known = self._known.get(budget_uid)
+        # Equal content under the same MAC: verified before (comparing is cheaper than a MAC).
+        return known is not None and known[0] == found.mac and known[1] == ledger
+
+    def remember(self, budget_uid: str, ledger: Ledger, genuine: LedgerSeal) -> None:
+        with self._guard:
+            self._known[budget_uid] = (genuine.mac, ledger)
 
     def check(self, budget_uid: str, found: LedgerSeal | None) -> None:
         with self._guard:
@@ -88,3 +108,4 @@ class SealWatermarks:
     def forget(self, budget_uid: str) -> None:
         with self._guard:
             self._seen.pop(budget_uid, None)
+            self._known.pop(budget_uid, None)
