@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.conftest import OperatorProcess, wait_for, wait_for_condition
+from tests.integration.test_synthetic_dataset import dataset as synthetic_dataset
 from veil import API_GROUP, API_VERSION
 from veil.controllers import budget_store as budget_store_module
 from veil.controllers.budget_store import (
@@ -286,3 +288,36 @@ def test_the_audit_trail_verifies_after_a_write_conflict_during_compaction(
         for m in maps.items
         if m.metadata.name.startswith("audited-audit-")
     )
+
+
+def test_a_synthetic_dataset_cannot_pay_with_another_dataset_s_budget(
+    operator: OperatorProcess,
+    store: BudgetStore,
+    objects: client.CustomObjectsApi,
+    api: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The analyst points a SyntheticDataset at the payroll table and its budget at the
+    (generous) budget of a public-health table: nothing is charged, no Job is created."""
+    ref = make_budget(objects, "public-health", uri("public-health"), epsilon=10.0)
+    manifest = synthetic_dataset("payroll-copy", tmp_path / "payroll.csv", epsilon=1.0)
+    manifest["metadata"]["namespace"] = NAMESPACE
+    manifest["spec"]["budgetRef"] = {"name": ref.name}
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", manifest
+    )
+    obj = wait_for_condition(
+        lambda: objects.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, "syntheticdatasets", "payroll-copy"
+        ),
+        "Stalled",
+        "True",
+        timeout=60,
+    )
+    stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "DatasetMismatch"
+    assert "pays only for" in stalled["message"]
+    jobs = client.BatchV1Api(api).list_namespaced_job(NAMESPACE).items
+    assert not [j for j in jobs if j.metadata.name.startswith("payroll-copy")]
+    ledger = (store.get(ref).get("status") or {}).get("ledger") or {}
+    assert not ledger.get("claims"), "nothing was claimed from the public-health budget"
