@@ -15,9 +15,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.unit.attacks.leaves import leaves
 from veil.synthesis.commands import register
 from veil.synthesis.privacy import BudgetSplit, claim_mechanisms
 
 ROWS = 400
 EMAIL = "jane.roe.1957@example.org"
 UNIQUE = 4242
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _jax_cache() -> Iterator[None]:
-    cache = Path(os.environ.get("VEIL_CACHE", Path.home() / ".cache" / "veil")) / "jax"
-    cache.mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VEIL_JAX_CACHE_DIR", str(cache))
-        yield
 
 
 def people(rows: int = ROWS, seed: int = 0) -> pd.DataFrame:
@@ -139,19 +129,25 @@ def test_differencing_two_runs_reveals_nothing_unpaid(tmp_path: Path, report_eps
         assert first["quality"]["kind"] == second["quality"]["kind"] == "dpEstimate"
 
 
-def test_mst_is_given_a_private_total_never_the_row_count(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def totals(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The `known_total` each of mbi's estimations is handed, as the synthesizer runs."""
     from mbi import estimation
 
-    totals: list[Any] = []
+    seen: list[Any] = []
     real = estimation.mirror_descent
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        totals.append(kwargs.get("known_total"))
+        seen.append(kwargs.get("known_total"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(estimation, "mirror_descent", recording)
+    return seen
+
+
+def test_mst_is_given_a_private_total_never_the_row_count(
+    tmp_path: Path, totals: list[Any]
+) -> None:
     frame = people()
     run(frame, tmp_path, DECLARED)
     kept = len(frame)  # every row is in the domain: email is nullable, the rest declared
@@ -162,35 +158,12 @@ def test_mst_is_given_a_private_total_never_the_row_count(
         assert abs(total - kept) < 0.25 * kept  # an estimate of it, from noisy counts
 
 
-def test_aim_estimates_its_total_from_noisy_measurements(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mbi import estimation
-
-    totals: list[Any] = []
-    real = estimation.mirror_descent
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        totals.append(kwargs.get("known_total"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimation, "mirror_descent", recording)
+def test_aim_estimates_its_total_from_noisy_measurements(tmp_path: Path, totals: list[Any]) -> None:
     report, _, _ = run(people(), tmp_path, DECLARED, "--method", "aim", "--rounds", "4")
     assert report["method"] == "aim"
     # No total given: mbi estimates it from the noisy measurements (post-processing).
     assert totals
     assert set(totals) == {None}
-
-
-def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{path}.{key}" if path else key)
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _leaves(value, f"{path}[{index}]")
-    else:
-        yield path, node
 
 
 def _spec_facts(split: BudgetSplit, columns: list[dict[str, Any]], rows: int) -> dict[str, Any]:
@@ -222,7 +195,7 @@ def _spec_facts(split: BudgetSplit, columns: list[dict[str, Any]], rows: int) ->
         discovery_delta=split.discovery_delta,
         report_epsilon=split.report_epsilon,
     )
-    facts.update(_leaves({"mechanisms": claim}))
+    facts.update(leaves({"mechanisms": claim}))
     for i, column in enumerate(columns):
         at = f"columns[{i}]"
         facts[f"{at}.name"] = column["name"]
@@ -267,13 +240,13 @@ def test_every_number_in_the_report_is_public_or_paid(tmp_path: Path) -> None:
     report, _, _ = run(people(), tmp_path, columns, *flags)
     facts = _spec_facts(BudgetSplit(1.0, 1e-6, 0.1, 0.1, 1e-7, 0.1), columns, 2000)
     unexplained = []
-    for path, value in _leaves(report):
+    for path, value in leaves(report):
         if path in facts:
             assert value == facts[path], path
         elif not any(re.fullmatch(p, path) for p in (*PAID, *TEXT)):
             unexplained.append(f"{path} = {value!r}")
     assert unexplained == []
-    assert not any(path.startswith("rows.source") for path, _ in _leaves(report))
+    assert not any(path.startswith("rows.source") for path, _ in leaves(report))
 
 
 def test_status_carries_only_public_facts_and_the_dp_estimate(

@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import pandas as pd
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.unit.attacks.leaves import leaves
 from veil.api.confidential_model import ConfidentialModelSpec
 from veil.runtime.keywrap import RsaPublicKeyWrapper
 from veil.runtime.sealing import unseal_file
@@ -249,17 +249,6 @@ MODEL_DERIVED = {
 }
 
 
-def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{path}.{key}" if path else key)
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _leaves(value, f"{path}[{index}]")
-    else:
-        yield path, node
-
-
 def _public(config: TrainingConfig) -> dict[str, Any]:
     """The result's public numbers: each a function of the request and the libraries alone."""
     request: dict[str, Any] = {
@@ -276,7 +265,7 @@ def _public(config: TrainingConfig) -> dict[str, Any]:
             "upper": [config.bounds[f][1] for f in config.bounds],
         },
     }
-    return dict(_leaves(request))
+    return dict(leaves(request))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -291,7 +280,7 @@ def test_every_number_in_the_result_is_public_or_paid(
     assert all(p.startswith("evaluation.") for p in paid)
     assert bool(paid) == (evaluation_epsilon > 0)
     numbers = {
-        p: v for p, v in _leaves(result) if isinstance(v, int | float) and not isinstance(v, bool)
+        p: v for p, v in leaves(result) if isinstance(v, int | float) and not isinstance(v, bool)
     }
     for leaf, value in numbers.items():
         if leaf in paid or leaf in MODEL_DERIVED:
@@ -299,7 +288,7 @@ def test_every_number_in_the_result_is_public_or_paid(
         assert leaf in public, f"{leaf} = {value} is neither public nor paid for"
         assert value == public[leaf], f"{leaf} = {value}, the request says {public[leaf]}"
     # Strings: names from the spec and the header, digests of the sealed model, versions.
-    for leaf, value in _leaves(result):
+    for leaf, value in leaves(result):
         if isinstance(value, str) and re.fullmatch(r"[0-9.]+", value):
             assert leaf.startswith("versions."), f"{leaf} = {value!r}: a number as a string"
 
@@ -317,7 +306,7 @@ def test_differencing_d_and_d_plus_x_reveals_only_what_was_paid_for(
         path = _csv(tmp_path / f"{name}.csv", table)
         config = _config(path, family=family, evaluation_epsilon=0.5)
         config.output_uri = str(tmp_path / "model.sealed")
-        results.append(dict(_leaves(train(config, wrapper))))
+        results.append(dict(leaves(train(config, wrapper))))
     before, after = results
     assert before.keys() == after.keys()
     paid = {v for k, v in before.items() if k.startswith("dpEstimates[")}

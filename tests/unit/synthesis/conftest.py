@@ -45,15 +45,6 @@ def randhie_columns(names: list[str], **overrides: dict[str, Any]) -> list[dict[
     return [{"name": n, **(overrides.get(n) or RANDHIE_DOMAINS[n])} for n in names]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _jax_cache() -> Iterator[None]:
-    cache = Path(os.environ.get("VEIL_CACHE", Path.home() / ".cache" / "veil")) / "jax"
-    cache.mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VEIL_JAX_CACHE_DIR", str(cache))
-        yield
-
-
 @pytest.fixture(scope="session")
 def randhie_frame() -> Any:
     from statsmodels.datasets import randhie
