@@ -41,6 +41,8 @@ KIND = "SyntheticDataset"
 PLURAL = "syntheticdatasets"
 CONFIG = OperatorConfig.from_env()
 
+RESUME = {"spec": {"suspend": False}}
+
 _locks: dict[str, threading.Lock] = {}
 _guard = threading.Lock()
 
@@ -128,17 +130,28 @@ def _job(owner: Mapping[str, Any]) -> dict[str, Any] | None:
     return apply.get_object("batch/v1", "Job", build.job_name(owner), meta["namespace"])
 
 
+def _record(meta: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    apply.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["namespace"], fields)
+
+
 def _create_job(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str) -> None:
-    """Create the Job and record at once that it was: it is never created again."""
+    """Create the Job suspended (no pod, so it cannot read), record it, then let it run.
+
+    A Job recorded in status is never created again, so it never reads twice; a crash at any
+    step loses nothing: before the record only a suspended Job can exist, and after it the
+    next pass resumes that Job (`_started`).
+    """
     meta = owner["metadata"]
-    apply.ensure(build.children(owner, spec, CONFIG))
-    apply.patch_status(
-        f"{API_GROUP}/{API_VERSION}",
-        KIND,
-        meta["name"],
-        meta["namespace"],
-        {"jobName": name, "claimState": "Consumed"},
-    )
+    live = _job(owner)
+    if live is None or (live.get("spec") or {}).get("suspend"):
+        apply.ensure(build.children(owner, spec, CONFIG, suspended=True))
+    _record(meta, {"jobName": name, "claimState": "Consumed"})
+    _resume(owner, name)
+
+
+def _resume(owner: Mapping[str, Any], name: str) -> None:
+    """Let the recorded Job run; a Job deleted meanwhile is not made again (JobLost)."""
+    apply.patch_object("batch/v1", "Job", name, owner["metadata"]["namespace"], RESUME)
 
 
 def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
@@ -167,6 +180,10 @@ def _started(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str) ->
         )
         return _done(spec, status)
     job = _job(owner)
+    if job is not None and (job.get("spec") or {}).get("suspend"):
+        # Recorded but not yet let run (the operator stopped in between): resume it.
+        _resume(owner, name)
+        job = _job(owner)
     if job is None:
         return Result(
             Outcome.stalled_with(

@@ -138,6 +138,23 @@ def get_object(api_version: str, kind: str, name: str, namespace: str) -> dict[s
     return _get(_resource(dynamic_client(), api_version, kind), name, namespace)
 
 
+def patch_object(
+    api_version: str, kind: str, name: str, namespace: str, patch: dict[str, Any]
+) -> bool:
+    """Merge-patch an existing object; False when it does not exist (never creates it)."""
+    resource = _resource(dynamic_client(), api_version, kind)
+    try:
+        resource.patch(
+            body=patch,
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+        )
+    except NotFoundError:
+        return False
+    return True
+
+
 def patch_status(
     api_version: str, kind: str, name: str, namespace: str, status: dict[str, Any]
 ) -> None:

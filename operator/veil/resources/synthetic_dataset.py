@@ -74,8 +74,13 @@ def service_account(owner: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def job(
-    owner: Mapping[str, Any], spec: SyntheticDatasetSpec, config: OperatorConfig
+    owner: Mapping[str, Any],
+    spec: SyntheticDatasetSpec,
+    config: OperatorConfig,
+    *,
+    suspended: bool = False,
 ) -> dict[str, Any]:
+    """The synthesis Job; `suspended` creates it without pods (it cannot read the data yet)."""
     name = job_name(owner)
     pod_labels = {
         **selector_labels(owner, APP),
@@ -112,6 +117,7 @@ def job(
         "kind": "Job",
         "metadata": child_metadata(owner, name, APP, "synthesis"),
         "spec": {
+            "suspend": suspended,
             "backoffLimit": 2,
             "activeDeadlineSeconds": spec.active_deadline_seconds,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
@@ -137,9 +143,18 @@ def network_policy(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> dict
 
 
 def children(
-    owner: Mapping[str, Any], spec: SyntheticDatasetSpec, config: OperatorConfig
+    owner: Mapping[str, Any],
+    spec: SyntheticDatasetSpec,
+    config: OperatorConfig,
+    *,
+    suspended: bool = False,
 ) -> list[dict[str, Any]]:
-    return [service_account(owner), network_policy(owner, spec), job(owner, spec, config)]
+    """ServiceAccount, NetworkPolicy, then the Job (last: nothing follows its creation)."""
+    return [
+        service_account(owner),
+        network_policy(owner, spec),
+        job(owner, spec, config, suspended=suspended),
+    ]
 
 
 def render_for_review(owner: Mapping[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:

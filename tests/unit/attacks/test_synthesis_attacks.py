@@ -313,12 +313,32 @@ def test_a_deleted_job_is_never_run_again(monkeypatch: pytest.MonkeyPatch) -> No
         }
     )
     reads: list[str] = []
+    jobs: dict[str, dict[str, Any]] = {}
+
+    def ensure(manifests: list[dict[str, Any]], *_: Any, **__: Any) -> None:
+        job_manifest = manifests[-1]
+        assert job_manifest["kind"] == "Job"
+        jobs["live"] = job_manifest
+        reads.append("Job suspended" if job_manifest["spec"]["suspend"] else "Job runs")
+
     monkeypatch.setattr(controller, "pay_before_reading", lambda *_: reads.append("claim"))
-    monkeypatch.setattr(apply, "ensure", lambda *_, **__: reads.append("Job created"))
-    monkeypatch.setattr(apply, "patch_status", lambda *_, **__: None)
-    monkeypatch.setattr(apply, "get_object", lambda *_, **__: None)  # the Job is gone
+    monkeypatch.setattr(apply, "ensure", ensure)
+    monkeypatch.setattr(
+        apply, "patch_status", lambda *args, **__: reads.append(f"recorded {args[-1]}")
+    )
+    monkeypatch.setattr(apply, "get_object", lambda *_, **__: jobs.get("live"))
+
+    def resume(*args: Any) -> bool:
+        if "live" not in jobs:
+            return False
+        jobs["live"]["spec"].update(args[-1]["spec"])
+        reads.append("Job runs")
+        return True
+
+    monkeypatch.setattr(apply, "patch_object", resume)
     job = "people-synthetic-synthesize"
 
+    # The Job is gone: a finished dataset stays Ready, an unfinished one is JobLost.
     finished = {"claimState": "Consumed", "jobName": job, "outputUri": spec.output.uri}
     result = controller._converge(_owner(spec, finished), spec)
     assert (result.outcome.ready, result.outcome.reason) == ("True", "Synthesized")
@@ -329,7 +349,16 @@ def test_a_deleted_job_is_never_run_again(monkeypatch: pytest.MonkeyPatch) -> No
     assert "create a new SyntheticDataset" in result.outcome.message
     assert reads == [], "neither a new claim nor a new Job"
 
-    # A dataset that never had a Job pays, then creates it and records so at once.
+    # A dataset that never had a Job pays, creates it suspended (no pod can read yet),
+    # records it, then lets it run: once recorded it is never created again.
     result = controller._converge(_owner(spec, {}), spec)
-    assert reads == ["claim", "Job created"]
+    recorded = "recorded " + str({"jobName": job, "claimState": "Consumed"})
+    assert reads == ["claim", "Job suspended", recorded, "Job runs"]
     assert result.status["jobName"] == job
+
+    # The operator stopped after the record, before the Job ran: the next pass resumes that
+    # same Job, and pays and creates nothing.
+    reads.clear()
+    jobs["live"]["spec"]["suspend"] = True
+    controller._converge(_owner(spec, running), spec)
+    assert reads == ["Job runs"]
