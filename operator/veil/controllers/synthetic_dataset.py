@@ -163,8 +163,8 @@ def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
     if unpaid is not None:
         return unpaid
     _create_job(owner, spec, name)
-    status["jobName"] = name
-    return _outcome(spec, _job(owner), status)
+    recorded = {**(owner.get("status") or {}), "jobName": name, "claimState": "Consumed"}
+    return _started({**owner, "status": recorded}, spec, name)
 
 
 def _started(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str) -> Result:
