@@ -209,6 +209,12 @@ def run_veil(args: list[str], extra_env: dict[str, str] | None = None) -> str:
     return ran.stdout
 
 
+def restricted_namespace(cluster: LocalCluster, name: str) -> None:
+    """A namespace that enforces Pod Security `restricted`, as Veil's own pods must pass."""
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+
+
 def create_budget(
     objects: client.CustomObjectsApi,
     namespace: str,

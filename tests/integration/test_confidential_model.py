@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     AzureDoubles,
     OperatorProcess,
     condition,
+    restricted_namespace,
     wait_for,
     wait_for_condition,
 )
@@ -33,9 +34,8 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 def objects(
     operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient
 ) -> client.CustomObjectsApi:
-    crds.kubectl("create", "namespace", NAMESPACE)
     # Restricted Pod Security: a pod Veil builds that breaks it is never created.
-    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    restricted_namespace(crds, NAMESPACE)
     return client.CustomObjectsApi(api)
 
 

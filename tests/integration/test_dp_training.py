@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     AzureDoubles,
     OperatorProcess,
     create_budget,
+    restricted_namespace,
     run_veil,
     wait_for,
 )
@@ -51,8 +52,7 @@ def oncology(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def objects(
     operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient, oncology: Path
 ) -> Any:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    restricted_namespace(crds, NAMESPACE)
     api_objects = client.CustomObjectsApi(api)
     # Two runs at ε 1 + 0.2 (evaluation) in the first test, one at 0.5 + 0.2 in the second.
     create_budget(api_objects, NAMESPACE, "oncology-records", 4.0, dataset_uri=oncology.as_uri())

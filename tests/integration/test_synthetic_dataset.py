@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     OperatorProcess,
     condition,
     create_budget,
+    restricted_namespace,
     run_veil,
     wait_for,
     wait_for_condition,
@@ -58,8 +59,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def objects(
     operator: OperatorProcess, crds: LocalCluster, api: client.ApiClient, source: Path
 ) -> Any:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    crds.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    restricted_namespace(crds, NAMESPACE)
     api_objects = client.CustomObjectsApi(api)
     create_budget(api_objects, NAMESPACE, "cancer-study", epsilon=1.2, dataset_uri=source.as_uri())
     return api_objects

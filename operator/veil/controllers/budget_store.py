@@ -214,11 +214,13 @@ class BudgetStore:
             if len(after.claims) > COMPACT_ABOVE:
                 after, batches = compact(after, now)
             wire = after.to_wire()
-            next_seal = found_seal
             # Reseal only a changed ledger (the ledger functions return the very same object
             # when nothing changes): a settled budget's resync writes nothing.
-            if found_seal is None or after is not before:
-                next_seal = seal(wire, budget["metadata"]["uid"], self.ledger_key, found_seal)
+            next_seal = (
+                seal(wire, budget["metadata"]["uid"], self.ledger_key, found_seal)
+                if found_seal is None or after is not before
+                else found_seal
+            )
             summary = summarize(after, terms, unlocked)
             desired = self._desired_status(budget, wire, summary, next_seal, terms)
             patch = status_patch(current, desired)
@@ -243,10 +245,9 @@ class BudgetStore:
                     time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
                     continue
                 raise
-            if next_seal is not None:
-                self.watermarks.advance(budget["metadata"]["uid"], next_seal)
-                self.watermarks.remember(budget["metadata"]["uid"], after, next_seal)
-                self._mark_sealed(budget)
+            self.watermarks.advance(budget["metadata"]["uid"], next_seal)
+            self.watermarks.remember(budget["metadata"]["uid"], after, next_seal)
+            self._mark_sealed(budget)
             PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
             return result
         raise RuntimeError(f"PrivacyBudget {ref.namespace}/{ref.name}: too many write conflicts")
@@ -454,7 +455,7 @@ class BudgetStore:
         budget: Mapping[str, Any],
         ledger_wire: dict[str, Any],
         summary: BudgetSummary,
-        ledger_seal: LedgerSeal | None,
+        ledger_seal: LedgerSeal,
         terms: BudgetTerms,
     ) -> dict[str, Any]:
         current = budget.get("status") or {}
@@ -473,7 +474,7 @@ class BudgetStore:
         )
         return {
             "ledger": ledger_wire,
-            "ledgerSeal": None if ledger_seal is None else ledger_seal.to_wire(),
+            "ledgerSeal": ledger_seal.to_wire(),
             **summary.status_fields(),
             "guarantee": GUARANTEES[terms.accountant],
             "conditions": conditions,
