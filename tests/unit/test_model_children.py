@@ -168,3 +168,40 @@ def test_drift_ignores_server_defaults_but_sees_edits() -> None:
     assert first_difference(live, desired) == ".spec.template.containers[0].image"
     assert first_difference({"spec": {"replicas": 2}}, {"spec": {"replicas": 2.0}}) is None
     assert first_difference({"a": True}, {"a": 1}) == ".a"
+
+
+def test_cloud_settings_reach_every_container_of_every_pod_veil_builds() -> None:
+    from veil.config import PodSettings
+    from veil.resources import synthetic_dataset, training
+
+    config = OperatorConfig(pods=PodSettings(env_secret="cloud-env", trust_bundle="cloud-ca"))
+    owner, model = _owner("confidential-model-cvm")
+    pods = [_pod(build.children(owner, model.spec, KEY, config))]
+    synthetic = yaml.safe_load((EXAMPLES / "synthetic-data" / "synthetic.yaml").read_text())
+    synthetic["metadata"]["uid"] = "00000000-1111-2222-3333-555555555555"
+    pods += [
+        child["spec"]["template"]["spec"]
+        for child in synthetic_dataset.render_for_review(synthetic, config)
+        if child["kind"] == "Job"
+    ]
+    trainer = yaml.safe_load((EXAMPLES / "dp-training" / "model.yaml").read_text())
+    trainer["metadata"]["uid"] = "00000000-1111-2222-3333-666666666666"
+    trainer_spec = ConfidentialModel.model_validate(trainer).spec
+    pods += [
+        child["spec"]["template"]["spec"]
+        for child in training.children(trainer, trainer_spec, config)
+        if child["kind"] == "Job"
+    ]
+    assert len(pods) == 3
+    for pod in pods:
+        assert pod["volumes"][-1]["name"] == "trust-bundle"
+        assert pod["volumes"][-1]["configMap"]["name"] == "cloud-ca"
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            assert {"secretRef": {"name": "cloud-env", "optional": True}} in container["envFrom"]
+            env = {item["name"]: item["value"] for item in container["env"]}
+            assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/etc/veil/trust/ca.crt"
+            mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+            assert mounts["trust-bundle"]["readOnly"] is True
+    # Without settings nothing is added: the public cloud's pods stay as they were.
+    plain = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    assert all("envFrom" not in c for c in [*plain["initContainers"], *plain["containers"]])

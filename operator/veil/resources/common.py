@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from veil import labels
+from veil.config import PodSettings
+
+TRUST_BUNDLE_DIR = "/etc/veil/trust"
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,3 +88,36 @@ def workload_identity_account(
         "metadata": meta,
         "automountServiceAccountToken": False,
     }
+
+
+def with_pod_settings(pod_spec: dict[str, Any], settings: PodSettings) -> dict[str, Any]:
+    """`pod_spec` with the operator's pod settings in every container (see PodSettings)."""
+    containers = [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+    if settings.env_secret:
+        for container in containers:
+            container.setdefault("envFrom", []).append(
+                {"secretRef": {"name": settings.env_secret, "optional": True}}
+            )
+    if settings.trust_bundle:
+        bundle = f"{TRUST_BUNDLE_DIR}/ca.crt"
+        pod_spec.setdefault("volumes", []).append(
+            {
+                "name": "trust-bundle",
+                "configMap": {
+                    "name": settings.trust_bundle,
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                },
+            }
+        )
+        for container in containers:
+            container.setdefault("volumeMounts", []).append(
+                {"name": "trust-bundle", "mountPath": TRUST_BUNDLE_DIR, "readOnly": True}
+            )
+            # OpenSSL (aiohttp, urllib) and requests (the Azure SDKs) each read their own.
+            container.setdefault("env", []).extend(
+                [
+                    {"name": "SSL_CERT_FILE", "value": bundle},
+                    {"name": "REQUESTS_CA_BUNDLE", "value": bundle},
+                ]
+            )
+    return pod_spec

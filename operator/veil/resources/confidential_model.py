@@ -22,6 +22,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    with_pod_settings,
     workload_identity_account,
 )
 
@@ -228,7 +229,7 @@ def deployment(
             },
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": pod_spec,
+                "spec": with_pod_settings(pod_spec, config.pods),
             },
         },
     }

@@ -15,6 +15,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    with_pod_settings,
     workload_identity_account,
 )
 from veil.resources.confidential_model import DNS_EGRESS
@@ -120,7 +121,10 @@ def job(
             "suspend": suspended,
             "backoffLimit": 2,
             "activeDeadlineSeconds": spec.active_deadline_seconds,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": with_pod_settings(pod_spec, config.pods),
+            },
         },
     }
 

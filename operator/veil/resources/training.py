@@ -15,6 +15,7 @@ from veil.resources.common import (
     restricted_container_security,
     restricted_pod_security,
     selector_labels,
+    with_pod_settings,
     workload_identity_account,
 )
 from veil.resources.confidential_model import DNS_EGRESS
@@ -103,36 +104,39 @@ def children(
             "activeDeadlineSeconds": 21600,
             "template": {
                 "metadata": {"labels": pod_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": identity,
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": restricted_pod_security(),
-                    # The trainer sees the raw data: it runs on confidential capacity too.
-                    "nodeSelector": {labels.CVM_SECURITY_TYPE_LABEL: labels.CVM_SECURITY_TYPE},
-                    "tolerations": [
-                        {
-                            "key": labels.CONFIDENTIAL_TAINT_KEY,
-                            "operator": "Exists",
-                            "effect": "NoSchedule",
-                        }
-                    ],
-                    "containers": [
-                        {
-                            "name": "train",
-                            "image": config.images.runtime,
-                            "args": train_args(spec),
-                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                            "resources": {
-                                "requests": {"cpu": "1", "memory": "2Gi"},
-                                "limits": {"cpu": "2", "memory": "4Gi"},
-                            },
-                            "securityContext": restricted_container_security(),
-                        }
-                    ],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
-                },
+                "spec": with_pod_settings(
+                    {
+                        "restartPolicy": "Never",
+                        "serviceAccountName": identity,
+                        "automountServiceAccountToken": False,
+                        "enableServiceLinks": False,
+                        "securityContext": restricted_pod_security(),
+                        # The trainer sees the raw data: it runs on confidential capacity too.
+                        "nodeSelector": {labels.CVM_SECURITY_TYPE_LABEL: labels.CVM_SECURITY_TYPE},
+                        "tolerations": [
+                            {
+                                "key": labels.CONFIDENTIAL_TAINT_KEY,
+                                "operator": "Exists",
+                                "effect": "NoSchedule",
+                            }
+                        ],
+                        "containers": [
+                            {
+                                "name": "train",
+                                "image": config.images.runtime,
+                                "args": train_args(spec),
+                                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                                "resources": {
+                                    "requests": {"cpu": "1", "memory": "2Gi"},
+                                    "limits": {"cpu": "2", "memory": "4Gi"},
+                                },
+                                "securityContext": restricted_container_security(),
+                            }
+                        ],
+                        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
+                    },
+                    config.pods,
+                ),
             },
         },
     }
