@@ -24,12 +24,12 @@ from typing import Any
 import yaml
 from tests.cluster.localcluster import running
 from tests.integration.conftest import TOKEN, OperatorProcess
-from tests.unit.azure.arm_double import ArmDouble
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.server import ServerThread
-from tests.unit.azure.tls import make_tls
 
 from bench.report import publish
+from veil_standins.arm import ArmDouble
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.server import ServerThread
+from veil_standins.tls import make_tls
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

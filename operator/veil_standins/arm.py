@@ -1,4 +1,5 @@
-"""A local HTTPS double of the Azure Resource Manager agentPools endpoints of AKS (TEST ONLY).
+"""A LOCAL STAND-IN for the Azure Resource Manager agentPools endpoints of AKS. NOT a security
+boundary: nothing is provisioned, and any caller holding the one static token may change it.
 
     GET|PUT /subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.ContainerService/
             managedClusters/{c}/agentPools/{p}?api-version=...

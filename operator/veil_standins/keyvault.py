@@ -1,134 +1,88 @@
-"""A local HTTPS double of the Azure Key Vault keys REST API (TEST ONLY).
+"""A LOCAL STAND-IN for the Azure Key Vault keys REST API. NOT a security boundary.
 
-It stands in for what no emulator gives us here (see conftest.py for when it replaces Lowkey
-Vault entirely): RSA-HSM exportable keys with immutable Secure Key Release policies, key
-versions, soft delete, and `/release` with the release policy actually evaluated against the
-claims of the presented attestation token. Narrow on purpose: only the operations Veil and its
+It stands in for what no emulator gives us here (Lowkey Vault implements no Secure Key Release):
+RSA-HSM exportable keys with immutable release policies, key versions, soft delete, and
+`/release` refusing what Key Vault refuses. Narrow on purpose: only the operations Veil and its
 tests use, with the request and response shapes of the Key Vault REST API, so the REAL
-azure-keyvault-keys `KeyClient` is what talks to it. Not a security boundary:
+azure-keyvault-keys `KeyClient` is what talks to it.
 
-- the key material is one RSA key per size, reused by every key (nothing is really in an HSM);
-- `/release` decodes the attestation token WITHOUT verifying its signature (Key Vault verifies
-  MAA's signature; Veil's own token verification lives in veil.runtime.attestation) and returns
-  a JWS whose `key_hsm` is a placeholder, not a wrapped key;
-- authentication is Key Vault's challenge flow with one expected static bearer token.
+`POST /keys/{name}/{version}/release {"target": <attestation token>, "enc"?, "nonce"?}`:
+  1. the key must exist, be enabled, exportable and carry a release policy (else 403);
+  2. the token must come from an authority of that policy: its signature, by the authority's
+     published key, and its exp/nbf are checked (authority_tokens.py; else 403);
+  3. its claims must satisfy the policy (release_policy.py; else 403);
+  4. the key's private half is wrapped to the RSA key in the token's `x-ms-runtime.keys`
+     (key_transfer.py) and the answer is a JWS (`{"value": ...}`) signed with a certificate
+     chain (release_signer.py) whose payload holds `request` {api-version, enc, kid, nonce?}
+     and `response.key` (the key bundle with `key.key_hsm`).
+
+What makes it a stand-in: every key's RSA private key is an ordinary key in this process's
+memory (nothing is in an HSM; tests may read it with `private_key()`), and authentication is
+Key Vault's challenge flow with one expected static bearer token.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from veil_standins.authority_tokens import (
+    AuthorityKeys,
+    AuthorityUnavailableError,
+    MalformedTokenError,
+    TokenRefusedError,
+)
+from veil_standins.jose import b64url, b64url_decode, rsa_public_key_from_jwk
+from veil_standins.key_transfer import DEFAULT_ENC, ENCRYPTION_ALGORITHMS, wrap_key_hsm
+from veil_standins.release_policy import (
+    authorities,
+    evaluate_release_policy,
+    validate_policy_grammar,
+)
+from veil_standins.release_signer import ReleaseSigner
 
 CHALLENGE = (
     'Bearer authorization="https://login.veil-test.invalid/00000000-0000-0000-0000-000000000000",'
     ' resource="https://vault.azure.net"'
 )
 RECOVERY_LEVEL = "Recoverable+Purgeable"
+KEY_SIZES = (2048, 3072, 4096)
+NOT_VERIFIED = "Target environment attestation statement cannot be verified"
 
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+__all__ = ["KeyVaultDouble", "b64url", "b64url_decode"]
 
 
 def _int_bytes(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
-# -- release policy evaluation (the Secure Key Release grammar, version 1.0.0) ---------------
-
-
-def _claim(claims: Mapping[str, Any], path: str) -> Any:
-    if path in claims:
-        return claims[path]
-    node: Any = claims
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-_MISSING = object()
-
-
-def _condition_holds(condition: Mapping[str, Any], claims: Mapping[str, Any]) -> bool:
-    if "allOf" in condition:
-        return all(_condition_holds(c, claims) for c in condition["allOf"])
-    if "anyOf" in condition:
-        return any(_condition_holds(c, claims) for c in condition["anyOf"])
-    value = _claim(claims, str(condition["claim"]))
-    if value is _MISSING:
-        return False
-    expected = condition["equals"]
-    return bool(type(value) is type(expected) and value == expected)
-
-
-def evaluate_release_policy(policy: Mapping[str, Any], claims: Mapping[str, Any]) -> bool:
-    """Whether an attestation token's claims satisfy a release policy: some anyOf branch whose
-    authority equals the token's issuer (trailing slashes aside) has all its conditions hold."""
-    issuer = str(claims.get("iss", "")).rstrip("/").lower()
-    for branch in policy.get("anyOf", []):
-        if str(branch.get("authority", "")).rstrip("/").lower() != issuer:
+def _runtime_key(claims: Mapping[str, Any]) -> tuple[rsa.RSAPublicKey, str] | None:
+    """The first RSA key in the token's x-ms-runtime.keys (where MAA puts the runtime data's
+    keys) that may encrypt, with its kid; None when there is none."""
+    runtime = claims.get("x-ms-runtime")
+    keys = runtime.get("keys") if isinstance(runtime, Mapping) else None
+    for jwk in keys if isinstance(keys, list) else []:
+        if not isinstance(jwk, Mapping) or "encrypt" not in jwk.get("key_ops", ["encrypt"]):
             continue
-        if _condition_holds(branch, claims):
-            return True
-    return False
-
-
-def validate_policy_grammar(policy: Any) -> str | None:
-    """None when `policy` follows the grammar, else what is wrong (Key Vault answers 400)."""
-    if not isinstance(policy, dict):
-        return "the policy must be a JSON object"
-    if policy.get("version", "1.0.0") not in ("1.0.0", "0.2"):
-        return f"unsupported policy version {policy.get('version')!r}"
-    branches = policy.get("anyOf")
-    if not isinstance(branches, list) or not branches:
-        return "anyOf must be a non-empty list"
-    for branch in branches:
-        if not isinstance(branch, dict) or not str(branch.get("authority", "")).startswith(
-            "https://"
-        ):
-            return "each anyOf entry needs an https authority"
-        problem = _validate_conditions(branch)
-        if problem:
-            return problem
+        try:
+            return rsa_public_key_from_jwk(jwk), str(jwk.get("kid", ""))
+        except ValueError:
+            continue
     return None
 
 
-def _validate_conditions(node: dict[str, Any]) -> str | None:
-    lists = [k for k in ("allOf", "anyOf") if k in node]
-    if len(lists) != 1 or not isinstance(node[lists[0]], list) or not node[lists[0]]:
-        return "each condition set needs exactly one non-empty allOf or anyOf"
-    for condition in node[lists[0]]:
-        if not isinstance(condition, dict):
-            return "conditions must be objects"
-        if "allOf" in condition or "anyOf" in condition:
-            problem = _validate_conditions(condition)
-            if problem:
-                return problem
-            continue
-        if set(condition) != {"claim", "equals"}:
-            return f"a condition needs exactly claim and equals, got {sorted(condition)}"
-        if not isinstance(condition["equals"], str | bool):
-            return "equals must be a string or a boolean"
-    return None
-
-
-# -- the double -------------------------------------------------------------------------------
+# -- the stand-in ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -142,6 +96,8 @@ class _Version:
     tags: dict[str, str]
     release_policy: dict[str, Any] | None
     created: int
+    # Each key version its own key, so that what wraps with it and what is released match.
+    private_key: rsa.RSAPrivateKey = field(repr=False)
 
 
 @dataclass
@@ -157,21 +113,33 @@ class _Failure:
 
 @dataclass
 class KeyVaultDouble:
-    """State and handlers of the double. Tests may call its methods from their own thread."""
+    """State and handlers of the stand-in. Tests may call its methods from their own thread.
+
+    `signer` signs release answers (default: one under a CA no one trusts, made on first use);
+    `authority_trust` says which CAs an attestation authority's HTTPS may chain to (default:
+    the system's, and SSL_CERT_FILE's).
+    """
 
     token: str
     url: str = ""
+    signer: ReleaseSigner | None = None
+    authority_trust: ssl.SSLContext | None = None
     keys: dict[str, list[_Version]] = field(default_factory=dict)
     deleted: dict[str, tuple[list[_Version], int]] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     _failures: list[_Failure] = field(default_factory=list)
-    _rsa: dict[int, rsa.RSAPrivateKey] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _signer: rsa.RSAPrivateKey = field(
-        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    )
 
     # test controls
+    def private_key(self, name: str, version: str = "") -> rsa.RSAPrivateKey:
+        """The key material of a key version (the latest by default): what Key Vault keeps in
+        its HSM, and releases only to an attested TEE."""
+        with self._lock:
+            found = self._find(name, version)
+        if found is None:
+            raise KeyError(f"no key {name!r} version {version!r}")
+        return found.private_key
+
     def fail(
         self,
         status: int,
@@ -237,11 +205,6 @@ class KeyVaultDouble:
         response: web.StreamResponse = await handler(request)
         return response
 
-    def _public(self, size: int) -> rsa.RSAPublicNumbers:
-        if size not in self._rsa:
-            self._rsa[size] = rsa.generate_private_key(public_exponent=65537, key_size=size)
-        return self._rsa[size].public_key().public_numbers()
-
     def _kid(self, name: str, version: str) -> str:
         return f"{self.url}/keys/{name}/{version}"
 
@@ -256,7 +219,7 @@ class KeyVaultDouble:
         }
 
     def _bundle(self, name: str, v: _Version) -> dict[str, Any]:
-        numbers = self._public(v.size)
+        numbers = v.private_key.public_key().public_numbers()
         bundle: dict[str, Any] = {
             "key": {
                 "kid": self._kid(name, v.version),
@@ -278,7 +241,7 @@ class KeyVaultDouble:
         body = await request.json()
         kty = str(body.get("kty", ""))
         if kty not in ("RSA", "RSA-HSM"):
-            return _error(400, "BadParameter", f"this double only makes RSA keys, not {kty!r}")
+            return _error(400, "BadParameter", f"this stand-in only makes RSA keys, not {kty!r}")
         attributes = body.get("attributes") or {}
         exportable = bool(attributes.get("exportable", False))
         policy = body.get("release_policy")
@@ -286,6 +249,9 @@ class KeyVaultDouble:
             return _error(400, "BadParameter", "Exportable keys must be HSM-protected (RSA-HSM).")
         if exportable and policy is None:
             return _error(400, "BadParameter", "Exportable keys require a release policy.")
+        size = int(body.get("key_size") or 2048)
+        if size not in KEY_SIZES:
+            return _error(400, "BadParameter", f"RSA key size {size} is not supported.")
         if policy is not None:
             try:
                 document = json.loads(b64url_decode(str(policy.get("data", ""))))
@@ -294,6 +260,10 @@ class KeyVaultDouble:
             problem = validate_policy_grammar(document)
             if problem:
                 return _error(400, "BadParameter", f"Invalid release policy: {problem}")
+        # Generating a key takes a while: off the event loop, so other requests go on.
+        private_key = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: rsa.generate_private_key(public_exponent=65537, key_size=size)
+        )
         with self._lock:
             if name in self.deleted:
                 return _error(
@@ -305,7 +275,7 @@ class KeyVaultDouble:
             version = _Version(
                 version=uuid.uuid4().hex,
                 kty=kty,
-                size=int(body.get("key_size") or 2048),
+                size=size,
                 key_ops=list(
                     body.get("key_ops")
                     or ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]
@@ -321,6 +291,7 @@ class KeyVaultDouble:
                     "data": policy["data"],
                 },
                 created=int(time.time()),
+                private_key=private_key,
             )
             self.keys.setdefault(name, []).append(version)
             bundle = self._bundle(name, version)
@@ -383,36 +354,73 @@ class KeyVaultDouble:
             versions, when = self.deleted[name]
             return web.json_response(self._deleted_bundle(name, versions, when))
 
-    async def _release(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await request.json()
-        target = str(body.get("target", ""))
-        try:
-            claims = jwt.decode(target, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            return _error(400, "BadParameter", f"target is not a JWT: {exc}")
+    def _release_signer(self) -> ReleaseSigner:
         with self._lock:
-            found = self._find(name, request.match_info.get("version", ""))
+            if self.signer is None:
+                self.signer = ReleaseSigner.untrusted([urlsplit(self.url).hostname or "localhost"])
+            return self.signer
+
+    def _releasable(
+        self, name: str, version: str
+    ) -> tuple[_Version, dict[str, Any], dict[str, Any]] | web.Response:
+        """The key version, its policy and its bundle; or Key Vault's refusal."""
+        with self._lock:
+            found = self._find(name, version)
             if found is None:
                 return _not_found(name)
             if not found.exportable or found.release_policy is None:
                 return _error(403, "Forbidden", "Key is not exportable.")
-            policy = json.loads(b64url_decode(found.release_policy["data"]))
-            if not evaluate_release_policy(policy, claims):
+            if not found.enabled:
                 return _error(
-                    403,
-                    "Forbidden",
-                    "Target environment attestation statement cannot be verified: the "
-                    "release policy is not satisfied.",
+                    403, "Forbidden", "Operation release is not allowed on a disabled key."
                 )
-            key = self._bundle(name, found)
-        key["key"]["key_hsm"] = b64url(b"veil-test-double: not a wrapped key")
-        value = jwt.encode(
-            {"request": {"api-version": request.query["api-version"]}, "response": {"key": key}},
-            self._signer,
-            algorithm="RS256",
-            headers={"x5t#S256": b64url(b"veil-test-double")},
+            policy = json.loads(b64url_decode(found.release_policy["data"]))
+            return found, policy, self._bundle(name, found)
+
+    async def _release(self, request: web.Request) -> web.Response:  # noqa: PLR0911
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(400, "BadParameter", "the request body is not a JSON object")
+        target, enc = body.get("target"), body.get("enc") or DEFAULT_ENC
+        if not isinstance(target, str) or not target:
+            return _error(400, "BadParameter", "target (the attestation token) is required")
+        if enc not in ENCRYPTION_ALGORITHMS:
+            return _error(400, "BadParameter", f"enc {enc!r} is not a key export algorithm")
+        releasable = self._releasable(
+            request.match_info["name"], request.match_info.get("version", "")
         )
+        if isinstance(releasable, web.Response):
+            return releasable
+        found, policy, key = releasable
+        try:
+            claims = await AuthorityKeys(self.authority_trust).verify(target, authorities(policy))
+        except MalformedTokenError as exc:
+            return _error(400, "BadParameter", str(exc))
+        except TokenRefusedError as exc:
+            return _error(403, "Forbidden", f"{NOT_VERIFIED}: {exc}")
+        except AuthorityUnavailableError as exc:
+            return _error(503, "ServiceUnavailable", f"{NOT_VERIFIED} now: {exc}")
+        if not evaluate_release_policy(policy, claims):
+            return _error(403, "Forbidden", f"{NOT_VERIFIED}: the release policy is not satisfied.")
+        runtime_key = _runtime_key(claims)
+        if runtime_key is None:
+            return _error(
+                400, "BadParameter", "the attestation token holds no RSA key in x-ms-runtime.keys"
+            )
+        key["key"]["key_hsm"] = wrap_key_hsm(
+            found.private_key, runtime_key[0], enc=enc, wrapping_kid=runtime_key[1]
+        )
+        answered: dict[str, Any] = {
+            "api-version": request.query["api-version"],
+            "enc": enc,
+            "kid": key["key"]["kid"],
+        }
+        if body.get("nonce"):
+            answered["nonce"] = body["nonce"]
+        value = self._release_signer().sign({"request": answered, "response": {"key": key}})
         return web.json_response({"value": value})
 
 

@@ -1,65 +1,142 @@
-"""Local stand-ins for Azure Key Vault and ARM, for `hack/up.sh` on a machine without Azure.
+"""LOCAL STAND-INS for Azure Key Vault, MAA and ARM, for a machine without Azure (`hack/up.sh`).
+NOT security boundaries: anyone who can reach them and read azure.env holds every key.
 
-    python -m tests.unit.azure.standins --dir DIR [--cluster SUBSCRIPTION/GROUP/NAME ...]
+    python -m veil_standins --dir DIR [--cluster SUBSCRIPTION/GROUP/NAME ...]
+        [--vault-address HOST:PORT] [--maa-address HOST:PORT] [--arm-address HOST:PORT]
+        [--extra-san HOST ...]
 
-Serves the same HTTPS doubles the tests use (the Lowkey Vault emulator is not available here)
-and writes `DIR/azure.env`: the operator's Azure settings pointing at them, plus
-`VEIL_DEMO_VAULT_URL` for the examples. Runs until SIGTERM or SIGINT.
+Serves the same HTTPS stand-ins the tests use, each on its own address (default 127.0.0.1 and a
+free port), under one serving certificate (DIR/tls/server.crt, server.key) whose names cover
+every address given and each --extra-san, issued by a throwaway CA (DIR/tls/ca.pem). Writes
+`DIR/azure.env`: the operator's Azure settings pointing at them (VEIL_AZURE_STATIC_TOKEN,
+VEIL_AZURE_CA_BUNDLE, VEIL_AZURE_ARM_ENDPOINT) and, for the examples, VEIL_DEMO_VAULT_URL and
+VEIL_DEMO_MAA_URL (port 443 is left out of URLs, as Azure's omit it). Runs until SIGTERM or
+SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 
-from tests.unit.azure.arm_double import ArmDouble
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.server import ServerThread
-from tests.unit.azure.tls import make_tls
+from veil_standins.arm import ArmDouble
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.maa import MaaStandIn
+from veil_standins.release_signer import ReleaseSigner
+from veil_standins.server import ServerThread, parse_address
+from veil_standins.tls import make_tls
+
+DEFAULT_ADDRESS = "127.0.0.1:0"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="standins", description=__doc__)
-    parser.add_argument("--dir", type=Path, required=True)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m veil_standins",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dir", type=Path, required=True, help="where azure.env and tls/ go")
     parser.add_argument(
         "--cluster",
         action="append",
         default=[],
         help="an AKS cluster the ARM stand-in knows, as SUBSCRIPTION/GROUP/NAME",
     )
-    args = parser.parse_args(argv)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    tls = make_tls(args.dir / "tls")
-    key_vault, arm = KeyVaultDouble(token=token), ArmDouble(token=token)
+    parser.add_argument(
+        "--extra-san",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="another name or address the serving certificate (DIR/tls/server.crt) covers, "
+        "for a server that shares it",
+    )
+    for service, name in (("vault", "Key Vault"), ("maa", "MAA"), ("arm", "ARM")):
+        parser.add_argument(
+            f"--{service}-address",
+            type=parse_address,
+            default=DEFAULT_ADDRESS,
+            metavar="HOST:PORT",
+            help=f"where the {name} stand-in listens (default {DEFAULT_ADDRESS})",
+        )
+    return parser
+
+
+def _write_env(path: Path, settings: dict[str, str]) -> None:
+    # Whole or not at all: hack/up.sh sources the file as soon as it is not empty.
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("".join(f"{k}={v}\n" for k, v in settings.items()))
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    clusters = []
     for cluster in args.cluster:
-        subscription, group, name = cluster.split("/")
+        parts = cluster.split("/")
+        if len(parts) != 3 or not all(parts):
+            _parser().error(f"--cluster {cluster!r} is not SUBSCRIPTION/GROUP/NAME")
+        clusters.append(parts)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    addresses = {"vault": args.vault_address, "maa": args.maa_address, "arm": args.arm_address}
+    hosts = [host for host, _ in addresses.values()] + args.extra_san
+    tls = make_tls(args.dir / "tls", hosts)
+    assert tls.ca is not None
+
+    token = secrets.token_urlsafe(24)
+    maa = MaaStandIn()
+    key_vault = KeyVaultDouble(
+        token=token,
+        signer=ReleaseSigner.issued_by(tls.ca, [addresses["vault"][0]]),
+        authority_trust=tls.client_context(),
+    )
+    arm = ArmDouble(token=token)
+    for subscription, group, name in clusters:
         arm.add_cluster(subscription, group, name)
-    vault_server = ServerThread(key_vault.app(), tls.server_context()).start()
-    arm_server = ServerThread(arm.app(), tls.server_context()).start()
-    key_vault.url, arm.url = vault_server.url, arm_server.url
-    settings = {
-        "VEIL_AZURE_STATIC_TOKEN": token,
-        "VEIL_AZURE_CA_BUNDLE": str(tls.ca_file.resolve()),
-        "VEIL_AZURE_ARM_ENDPOINT": arm.url,
-        "VEIL_DEMO_VAULT_URL": key_vault.url,
+    servers = {
+        service: ServerThread(app, tls.server_context(), host=host, port=port)
+        for service, app, (host, port) in (
+            ("maa", maa.app(), addresses["maa"]),
+            ("vault", key_vault.app(), addresses["vault"]),
+            ("arm", arm.app(), addresses["arm"]),
+        )
     }
-    env_file = args.dir / "azure.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    env_file.chmod(0o600)
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"Key Vault stand-in {key_vault.url}, ARM stand-in {arm.url}", flush=True)
-    stop.wait()
-    vault_server.stop()
-    arm_server.stop()
+    try:
+        try:
+            for server in servers.values():
+                server.start()
+        except RuntimeError as exc:
+            print(f"veil_standins: {exc}", file=sys.stderr)
+            return 1
+        maa.issuer = servers["maa"].url
+        key_vault.url = servers["vault"].url
+        arm.url = servers["arm"].url
+        _write_env(
+            args.dir / "azure.env",
+            {
+                "VEIL_AZURE_STATIC_TOKEN": token,
+                "VEIL_AZURE_CA_BUNDLE": str(tls.ca_file.resolve()),
+                "VEIL_AZURE_ARM_ENDPOINT": arm.url,
+                "VEIL_DEMO_VAULT_URL": key_vault.url,
+                "VEIL_DEMO_MAA_URL": maa.issuer,
+            },
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        print(
+            f"LOCAL STAND-INS (not Azure, not a security boundary): Key Vault {key_vault.url}, "
+            f"MAA {maa.issuer}, ARM {arm.url}",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        for server in servers.values():
+            server.stop()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

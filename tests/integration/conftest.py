@@ -16,11 +16,11 @@ import pytest
 from kubernetes import client, config
 
 from tests.cluster.localcluster import LocalCluster, free_port, running
-from tests.unit.azure.arm_double import ArmDouble
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.server import ServerThread
-from tests.unit.azure.tls import TlsFiles, make_tls
 from veil import API_GROUP, API_VERSION
+from veil_standins.arm import ArmDouble
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.server import ServerThread
+from veil_standins.tls import TlsFiles, make_tls
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "veil-integration-token"
@@ -55,7 +55,7 @@ def crds(cluster: LocalCluster) -> LocalCluster:
 
 @dataclass(frozen=True)
 class AzureDoubles:
-    """Local HTTPS doubles of Key Vault and ARM (the Lowkey Vault app is not served here)."""
+    """Local HTTPS stand-ins of Key Vault and ARM (the Lowkey Vault app is not served here)."""
 
     key_vault: KeyVaultDouble
     arm: ArmDouble

@@ -21,9 +21,9 @@ from tests.integration.conftest import (
     wait_for,
     wait_for_condition,
 )
-from tests.unit.azure.keyvault_double import b64url_decode
 from veil import API_GROUP, API_VERSION
 from veil.conditions import kstatus_violations
+from veil_standins.keyvault import b64url_decode
 
 NAMESPACE = "veil-models"
 PLURAL = "confidentialmodels"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -88,10 +90,13 @@ def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
     runtime = pod["containers"][0]
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     args = runtime["args"]
-    assert args[args.index("--kid") + 1] == KEY.kid
+    # The sidecar builds https://{akv}/keys/{kid}/release: name/version, not the full id.
+    assert args[args.index("--kid") + 1] == f"{model.spec.key_release.key_name}/0123abcd"
     assert args[args.index("--akv-endpoint") + 1] == "veil-demo.vault.azure.net"
     sidecar = next(c for c in pod["initContainers"] if c["name"] == "key-release")
     assert sidecar["restartPolicy"] == "Always"
+    defaults = json.loads(base64.b64decode(sidecar["env"][0]["value"]))
+    assert defaults["kid"] == f"{model.spec.key_release.key_name}/0123abcd"
 
 
 def test_network_is_default_deny_plus_allow_list() -> None:

@@ -58,6 +58,12 @@ def _akv_endpoint(spec: ConfidentialModelSpec) -> str:
     return urlparse(spec.key_release.vault_url).netloc
 
 
+def _release_kid(spec: ConfidentialModelSpec, key: KeyRef) -> str:
+    # The SKR sidecar puts `kid` into https://{akv_endpoint}/keys/{kid}/release: the key's
+    # name and version, never its full id (a URL there breaks the path).
+    return f"{spec.key_release.key_name}/{key.version}"
+
+
 def service_account(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
     annotations = {}
     if spec.key_release.workload_identity_client_id:
@@ -93,7 +99,7 @@ def _key_release_sidecar(
     args = {
         "maa_endpoint": _maa_endpoint(spec),
         "akv_endpoint": _akv_endpoint(spec),
-        "kid": key.kid,
+        "kid": _release_kid(spec, key),
     }
     encoded = base64.b64encode(json.dumps(args, sort_keys=True).encode()).decode()
     return {
@@ -158,7 +164,7 @@ def _runtime(
             "--akv-endpoint",
             _akv_endpoint(spec),
             "--kid",
-            key.kid,
+            _release_kid(spec, key),
             "--host",
             "0.0.0.0",
             "--port",

@@ -3,14 +3,14 @@
 Key Vault backend (`key_vault`), once per session:
   1. Lowkey Vault, fetched by hack/lowkey-vault.sh into $VEIL_CACHE and started on a free port,
      then probed for what Secure Key Release needs (RSA-HSM, exportable, release policy);
-  2. if it cannot be fetched, started or lacks those, the local HTTPS double
-     (keyvault_double.py) instead. That fallback is LOUD: a warning and a line in the terminal
-     summary; VEIL_REQUIRE_LOWKEY_VAULT=1 turns the fallback into an error (for CI once the jar is
-     available); VEIL_KEY_VAULT_BACKEND=double skips the Lowkey Vault attempt.
-The double is also used directly (`kv_double`) for what no emulator does: injected 403s and
-`/release` with the policy evaluated.
+  2. if it cannot be fetched, started or lacks those, the Key Vault stand-in
+     (veil_standins.keyvault) instead. That fallback is LOUD: a warning and a line in the
+     terminal summary; VEIL_REQUIRE_LOWKEY_VAULT=1 turns the fallback into an error (for CI once
+     the jar is available); VEIL_KEY_VAULT_BACKEND=double skips the Lowkey Vault attempt.
+The stand-in is also used directly (`kv_double`) for what no emulator does: injected 403s and
+Secure Key Release, with tokens from the MAA stand-in (`maa`) verified and the policy evaluated.
 
-AKS: the ARM agentPools double (arm_double.py), always.
+AKS: the ARM agentPools stand-in (veil_standins.arm), always.
 """
 
 from __future__ import annotations
@@ -26,19 +26,21 @@ import pytest
 from azure.keyvault.keys import KeyReleasePolicy, KeyType
 
 from tests.unit.azure import lowkey
-from tests.unit.azure.arm_double import ArmDouble
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.server import ServerThread
-from tests.unit.azure.tls import TlsFiles, make_tls
 from veil.azure.credentials import AzureSettings
 from veil.azure.keyvault import key_client
+from veil_standins.arm import ArmDouble
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.maa import MaaStandIn
+from veil_standins.release_signer import ReleaseSigner
+from veil_standins.server import ServerThread
+from veil_standins.tls import TlsFiles, make_tls
 
 TOKEN = "veil-test-token"
 _STATUS: list[str] = []
 
 
 class LowkeyVaultUnavailableWarning(UserWarning):
-    """Lowkey Vault could not be used; Key Vault tests ran against the HTTPS double."""
+    """Lowkey Vault could not be used; Key Vault tests ran against the Key Vault stand-in."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,32 @@ def azure_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls(tmp_path_factory.mktemp("azure-tls"))
 
 
+def serve_maa(maa: MaaStandIn, tls: TlsFiles) -> ServerThread:
+    """Start `maa` over HTTPS on 127.0.0.1, its issuer the URL it is served at."""
+    server = ServerThread(maa.app(), tls.server_context()).start()
+    maa.issuer = server.url
+    return server
+
+
+@pytest.fixture(scope="session")
+def maa(azure_tls: TlsFiles) -> Iterator[MaaStandIn]:
+    """The attestation authority that release policies in these tests name."""
+    authority = MaaStandIn()
+    server = serve_maa(authority, azure_tls)
+    try:
+        yield authority
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def kv_double(azure_tls: TlsFiles) -> Iterator[KeyVaultDouble]:
-    double = KeyVaultDouble(token=TOKEN)
+    assert azure_tls.ca is not None
+    double = KeyVaultDouble(
+        token=TOKEN,
+        signer=ReleaseSigner.issued_by(azure_tls.ca, ["127.0.0.1"]),
+        authority_trust=azure_tls.client_context(),
+    )
     server = ServerThread(double.app(), azure_tls.server_context()).start()
     double.url = server.url
     try:
@@ -67,7 +92,7 @@ def kv_double(azure_tls: TlsFiles) -> Iterator[KeyVaultDouble]:
 
 @pytest.fixture(scope="session")
 def kv_double_settings(azure_tls: TlsFiles) -> AzureSettings:
-    """Emulator settings that verify the double's certificate against the test CA."""
+    """Emulator settings that verify the stand-in's certificate against the test CA."""
     return AzureSettings.for_emulator(TOKEN, connection_verify=str(azure_tls.ca_file))
 
 
@@ -130,7 +155,7 @@ def key_vault(
         if os.environ.get("VEIL_REQUIRE_LOWKEY_VAULT", "") == "1":
             pytest.fail(f"VEIL_REQUIRE_LOWKEY_VAULT=1 but Lowkey Vault is unavailable: {reason}")
     message = (
-        f"LOWKEY VAULT UNAVAILABLE — Key Vault tests ran against the local HTTPS double "
+        f"LOWKEY VAULT UNAVAILABLE — Key Vault tests ran against the Key Vault stand-in "
         f"instead: {reason}"
     )
     warnings.warn(LowkeyVaultUnavailableWarning(message), stacklevel=1)

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from azure.identity import DefaultAzureCredential
 
-from tests.unit.azure.arm_double import ArmDouble
 from tests.unit.azure.conftest import TOKEN
-from tests.unit.azure.keyvault_double import KeyVaultDouble
 from tests.unit.azure.test_release_policy import spec
-from tests.unit.azure.tls import TlsFiles
 from veil.api.confidential_model import NodePool
 from veil.azure.credentials import AzureSettings, StaticTokenCredential
 from veil.azure.keyvault import ensure_release_key, key_client
 from veil.azure.node_pools import container_service_client, ensure_confidential_pool
 from veil.azure.release_policy import release_policy
+from veil_standins.arm import ArmDouble
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.tls import TlsFiles
 
 
 def test_production_uses_default_azure_credential_and_verifies_tls() -> None:

@@ -10,12 +10,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.unit.azure.conftest import TOKEN
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.tls import TlsFiles
 from veil.azure import AzureSettings, key_client
 from veil.runtime.jwk import rsa_thumbprint
 from veil.runtime.keywrap import key_vault_wrapper
 from veil.runtime.sealing import WrongKeyError, read_header, seal_bytes, unseal_bytes
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.tls import TlsFiles
 
 
 def test_model_sealed_through_key_vault_opens_with_that_key(
@@ -32,7 +32,7 @@ def test_model_sealed_through_key_vault_opens_with_that_key(
 
     sealed = seal_bytes(model, key_vault_wrapper(kv_double.url, key_name), chunk_size=65536)
 
-    private = kv_double._rsa[3072]  # the double's key material: Key Vault would keep it
+    private = kv_double.private_key(key_name)  # what Key Vault keeps in its HSM
     assert unseal_bytes(sealed, private) == model
     header, _ = read_header(io.BytesIO(sealed))
     assert header.key_id == key.id

@@ -1,6 +1,6 @@
 """ensure_release_key / delete_key_if_policy with the REAL azure-keyvault-keys KeyClient against
-a local Key Vault (Lowkey Vault, or the HTTPS double: see conftest.py), plus failure modes and
-Secure Key Release through the double."""
+a local Key Vault (Lowkey Vault, or the stand-in: see conftest.py), plus failure modes and Secure
+Key Release of the keys Veil writes through the stand-in (its refusals: tests/unit/standins)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import dataclasses
 import json
 from typing import Any
 
-import jwt
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.keyvault.keys import KeyClient, KeyReleasePolicy, KeyType
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.unit.azure.conftest import KeyVaultBackend
-from tests.unit.azure.keyvault_double import KeyVaultDouble
-from tests.unit.azure.test_release_policy import AUTHORITY, CCE_SHA, aci_token, spec
+from tests.unit.azure.test_release_policy import CCE_SHA, aci_token, spec
 from veil.azure.credentials import AzureSettings
 from veil.azure.keyvault import (
     TAG_POLICY_DIGEST,
@@ -27,6 +25,9 @@ from veil.azure.keyvault import (
     key_client,
 )
 from veil.azure.release_policy import policies_equivalent, release_policy
+from veil_standins.jose import rsa_public_jwk
+from veil_standins.keyvault import KeyVaultDouble
+from veil_standins.maa import MaaStandIn
 
 POLICY_A = release_policy(spec("confidentialVM", "sevsnp")).canonical
 POLICY_B = release_policy(spec("confidentialVM", "tdx")).canonical
@@ -206,28 +207,37 @@ def test_tls_is_verified(kv_double: KeyVaultDouble, key_name: str) -> None:
         ensure_release_key(key_client(kv_double.url, settings), key_name, POLICY_A)
 
 
-# -- Secure Key Release (the double evaluates the policy) ---------------------------------------
+# -- Secure Key Release (the stand-in verifies the token and evaluates the policy) ------------
+
+WRAPPING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _token(claims: dict[str, Any]) -> str:
-    signer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return jwt.encode(claims, signer, algorithm="RS256")
+def _attested(maa: MaaStandIn, claims: dict[str, Any]) -> str:
+    """A token `maa` signed with `claims` (their `iss` aside: the token's is maa's), carrying a
+    runtime key to wrap the released key to."""
+    runtime = {"keys": [{**rsa_public_jwk(WRAPPING_KEY.public_key()), "kid": "wrapping"}]}
+    body = {k: v for k, v in claims.items() if k != "iss"}
+    return maa.token({**body, "x-ms-runtime": runtime})
 
 
-def test_release_honours_the_policy_veil_wrote(double_client: KeyClient, key_name: str) -> None:
-    policy = release_policy(spec("confidentialACI"))
+def test_release_honours_the_policy_veil_wrote(
+    double_client: KeyClient, maa: MaaStandIn, key_name: str
+) -> None:
+    policy = release_policy(spec("confidentialACI", authority=maa.issuer))
     state = ensure_release_key(double_client, key_name, policy.canonical)
 
-    released = double_client.release_key(key_name, _token(aci_token()), version=state.version)
+    released = double_client.release_key(
+        key_name, _attested(maa, aci_token()), version=state.version
+    )
     payload = json.loads(base64.urlsafe_b64decode(released.value.split(".")[1] + "=="))
     assert payload["response"]["key"]["key"]["kid"] == state.kid
 
     for claims in (aci_token(hostdata="0" * 64), aci_token(debuggable=True)):
-        with pytest.raises(HttpResponseError) as refused:
-            double_client.release_key(key_name, _token(claims), version=state.version)
+        with pytest.raises(HttpResponseError, match="release policy is not satisfied") as refused:
+            double_client.release_key(key_name, _attested(maa, claims), version=state.version)
         assert refused.value.status_code == 403
     assert CCE_SHA in policy.canonical.decode()
-    assert AUTHORITY in policy.canonical.decode()
+    assert maa.issuer in policy.canonical.decode()
 
 
 def test_the_double_refuses_what_key_vault_refuses(double_client: KeyClient, key_name: str) -> None:

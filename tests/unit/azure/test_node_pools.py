@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from azure.mgmt.containerservice import ContainerServiceClient
 
-from tests.unit.azure.arm_double import ArmDouble
 from veil.api.confidential_model import NodePool
 from veil.azure.credentials import AzureSettings
 from veil.azure.node_pools import (
@@ -22,6 +21,7 @@ from veil.azure.node_pools import (
     desired_agent_pool,
     ensure_confidential_pool,
 )
+from veil_standins.arm import ArmDouble
 
 SUB = "00000000-0000-0000-0000-00000000cafe"
 RG = "veil-rg"

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.azure.keyvault_double import evaluate_release_policy, validate_policy_grammar
 from veil.api.confidential_model import ConfidentialModelSpec
 from veil.azure.release_policy import (
     ReleasePolicyError,
@@ -24,6 +23,7 @@ from veil.azure.release_policy import (
     policy_digest,
     release_policy,
 )
+from veil_standins.release_policy import evaluate_release_policy, validate_policy_grammar
 
 AUTHORITY = "https://sharedeus2.eus2.attest.azure.net"
 CCE_TEXT = 'package policy\napi_svn := "0.10.0"\n'

@@ -1,31 +1,27 @@
 """Test doubles and helpers for the runtime tests: real HTTP servers on 127.0.0.1, real keys.
 
-The doubles stand in for services that cannot run here (the SKR sidecar, an MAA instance);
-what they serve is exactly the wire format the production code reads.
+The doubles stand in for services that cannot run here (a scripted SKR sidecar; an MAA instance,
+the one of veil_standins.maa); what they serve is exactly the wire format the production code
+reads.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import numpy as np
 import numpy.typing as npt
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from veil.runtime.jwk import rsa_public_jwk
+from veil_standins.maa import MaaStandIn, simulated_cvm_tee
 
 HOSTDATA = "a3f1" * 16
 
@@ -114,91 +110,41 @@ class SidecarDouble:
         return app
 
 
-def self_signed_certificate(key: rsa.RSAPrivateKey) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "veil test attestation authority")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.DER)
-
-
 @dataclass
-class TestAuthority:
-    """A local attestation authority: signs MAA-shaped tokens, serves OpenID config and JWKS.
+class TestAuthority(MaaStandIn):
+    """The MAA stand-in as the runtime tests use it: over plain HTTP on loopback, counting the
+    requests it gets, answering unknown paths with an empty JWKS.
 
     Kids starting with "x5c" are published as MAA does (an x5c certificate only), others as n/e.
     """
 
     __test__ = False
 
-    signing_keys: dict[str, rsa.RSAPrivateKey]
-    issuer: str = ""
     hits: dict[str, int] = field(default_factory=dict)
 
-    def _count(self, path: str) -> None:
-        self.hits[path] = self.hits.get(path, 0) + 1
+    def published_key(self, kid: str, key: rsa.RSAPrivateKey) -> dict[str, Any]:
+        if kid.startswith("x5c"):
+            return super().published_key(kid, key)
+        return {**rsa_public_jwk(key.public_key()), "kid": kid, "use": "sig"}
 
-    async def openid_configuration(self, request: web.Request) -> web.Response:
-        self._count(request.path)
-        return web.json_response({"issuer": self.issuer, "jwks_uri": f"{self.issuer}/certs"})
-
-    async def certs(self, request: web.Request) -> web.Response:
-        self._count(request.path)
-        keys: list[dict[str, Any]] = []
-        for kid, key in self.signing_keys.items():
-            if kid.startswith("x5c"):
-                der = self_signed_certificate(key)
-                keys.append({"kty": "RSA", "kid": kid, "x5c": [base64.b64encode(der).decode()]})
-            else:
-                keys.append({**rsa_public_jwk(key.public_key()), "kid": kid, "use": "sig"})
-        return web.json_response({"keys": keys})
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def catch_all(self, request: web.Request) -> web.Response:
-        self._count(request.path)
         return web.json_response({"keys": []})
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/.well-known/openid-configuration", self.openid_configuration)
-        app.router.add_get("/certs", self.certs)
+        app = web.Application(middlewares=[self._count])
+        self.add_routes(app)
         app.router.add_get("/{tail:.*}", self.catch_all)
         return app
 
     @property
     def total_hits(self) -> int:
         return sum(self.hits.values())
-
-    def token(
-        self,
-        claims: dict[str, Any],
-        *,
-        kid: str = "x5c-key",
-        signing_key: rsa.RSAPrivateKey | None = None,
-        headers: dict[str, Any] | None = None,
-        lifetime: float = 3600.0,
-    ) -> str:
-        now = int(time.time())
-        payload: dict[str, Any] = {
-            "iss": self.issuer,
-            "iat": now,
-            "nbf": now,
-            "exp": now + int(lifetime),
-        }
-        payload.update(claims)
-        return jwt.encode(
-            payload,
-            signing_key or self.signing_keys[kid],
-            algorithm="RS256",
-            headers={"kid": kid, "jku": f"{self.issuer}/certs", **(headers or {})},
-        )
 
 
 def aci_claims(nonce: str | None = None, /, **overrides: Any) -> dict[str, Any]:
@@ -218,11 +164,7 @@ def aci_claims(nonce: str | None = None, /, **overrides: Any) -> dict[str, Any]:
 
 def cvm_claims(nonce: str | None = None, /, **tee_overrides: Any) -> dict[str, Any]:
     """Claims of a confidential VM token: TEE claims under x-ms-isolation-tee."""
-    tee: dict[str, Any] = {
-        "x-ms-attestation-type": "sevsnpvm",
-        "x-ms-compliance-status": "azure-compliant-cvm",
-        "x-ms-sevsnpvm-is-debuggable": False,
-    }
+    tee = simulated_cvm_tee()
     tee.update(tee_overrides)
     claims: dict[str, Any] = {"x-ms-isolation-tee": tee}
     if nonce is not None:

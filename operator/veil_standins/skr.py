@@ -1,0 +1,295 @@
+"""A LOCAL STAND-IN for the Secure Key Release sidecar (`skr` of
+microsoft/confidential-sidecar-containers). NOT a security boundary: no TEE protects its
+ephemeral key or the key it releases, and its attestation is the MAA stand-in's SIMULATED one.
+
+    python -m veil_standins.skr [--host HOST] [--port PORT]
+
+HTTP API, as the real sidecar's (cmd/skr):
+
+    GET  /status        200 {"message": "Status OK"}
+    POST /key/release   {"maa_endpoint", "akv_endpoint", "kid", "access_token"?}
+      200 {"key": <the released private key as a JWK, in a JSON string>}
+      400 {"error": ...}   the request is unusable (e.g. a member missing)
+      403 {"error": ...}   MAA or Key Vault refused: the token, the policy, the credentials...
+      502 {"error": ...}   MAA or Key Vault unreachable, failing (5xx, 429) or answering what
+                           does not verify; Veil's client retries these
+
+A release does what the real sidecar does (pkg/skr/skr.go), against the stand-ins:
+  1. an ephemeral RSA-2048 key; its public JWK (kid: RFC 7638 thumbprint, key_ops [encrypt])
+     goes as runtime data {"keys": [jwk]} to https://{maa_endpoint}/attest/SimulatedConfidentialVm;
+  2. the token goes to https://{akv_endpoint}/keys/{kid}/release, with the bearer token
+     `access_token`, else env VEIL_AZURE_STATIC_TOKEN;
+  3. the answer's JWS must verify (trust.py: x5c chain to a trusted root, for akv_endpoint's
+     host); its key_hsm is unwrapped with the ephemeral key (key_transfer.py);
+  4. the PKCS#8 private key comes back as a private JWK.
+`kid` is a key name or name/version, as the real sidecar takes it; a full key id URL on
+akv_endpoint is accepted too.
+
+Environment (besides those above):
+  Port             the listening port (default 8080), as the real sidecar's skr.sh reads it
+  SkrSideCarArgs   base64 JSON; its maa_endpoint, akv_endpoint, kid and access_token fill in
+                   what a request leaves out (Veil's operator puts the pod's key there)
+  VEIL_AZURE_CA_BUNDLE, SSL_CERT_FILE   CA PEM files to trust (trust.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import jwt
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from veil_standins.jose import b64url, rsa_private_jwk, rsa_public_jwk
+from veil_standins.key_transfer import DEFAULT_ENC, KeyTransferError, unwrap_key_hsm
+from veil_standins.maa import SIMULATED_ATTEST_PATH
+from veil_standins.trust import Trust, UntrustedChainError
+
+log = logging.getLogger("veil_standins.skr")
+
+MAA_API_VERSION = "2020-10-01"
+KEY_VAULT_API_VERSION = "7.4"
+FIELDS = ("maa_endpoint", "akv_endpoint", "kid", "access_token")
+_KEY_PATH = re.compile(r"[0-9A-Za-z-]{1,127}(/[0-9A-Za-z]{0,64})?")
+_RETRIABLE = frozenset({429, 500, 502, 503, 504})
+
+
+class SkrError(Exception):
+    """A release failed; `status` is what the sidecar answers, the message why (one line)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(" ".join(reason.split())[:500])
+        self.status = status
+
+
+def sidecar_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The request defaults in SkrSideCarArgs (base64 JSON); raises ValueError if unreadable."""
+    encoded = environ.get("SkrSideCarArgs", "")
+    if not encoded:
+        return {}
+    try:
+        parsed = json.loads(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"SkrSideCarArgs is not base64 JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError("SkrSideCarArgs is not a JSON object")
+    return {k: str(parsed[k]) for k in FIELDS if parsed.get(k)}
+
+
+def _thumbprint(jwk: Mapping[str, str]) -> str:
+    canonical = json.dumps({k: jwk[k] for k in ("e", "kty", "n")}, separators=(",", ":"))
+    return b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def key_path(kid: str, akv_endpoint: str) -> str:
+    """`name` or `name/version` for Key Vault's release URL, from a kid in either form."""
+    path = kid
+    if kid.startswith("https://"):
+        parts = urlsplit(kid)
+        if parts.netloc.lower() != akv_endpoint.lower() or not parts.path.startswith("/keys/"):
+            raise SkrError(400, f"kid {kid!r} is not a key of the vault {akv_endpoint}")
+        path = parts.path.removeprefix("/keys/")
+    path = path.rstrip("/")
+    if not _KEY_PATH.fullmatch(path):
+        raise SkrError(400, f"kid {kid!r} is neither a key name, name/version nor a key id")
+    return path
+
+
+def _upstream_error(service: str, status: int, body: Any) -> SkrError:
+    error = body.get("error") if isinstance(body, Mapping) else None
+    message = error.get("message") if isinstance(error, Mapping) else error
+    reason = f"{service} answered HTTP {status}: {message or 'no reason given'}"
+    return SkrError(502 if status in _RETRIABLE else 403, reason)
+
+
+class SkrStandIn:
+    """The sidecar: `defaults` fill in requests, `trust` says which CAs to believe."""
+
+    def __init__(
+        self,
+        *,
+        defaults: Mapping[str, str] | None = None,
+        trust: Trust | None = None,
+        static_token: str | None = None,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self._defaults = dict(defaults or {})
+        self._trust = trust or Trust.from_env()
+        self._static_token = static_token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+
+    async def _post(
+        self,
+        session: aiohttp.ClientSession,
+        service: str,
+        url: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        try:
+            async with session.post(
+                url, json=body, headers=headers, ssl=self._trust.context, allow_redirects=False
+            ) as response:
+                status = response.status
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SkrError(502, f"cannot reach {service} at {url}: {exc!r}") from exc
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = None
+        if status != 200:
+            raise _upstream_error(service, status, parsed)
+        if not isinstance(parsed, dict):
+            raise SkrError(502, f"{service} answered 200 without a JSON object")
+        return parsed
+
+    async def _attest(
+        self, session: aiohttp.ClientSession, maa_endpoint: str, key: rsa.RSAPrivateKey
+    ) -> str:
+        public = rsa_public_jwk(key.public_key())
+        jwk: dict[str, Any] = {**public, "kid": _thumbprint(public), "key_ops": ["encrypt"]}
+        runtime_data = b64url(json.dumps({"keys": [jwk]}).encode())
+        answer = await self._post(
+            session,
+            "MAA",
+            f"https://{maa_endpoint}{SIMULATED_ATTEST_PATH}?api-version={MAA_API_VERSION}",
+            {"runtimeData": {"data": runtime_data, "dataType": "JSON"}},
+        )
+        if not isinstance(answer.get("token"), str):
+            raise SkrError(502, "MAA answered without a token")
+        return str(answer["token"])
+
+    def _verified_payload(self, value: Any, akv_endpoint: str) -> dict[str, Any]:
+        """The payload of Key Vault's JWS, once its signer is shown to be the vault."""
+        try:
+            header = jwt.get_unverified_header(str(value))
+            chain = [
+                x509.load_der_x509_certificate(base64.b64decode(c, validate=True))
+                for c in header["x5c"]
+            ]
+            host = urlsplit(f"https://{akv_endpoint}").hostname or ""
+            self._trust.verify_chain(chain, host)
+            leaf_key = chain[0].public_key()
+            if not isinstance(leaf_key, rsa.RSAPublicKey):
+                raise SkrError(502, "Key Vault's signer holds no RSA key")
+            payload: dict[str, Any] = jwt.decode(str(value), leaf_key, algorithms=["RS256"])
+        except UntrustedChainError as exc:
+            raise SkrError(502, f"Key Vault's answer is not from the vault: {exc}") from exc
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise SkrError(502, f"Key Vault's answer does not verify: {exc!r}") from exc
+        return payload
+
+    async def release(self, request: Mapping[str, Any]) -> dict[str, str]:
+        """The released key as a private JWK, or SkrError."""
+        fields = {**self._defaults, **{k: str(request[k]) for k in FIELDS if request.get(k)}}
+        missing = [k for k in FIELDS[:3] if not fields.get(k)]
+        if missing:
+            raise SkrError(400, f"invalid request format: {', '.join(missing)} required")
+        maa, akv = fields["maa_endpoint"], fields["akv_endpoint"]
+        path = key_path(fields["kid"], akv)
+        bearer = fields.get("access_token") or self._static_token
+        if not bearer:
+            raise SkrError(
+                403, "no Key Vault access token: none in the request, VEIL_AZURE_STATIC_TOKEN unset"
+            )
+        ephemeral = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            token = await self._attest(session, maa, ephemeral)
+            answer = await self._post(
+                session,
+                "Key Vault",
+                f"https://{akv}/keys/{quote(path)}/release?api-version={KEY_VAULT_API_VERSION}",
+                {"target": token},
+                {"Authorization": f"Bearer {bearer}"},
+            )
+        payload = self._verified_payload(answer.get("value"), akv)
+        try:
+            released = payload["response"]["key"]["key"]
+            enc = str(payload["request"].get("enc") or DEFAULT_ENC)
+            pkcs8 = unwrap_key_hsm(str(released["key_hsm"]), enc, ephemeral)
+            key = serialization.load_der_private_key(pkcs8, password=None)
+        except (KeyError, TypeError, ValueError, KeyTransferError) as exc:
+            raise SkrError(502, f"Key Vault's released key does not open: {exc}") from exc
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise SkrError(502, f"the released {released.get('kty')} key is not an RSA key")
+        return rsa_private_jwk(key)
+
+    async def _release_handler(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        try:
+            if not isinstance(body, dict):
+                raise SkrError(400, "invalid request format: the body is not a JSON object")
+            jwk = await self.release(body)
+        except SkrError as exc:
+            log.warning("key release refused (HTTP %d): %s", exc.status, exc)
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except Exception as exc:
+            # Kept out of the answer: the trace goes to the log only.
+            log.exception("key release failed")
+            return web.json_response(
+                {"error": f"the SKR stand-in failed: {type(exc).__name__}"}, status=500
+            )
+        log.info("key %s released", body.get("kid") or self._defaults.get("kid"))
+        return web.json_response({"key": json.dumps(jwk)})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response({"message": "Status OK"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_post("/key/release", self._release_handler)
+        return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m veil_standins.skr",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="listen address (default 127.0.0.1: the pod only)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        # The real sidecar's variable name.
+        default=int(os.environ.get("Port") or 8080),  # noqa: SIM112
+        help="default: env Port, else 8080",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        defaults = sidecar_defaults()
+    except ValueError as exc:
+        print(f"veil_standins.skr: {exc}", file=sys.stderr)
+        return 2
+    log.warning("LOCAL STAND-IN of the SKR sidecar: attestation is SIMULATED, keys are not safe")
+    sidecar = SkrStandIn(
+        defaults=defaults, static_token=os.environ.get("VEIL_AZURE_STATIC_TOKEN") or None
+    )
+    web.run_app(sidecar.app(), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
