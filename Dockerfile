@@ -7,22 +7,33 @@
 #
 #   docker build -t veil .
 #   docker run --rm veil --help
+#   bash hack/build-image.sh     the same offline, with buildah and a host-built wheelhouse
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- builder: Veil and every dependency as wheels, installed into a virtualenv -------------------
 FROM ${PYTHON_IMAGE} AS builder
+# Offline (hack/build-image.sh): WHEELHOUSE names a directory of prebuilt wheels in the context
+# and PIP_OFFLINE=1 keeps pip off the index. By default pip fetches from the index as ever.
+ARG WHEELHOUSE=wheelhouse
+ARG PIP_OFFLINE=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# The virtualenv first: its pip is the only one a plain Debian base has.
+RUN python -m venv /opt/veil
+# pyproject.toml keeps this COPY valid when there is no wheelhouse (a glob matching nothing,
+# alone, fails); pip ignores it among the wheels.
+COPY pyproject.toml ${WHEELHOUSE}* /wheels/
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 # smartnoise-synth goes in without its declared deps (opacus pulls a CUDA torch stack that
 # MST and AIM never import); everything it does import is in Veil's own dependencies.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
- && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels smartnoise-synth==1.0.8 \
- && python -m venv /opt/veil \
+RUN /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
+      --wheel-dir /wheels . \
+ && /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
+      --no-deps --wheel-dir /wheels smartnoise-synth==1.0.8 \
  && /opt/veil/bin/pip install --no-cache-dir --no-index --find-links /wheels veil \
  && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
       smartnoise-synth==1.0.8 \
@@ -39,7 +50,8 @@ LABEL org.opencontainers.image.title="veil" \
 RUN groupadd --system --gid 65532 veil \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin veil \
- && python -m pip uninstall --yes pip setuptools wheel \
+ && if python -m pip --version >/dev/null 2>&1; then \
+      python -m pip uninstall --yes pip setuptools wheel; fi \
  && rm -rf /root/.cache
 COPY --from=builder /opt/veil /opt/veil
 ENV PATH=/opt/veil/bin:$PATH \

@@ -25,9 +25,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.cluster import certs
+
+if TYPE_CHECKING:
+    from tests.cluster.node import RealNode
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
@@ -37,6 +40,7 @@ POD_CIDR = "10.244.0.0/16"
 # Labels and taints of Azure confidential VM node pools, as Veil's placement expects them.
 CONFIDENTIAL_LABEL = ("kubernetes.azure.com/security-type", "ConfidentialVM")
 CONFIDENTIAL_TAINT = {"key": "veil.dev/confidential", "value": "true", "effect": "NoSchedule"}
+FAKE_NODE_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 
 
 class ClusterError(RuntimeError):
@@ -68,6 +72,9 @@ class LocalCluster:
     bin_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     api_port: int = 0
+    # With a real node the API server listens on the node's address, so pods reach it too.
+    host: str = "127.0.0.1"
+    real_node: RealNode | None = None
 
     def __post_init__(self) -> None:
         # Paths end up in kubeconfigs read from other working directories.
@@ -108,7 +115,7 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.host}:{self.api_port}"
 
     # --- processes -----------------------------------------------------------------------
 
@@ -155,7 +162,10 @@ class LocalCluster:
     def start(self) -> None:
         for sub in ("logs", "etcd", "certs"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
-        paths = certs.generate(self.directory / "certs", ["127.0.0.1", "localhost", "10.96.0.1"])
+        paths = certs.generate(
+            self.directory / "certs", sorted({"127.0.0.1", "localhost", "10.96.0.1", self.host})
+        )
+        pods_reach_api = self.host != "127.0.0.1"
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
 
@@ -181,8 +191,8 @@ class LocalCluster:
             [
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
                 f"--secure-port={self.api_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.host}",
+                f"--advertise-address={self.host}",
                 f"--tls-cert-file={paths.serving_cert}",
                 f"--tls-private-key-file={paths.serving_key}",
                 f"--client-ca-file={paths.ca_cert}",
@@ -192,7 +202,11 @@ class LocalCluster:
                 f"--service-account-signing-key-file={paths.service_account_key}",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
+                # The `kubernetes` Service gets endpoints only where pods can reach them.
+                f"--endpoint-reconciler-type={'lease' if pods_reach_api else 'none'}",
+                f"--kubelet-client-certificate={paths.admin_cert}",
+                f"--kubelet-client-key={paths.admin_key}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
@@ -296,6 +310,9 @@ class LocalCluster:
         self.kubeconfig.write_text(json.dumps(document, indent=2))
 
     def stop(self) -> None:
+        if self.real_node is not None:
+            self.real_node.stop()
+            self.real_node = None
         # Reverse start order: clients first, etcd last.
         for name in reversed(list(self.processes)):
             process = self.processes[name]
@@ -325,7 +342,11 @@ class LocalCluster:
             raise ClusterError(f"kubectl {' '.join(args)}: {completed.stderr.strip()}")
         return completed.stdout
 
-    def add_nodes(self, ordinary: int = 2, confidential: int = 2) -> list[str]:
+    def add_nodes(
+        self, ordinary: int = 2, confidential: int = 2, *, tainted: bool = False
+    ) -> list[str]:
+        """kwok's fake nodes; `tainted` keeps every pod that does not tolerate
+        `kwok.x-k8s.io/node=fake` off them (beside a real node, for scale tests only)."""
         names = []
         for index in range(ordinary + confidential):
             is_confidential = index >= ordinary
@@ -337,10 +358,11 @@ class LocalCluster:
                 "type": "kwok",
                 "topology.kubernetes.io/zone": f"zone-{index % 2}",
             }
-            spec: dict[str, object] = {}
+            taints: list[dict[str, str]] = [FAKE_NODE_TAINT] if tainted else []
             if is_confidential:
                 labels[CONFIDENTIAL_LABEL[0]] = CONFIDENTIAL_LABEL[1]
-                spec["taints"] = [CONFIDENTIAL_TAINT]
+                taints.append(CONFIDENTIAL_TAINT)
+            spec: dict[str, object] = {"taints": taints} if taints else {}
             node = {
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -367,24 +389,58 @@ class LocalCluster:
         return names
 
 
-@contextlib.contextmanager
-def running(directory: Path, nodes: bool = True) -> Iterator[LocalCluster]:
+def start_cluster(directory: Path, *, real_node: bool = False, nodes: bool = True) -> LocalCluster:
+    """The control plane with kwok's nodes and, if asked, a real node (see node.py)."""
+    from tests.cluster import node
+
     cluster = LocalCluster(directory=directory, bin_dir=build_binaries())
+    real: node.RealNode | None = None
+    if real_node:
+        real = node.RealNode.prepare(cluster)
+        cluster.host = node.NODE_IP
+        cluster.real_node = real
     try:
         cluster.start()
+        if real is not None:
+            real.start()
         if nodes:
-            cluster.add_nodes()
+            cluster.add_nodes(tainted=real_node)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def running(
+    directory: Path, *, real_node: bool = False, nodes: bool = True
+) -> Iterator[LocalCluster]:
+    cluster = start_cluster(directory, real_node=real_node, nodes=nodes)
+    try:
         yield cluster
     finally:
         cluster.stop()
 
 
 def _down(directory: Path) -> None:
-    """Stop processes that `up` left running: TERM, then KILL after a grace period."""
+    """Stop processes that `up` left running: TERM, then KILL after a grace period; then
+    undo what a real node changed on the machine (containers, mounts, rules, addresses)."""
+    from tests.cluster import node
+
     pid_dir = directory / "pids"
+    if (directory / "node").exists():
+        # The kubelet first, or it restarts the containers removed next.
+        _stop_pids([pid_dir / "kubelet"])
+        node.remove_containers()
+    _stop_pids(sorted(pid_dir.glob("*")) if pid_dir.exists() else [])
+    if (directory / "node").exists():
+        node.clean_machine(directory / "node")
+
+
+def _stop_pids(pid_files: list[Path]) -> None:
     pids = {}
-    for pid_file in sorted(pid_dir.glob("*")) if pid_dir.exists() else []:
-        with contextlib.suppress(ValueError):
+    for pid_file in pid_files:
+        with contextlib.suppress(ValueError, FileNotFoundError):
             pids[pid_file] = int(pid_file.read_text())
     for pid in pids.values():
         with contextlib.suppress(ProcessLookupError):
@@ -414,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["build", "up", "down"])
     parser.add_argument("--dir", type=Path, default=REPO / ".cache" / "cluster")
+    parser.add_argument(
+        "--real-node", action="store_true", help="also start a real node (root; see node.py)"
+    )
     args = parser.parse_args(argv)
     if args.action == "build":
         print(build_binaries())
@@ -422,15 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         _down(args.dir)
         return 0
     _down(args.dir)
-    cluster = LocalCluster(directory=args.dir, bin_dir=build_binaries())
-    try:
-        cluster.start()
-        cluster.add_nodes()
-    except ClusterError:
-        cluster.stop()
-        raise
+    cluster = start_cluster(args.dir, real_node=args.real_node)
     # Leave the processes running for `down`; they are in their own sessions.
     cluster.processes.clear()
+    cluster.real_node = None
     print(cluster.kubeconfig)
     return 0
 

@@ -1,0 +1,149 @@
+"""Small helpers over kubectl for the real-node tier and the main job: apply, get, wait,
+and one-shot pods that Pod Security `restricted` admits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.cluster.localcluster import LocalCluster
+
+
+def get(cluster: LocalCluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))
+
+
+def apply(cluster: LocalCluster, document: dict[str, Any]) -> None:
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=json.dumps(document)
+    )
+
+
+def wait_until(
+    what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def condition(document: dict[str, Any], kind: str) -> dict[str, Any]:
+    for item in document.get("status", {}).get("conditions", []):
+        if item["type"] == kind:
+            return dict(item)
+    return {}
+
+
+def restricted_pod(name: str, ns: str, image: str, command: list[str]) -> dict[str, Any]:
+    """A one-shot pod that Pod Security `restricted` admits, pinned to the real node."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def run_pod(cluster: LocalCluster, pod: dict[str, Any], timeout: float = 120) -> tuple[str, str]:
+    """Run a one-shot pod to completion: (phase, logs). The pod is deleted afterwards."""
+    name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]
+    cluster.kubectl("delete", "pod", name, "-n", ns, "--ignore-not-found", "--wait=true")
+    apply(cluster, pod)
+    try:
+        phase = wait_until(
+            f"pod {ns}/{name} to finish",
+            lambda: (
+                (
+                    get(cluster, "pod", name, "-n", ns)["status"].get("phase")
+                    in ("Succeeded", "Failed")
+                )
+                and get(cluster, "pod", name, "-n", ns)["status"]["phase"]
+            ),
+            timeout,
+        )
+        logs = cluster.kubectl("logs", name, "-n", ns, check=False)
+        return str(phase), logs
+    finally:
+        cluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def exec_in(cluster: LocalCluster, ns: str, pod: str, container: str, code: str) -> str:
+    completed = subprocess.run(
+        [
+            str(cluster.bin_dir / "kubectl"),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "exec",
+            "-n",
+            ns,
+            pod,
+            "-c",
+            container,
+            "--",
+            "python",
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if completed.returncode != 0:
+        raise AssertionError(f"exec in {ns}/{pod}: {completed.stderr.strip()}")
+    return completed.stdout
+
+
+# TCP connection attempts from inside a pod, retried for PATIENCE seconds: a new pod's
+# NetworkPolicy allowances take effect within seconds (kube-router syncs on pod events), so
+# "open" means open at some point, and anything else means refused or dropped throughout.
+# Prints {target: "open" | the last error} as one line of JSON.
+CONNECT = """
+import json, socket, sys, time
+PATIENCE = 25
+deadline = time.monotonic() + PATIENCE
+results = {target: "untried" for target in sys.argv[1:]}
+while True:
+    for target, seen in results.items():
+        if seen == "open":
+            continue
+        host, port = target.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+            results[target] = "open"
+        except OSError as error:
+            results[target] = type(error).__name__ + ": " + str(error)
+    if all(seen == "open" for seen in results.values()) or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(json.dumps(results))
+"""

@@ -1,0 +1,259 @@
+"""Veil on real pods: the chart's operator as a pod, a ConfidentialModel that fetches, releases
+(through the SKR contract stand-in), unseals and serves, NetworkPolicy enforced both ways, Pod
+Security `restricted` enforced, a SyntheticDataset Job that really runs, and a killed model pod
+that comes back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.cluster import demo, node
+from tests.cluster.kube import (
+    CONNECT,
+    apply,
+    condition,
+    exec_in,
+    get,
+    restricted_pod,
+    run_pod,
+    wait_until,
+)
+from tests.cluster.localenv import (
+    OPERATOR_NAMESPACE,
+    LocalEnvironment,
+    example_overrides,
+    load_yaml,
+)
+from tests.e2e.conftest import repo_path
+
+MODEL_NS, CLIENTS_NS, OUTSIDERS_NS, SYNTH_NS = (
+    "veil-cvm",
+    "clinical-apps",
+    "outsiders",
+    "veil-synth",
+)
+MODEL = "cancer-classifier"
+
+# One OIP request from inside a pod, retried while the connection is refused: a new pod's
+# NetworkPolicy allowance takes a few seconds to reach kube-router's rules.
+INFER = """
+import json, sys, time, urllib.error, urllib.request
+url, body = sys.argv[1], sys.argv[2].encode()
+headers = {"Content-Type": "application/json"}
+deadline = time.monotonic() + 30
+while True:
+    try:
+        request = urllib.request.Request(url, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=20) as response:
+            print(json.dumps({"status": response.status, "body": json.loads(response.read())}))
+        break
+    except urllib.error.URLError as error:
+        if not isinstance(error.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+            raise
+        time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def classifier() -> demo.Classifier:
+    return demo.breast_cancer_classifier()
+
+
+@pytest.fixture(scope="module")
+def served_model(environment: LocalEnvironment, classifier: demo.Classifier) -> dict[str, Any]:
+    environment.workload_namespace(MODEL_NS)
+    environment.workload_namespace(CLIENTS_NS)
+    environment.workload_namespace(OUTSIDERS_NS)
+    [document] = load_yaml(repo_path("examples", "confidential-model-cvm", "model.yaml"))
+    document = example_overrides(environment, document)
+    uri, sha256 = environment.seal_model(document, classifier.onnx, f"models/{MODEL}.onnx.sealed")
+    document["spec"]["model"] = {"uri": uri, "sha256": sha256}
+    apply(environment.cluster, document)
+
+    def ready() -> dict[str, Any] | None:
+        model = get(environment.cluster, "confidentialmodel", MODEL, "-n", MODEL_NS)
+        return model if condition(model, "Ready").get("status") == "True" else None
+
+    return dict(wait_until(f"ConfidentialModel {MODEL} Ready", ready, timeout=300))
+
+
+def _veil_image(env: LocalEnvironment) -> str:
+    assert env.cluster.real_node is not None
+    return env.cluster.real_node.images["veil"].reference
+
+
+def _model_pods(env: LocalEnvironment) -> list[dict[str, Any]]:
+    pods = get(env.cluster, "pods", "-n", MODEL_NS, "-l", f"app.kubernetes.io/instance={MODEL}")
+    return list(pods["items"])
+
+
+def _infer(env: LocalEnvironment, ns: str, sample: np.ndarray, name: str) -> dict[str, Any]:
+    url = f"http://{MODEL}.{MODEL_NS}.svc.cluster.local:8000/v2/models/{MODEL}/infer"
+    body = {
+        "inputs": [
+            {
+                "name": "X",
+                "shape": list(sample.shape),
+                "datatype": "FP32",
+                "data": sample.flatten().tolist(),
+            }
+        ]
+    }
+    command = ["python", "-c", INFER, url, json.dumps(body)]
+    phase, logs = run_pod(env.cluster, restricted_pod(name, ns, _veil_image(env), command))
+    assert phase == "Succeeded", logs
+    return dict(json.loads(logs.strip().splitlines()[-1]))
+
+
+def _outputs(answer: dict[str, Any]) -> dict[str, np.ndarray]:
+    assert answer["status"] == 200, answer
+    return {
+        output["name"]: np.array(output["data"]).reshape(output["shape"])
+        for output in answer["body"]["outputs"]
+    }
+
+
+def test_the_chart_operator_runs_as_a_pod_on_the_real_node(environment: LocalEnvironment) -> None:
+    pods = get(environment.cluster, "pods", "-n", OPERATOR_NAMESPACE)["items"]
+    operators = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/name") == "veil"]
+    assert operators, [p["metadata"]["name"] for p in pods]
+    for pod in operators:
+        assert pod["spec"]["nodeName"] == node.NODE_NAME
+        assert all(status["ready"] for status in pod["status"]["containerStatuses"])
+
+
+def test_model_is_fetched_released_unsealed_and_answers_like_onnxruntime(
+    environment: LocalEnvironment, served_model: dict[str, Any], classifier: demo.Classifier
+) -> None:
+    import onnxruntime
+
+    assert condition(served_model, "KeyReleased").get("status") == "True", served_model["status"]
+    pods = _model_pods(environment)
+    assert pods
+    assert all(p["spec"]["nodeName"] == node.NODE_NAME for p in pods)
+    session = onnxruntime.InferenceSession(classifier.onnx, providers=["CPUExecutionProvider"])
+    expected_label, expected_probabilities = session.run(None, {"X": classifier.sample})
+    served = _outputs(_infer(environment, CLIENTS_NS, classifier.sample, "allowed-client"))
+    assert served["label"].tolist() == expected_label.tolist()
+    np.testing.assert_allclose(served["probabilities"], expected_probabilities, rtol=1e-6)
+
+
+def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
+    environment: LocalEnvironment, served_model: dict[str, Any], classifier: demo.Classifier
+) -> None:
+    cluster = environment.cluster
+    service = f"{MODEL}.{MODEL_NS}.svc.cluster.local:8000"
+    image = _veil_image(environment)
+    seen: dict[str, Any] = {}
+    for ns in (CLIENTS_NS, OUTSIDERS_NS):
+        pod = restricted_pod(f"probe-{ns}", ns, image, ["python", "-c", CONNECT, service])
+        phase, logs = run_pod(cluster, pod)
+        assert phase == "Succeeded", logs
+        seen[ns] = json.loads(logs.strip().splitlines()[-1])[service]
+    assert seen[CLIENTS_NS] == "open", seen
+    # kube-router rejects what no policy allows (ICMP port unreachable): refused throughout the
+    # probe's patience, while the allowed namespace's probe got through to the same server.
+    assert seen[OUTSIDERS_NS].startswith(("ConnectionRefusedError", "TimeoutError")), seen
+
+    addresses = node.STANDIN_ADDRESSES
+    allowed = [f"{addresses['vault']}:443", f"{addresses['blob']}:443"]
+    denied = [f"{addresses['arm']}:443", f"{node.NODE_IP}:53"]
+    [model_pod] = _model_pods(environment)[:1]
+    answer = json.loads(
+        exec_in(
+            cluster,
+            MODEL_NS,
+            model_pod["metadata"]["name"],
+            "runtime",
+            CONNECT.replace("sys.argv[1:]", repr([*allowed, *denied])),
+        )
+    )
+    seen["egress"] = answer
+    for target in allowed:
+        assert answer[target] == "open", answer
+    for target in denied:
+        assert answer[target] != "open", answer
+    print("NetworkPolicy probes:", json.dumps(seen, indent=2))
+
+
+def test_every_pod_veil_creates_is_admitted_by_restricted_and_others_are_not(
+    environment: LocalEnvironment, served_model: dict[str, Any]
+) -> None:
+    cluster = environment.cluster
+    for ns in (OPERATOR_NAMESPACE, MODEL_NS):
+        labels = get(cluster, "namespace", ns)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert _model_pods(environment)
+    # The control: the same namespace refuses a pod that restricted does not allow.
+    intruder = restricted_pod("intruder", MODEL_NS, _veil_image(environment), ["true"])
+    intruder["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    with pytest.raises(Exception, match="violates PodSecurity"):
+        cluster.kubectl("apply", "-f", "-", input_text=json.dumps(intruder))
+
+
+def test_synthetic_dataset_job_runs_for_real_and_its_output_lands(
+    environment: LocalEnvironment, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cluster = environment.cluster
+    environment.workload_namespace(SYNTH_NS)
+    source = demo.diabetes_study_csv(tmp_path_factory.mktemp("study") / "diabetes.csv")
+    environment.upload("datasets/diabetes.csv", source.read_bytes())
+    documents = [
+        example_overrides(environment, d)
+        for name in ("budget.yaml", "synthetic.yaml")
+        for d in load_yaml(repo_path("examples", "synthetic-data", name))
+    ]
+    for document in documents:
+        apply(cluster, document)
+
+    def done() -> dict[str, Any] | None:
+        synthetic = get(cluster, "syntheticdataset", "diabetes-synthetic", "-n", SYNTH_NS)
+        ready = condition(synthetic, "Ready")
+        stalled = condition(synthetic, "Stalled")
+        assert stalled.get("status") != "True", synthetic["status"]
+        return synthetic if ready.get("status") == "True" else None
+
+    synthetic = wait_until("SyntheticDataset Ready", done, timeout=420, interval=3)
+    job = get(cluster, "job", synthetic["status"]["jobName"], "-n", SYNTH_NS)
+    [pod] = get(cluster, "pods", "-n", SYNTH_NS, "-l", f"job-name={job['metadata']['name']}")[
+        "items"
+    ]
+    assert pod["spec"]["nodeName"] == node.NODE_NAME
+    assert pod["status"]["phase"] == "Succeeded"
+    output = pd.read_csv(io.BytesIO(environment.download("synthetic/diabetes-mst-eps1.csv")))
+    assert len(output) == 5000
+    assert list(output.columns) == ["age", "sex", "bmi", "glucose", "clinic", "outcome"]
+    assert set(output["sex"].dropna()) <= {"female", "male"}
+    budget = get(cluster, "privacybudget", "diabetes-study", "-n", SYNTH_NS)
+    # The run was paid for: its whole ε (discovery, bounds and report parts included).
+    assert budget["status"]["epsilonSpent"] == pytest.approx(1.0), budget["status"]
+
+
+def test_a_killed_model_pod_comes_back_and_serves_again(
+    environment: LocalEnvironment, served_model: dict[str, Any], classifier: demo.Classifier
+) -> None:
+    cluster = environment.cluster
+    [before] = _model_pods(environment)
+    cluster.kubectl(
+        "delete", "pod", before["metadata"]["name"], "-n", MODEL_NS, "--grace-period=0", "--force"
+    )
+
+    def replaced_and_ready() -> bool:
+        pods = _model_pods(environment)
+        return any(
+            p["metadata"]["uid"] != before["metadata"]["uid"]
+            and p.get("metadata", {}).get("deletionTimestamp") is None
+            and all(s["ready"] for s in p["status"].get("containerStatuses", [{"ready": False}]))
+            for p in pods
+        )
+
+    wait_until("a new model pod Ready", replaced_and_ready, timeout=240)
+    served = _outputs(_infer(environment, CLIENTS_NS, classifier.sample, "client-after-kill"))
+    assert served["label"].shape[0] == classifier.sample.shape[0]
