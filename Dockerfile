@@ -26,18 +26,28 @@ RUN python -m venv /opt/veil
 # pyproject.toml keeps this COPY valid when there is no wheelhouse (a glob matching nothing,
 # alone, fails); pip ignores it among the wheels.
 COPY pyproject.toml ${WHEELHOUSE}* /wheels/
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
+COPY pyproject.toml ./
+# The dependencies first, in a layer of their own: a change to Veil's code (or its README, the
+# package's long description) leaves them cached.
 # smartnoise-synth goes in without its declared deps (opacus pulls a CUDA torch stack that
 # MST and AIM never import); everything it does import is in Veil's own dependencies.
-RUN /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
-      --wheel-dir /wheels . \
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+      > requirements.txt \
+ && /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
+      --wheel-dir /wheels -r requirements.txt \
  && /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
       --no-deps --wheel-dir /wheels smartnoise-synth==1.0.8 \
- && /opt/veil/bin/pip install --no-cache-dir --no-index --find-links /wheels veil \
+ && /opt/veil/bin/pip install --no-cache-dir --no-index --find-links /wheels -r requirements.txt \
  && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
-      smartnoise-synth==1.0.8 \
- && /opt/veil/bin/pip uninstall --yes pip
+      smartnoise-synth==1.0.8
+COPY README.md ./
+COPY operator/ operator/
+# Veil itself beside the virtualenv, not in it: the final stage copies it as a small layer of
+# its own. The virtualenv's pip goes with this step, so the big layer above stays as it was.
+RUN /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
+      --no-deps --wheel-dir /wheels . \
+ && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
+      --target /opt/veil-app veil
 
 # --- final: the interpreter, the virtualenv, nothing to build or fetch with ---------------------
 FROM ${PYTHON_IMAGE}
@@ -54,7 +64,11 @@ RUN groupadd --system --gid 65532 veil \
       python -m pip uninstall --yes pip setuptools wheel; fi \
  && rm -rf /root/.cache
 COPY --from=builder /opt/veil /opt/veil
-ENV PATH=/opt/veil/bin:$PATH \
+COPY --from=builder /opt/veil-app /opt/veil-app
+# The virtualenv's own pip: nothing installs at run time.
+RUN /opt/veil/bin/python -m pip uninstall --yes pip
+ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
+    PYTHONPATH=/opt/veil-app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp

@@ -147,3 +147,54 @@ while True:
     time.sleep(1)
 print(json.dumps(results))
 """
+
+
+# One OIP request from inside a pod, retried while the connection is refused: a new pod's
+# NetworkPolicy allowance takes a few seconds to reach kube-router's rules.
+INFER = """
+import json, sys, time, urllib.error, urllib.request
+url, body = sys.argv[1], sys.argv[2].encode()
+headers = {"Content-Type": "application/json"}
+deadline = time.monotonic() + 30
+while True:
+    try:
+        request = urllib.request.Request(url, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=20) as response:
+            print(json.dumps({"status": response.status, "body": json.loads(response.read())}))
+        break
+    except urllib.error.URLError as error:
+        if not isinstance(error.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+            raise
+        time.sleep(1)
+"""
+
+
+def infer_from_pod(
+    cluster: LocalCluster,
+    image: str,
+    ns: str,
+    pod_name: str,
+    *,
+    model: dict[str, Any],
+    sample: Any,
+) -> dict[str, Any]:
+    """An OIP infer request for `sample` (a float32 array, the model's input "X") sent from a
+    one-shot pod in `ns` to the model's Service: {"status", "body"}."""
+    name, model_ns = model["metadata"]["name"], model["metadata"]["namespace"]
+    port = model["spec"].get("serving", {}).get("port", 8000)
+    url = f"http://{name}.{model_ns}.svc.cluster.local:{port}/v2/models/{name}/infer"
+    body = {
+        "inputs": [
+            {
+                "name": "X",
+                "shape": list(sample.shape),
+                "datatype": "FP32",
+                "data": sample.flatten().tolist(),
+            }
+        ]
+    }
+    command = ["python", "-c", INFER, url, json.dumps(body)]
+    phase, logs = run_pod(cluster, restricted_pod(pod_name, ns, image, command))
+    if phase != "Succeeded":
+        raise AssertionError(f"the inference pod failed:\n{logs}")
+    return dict(json.loads(logs.strip().splitlines()[-1]))

@@ -59,6 +59,19 @@ def build_binaries() -> Path:
     return Path(completed.stdout.strip().splitlines()[-1])
 
 
+def stop_process(process: subprocess.Popen[bytes], pid_file: Path, grace: float = 15) -> None:
+    """TERM, then KILL after `grace` seconds; the pid file goes with the process."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -319,13 +332,7 @@ class LocalCluster:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for name, process in self.processes.items():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            with contextlib.suppress(FileNotFoundError):
-                (self.directory / "pids" / name).unlink()
+            stop_process(process, self.directory / "pids" / name)
         self.processes.clear()
 
     # --- fake nodes ----------------------------------------------------------------------

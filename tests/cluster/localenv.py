@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from tests.cluster import node
-from tests.cluster.localcluster import LocalCluster
+from tests.cluster.localcluster import LocalCluster, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_ARM_ID = "00000000-0000-0000-0000-000000000000/veil-rg/veil-aks"
@@ -122,23 +122,25 @@ class LocalEnvironment:
         addresses = node.STANDIN_ADDRESSES
         log = self._spawn(
             "azure-standins",
-            [
-                sys.executable,
-                "-m",
-                "veil_standins",
-                "--dir",
-                str(azure_dir),
-                "--cluster",
-                CLUSTER_ARM_ID,
-                "--vault-address",
-                f"{addresses['vault']}:443",
-                "--maa-address",
-                f"{addresses['maa']}:443",
-                "--arm-address",
-                f"{addresses['arm']}:443",
-                "--extra-san",
-                addresses["blob"],
-            ],
+            node.in_services_netns(
+                [
+                    sys.executable,
+                    "-m",
+                    "veil_standins",
+                    "--dir",
+                    str(azure_dir),
+                    "--cluster",
+                    CLUSTER_ARM_ID,
+                    "--vault-address",
+                    f"{addresses['vault']}:443",
+                    "--maa-address",
+                    f"{addresses['maa']}:443",
+                    "--arm-address",
+                    f"{addresses['arm']}:443",
+                    "--extra-san",
+                    addresses["blob"],
+                ]
+            ),
         )
         deadline = time.monotonic() + 60
         env_file = azure_dir / "azure.env"
@@ -159,23 +161,25 @@ class LocalEnvironment:
         address = node.STANDIN_ADDRESSES["blob"]
         log = self._spawn(
             "azurite",
-            [
-                str(binary),
-                "--blobHost",
-                address,
-                "--blobPort",
-                "443",
-                "--location",
-                str(workspace),
-                "--cert",
-                str(tls_dir / "server.crt"),
-                "--key",
-                str(tls_dir / "server.key"),
-                "--silent",
-                "--skipApiVersionCheck",
-                "--disableTelemetry",
-                "--loose",
-            ],
+            node.in_services_netns(
+                [
+                    str(binary),
+                    "--blobHost",
+                    address,
+                    "--blobPort",
+                    "443",
+                    "--location",
+                    str(workspace),
+                    "--cert",
+                    str(tls_dir / "server.crt"),
+                    "--key",
+                    str(tls_dir / "server.key"),
+                    "--silent",
+                    "--skipApiVersionCheck",
+                    "--disableTelemetry",
+                    "--loose",
+                ]
+            ),
         )
         _wait_port(address, 443, self.processes["azurite"], log)
         service = self._blob_service()
@@ -204,15 +208,7 @@ class LocalEnvironment:
 
     def stop(self) -> None:
         for name, process in reversed(list(self.processes.items())):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            with contextlib.suppress(FileNotFoundError):
-                (self.cluster.directory / "pids" / name).unlink()
+            stop_process(process, self.cluster.directory / "pids" / name, grace=10)
         self.processes.clear()
 
     # --- cluster objects --------------------------------------------------------------------
@@ -336,8 +332,9 @@ class LocalEnvironment:
 
 def example_overrides(env: LocalEnvironment, document: dict[str, Any]) -> dict[str, Any]:
     """An example as this machine runs it: the stand-ins' URLs for Azure's, one replica and
-    smaller requests (two cores in all), the stand-ins' addresses for Azure's egress range, and
-    a discovery ε that the small local study table can pass."""
+    smaller requests (two cores in all), the stand-ins' addresses for Azure's egress range,
+    SEV-SNP for TDX (the attestation stand-in simulates an SEV-SNP VM), Azurite's address as
+    the synthesis Job's storage range, and a discovery ε the small local study table can pass."""
     document = json.loads(json.dumps(document))
     spec = document.get("spec", {})
     release = spec.get("keyRelease")
@@ -350,8 +347,15 @@ def example_overrides(env: LocalEnvironment, document: dict[str, Any]) -> dict[s
         network["egressCidrs"] = [
             f"{node.STANDIN_ADDRESSES[name]}/32" for name in ("vault", "maa", "blob")
         ]
-    serving = spec.get("serving")
-    if serving:
+    tee = spec.get("tee", {})
+    if tee.get("isolation") == "confidentialVM" and tee.get("platform") == "tdx":
+        # The SKR stand-in's attestation simulates an SEV-SNP confidential VM, so a TDX release
+        # policy (rightly) refuses it: here the model asks for SEV-SNP, on a DCas pool.
+        tee["platform"] = "sevsnp"
+        if "nodePool" in tee:
+            tee["nodePool"]["vmSize"] = "Standard_DC4as_v5"
+    if document.get("kind") == "ConfidentialModel":
+        serving = spec.setdefault("serving", {})
         serving["replicas"] = 1
         serving["resources"] = {
             "requests": {"cpu": "100m", "memory": "256Mi"},
@@ -362,6 +366,8 @@ def example_overrides(env: LocalEnvironment, document: dict[str, Any]) -> dict[s
         # threshold (1 + ln(1/2δ)/ε ≈ 310) above every clinic's count; 0.3 puts it at ≈ 52.
         if "discoveryEpsilon" in spec.get("synthesizer", {}):
             spec["synthesizer"]["discoveryEpsilon"] = 0.3
+        # The Job's egress defaults to public addresses only; storage here is private.
+        spec["storageCidrs"] = [f"{node.STANDIN_ADDRESSES['blob']}/32"]
         spec["resources"] = {
             "requests": {"cpu": "200m", "memory": "512Mi"},
             "limits": {"cpu": "2", "memory": "3Gi"},

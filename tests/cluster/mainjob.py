@@ -8,7 +8,6 @@ status of everything. Leaves it all running; `hack/down.sh` stops it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,31 +16,13 @@ from typing import Any
 import numpy as np
 
 from tests.cluster import demo
-from tests.cluster.kube import apply, condition, get, restricted_pod, run_pod, wait_until
+from tests.cluster.kube import apply, condition, get, infer_from_pod, wait_until
 from tests.cluster.localcluster import REPO, _down, start_cluster
 from tests.cluster.localenv import LocalEnvironment, example_overrides, load_yaml
 
 EXAMPLES = REPO / "examples"
 KINDS = ("privacybudgets", "syntheticdatasets", "confidentialmodels")
 CLIENTS_NS = "clinical-apps"
-# One OIP request from inside a pod, retried while the connection is refused: a new pod's
-# NetworkPolicy allowance takes a few seconds to reach kube-router's rules.
-INFER = """
-import json, sys, time, urllib.error, urllib.request
-url, body = sys.argv[1], sys.argv[2].encode()
-headers = {"Content-Type": "application/json"}
-deadline = time.monotonic() + 30
-while True:
-    try:
-        request = urllib.request.Request(url, data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=20) as response:
-            print(json.dumps({"status": response.status, "body": json.loads(response.read())}))
-        break
-    except urllib.error.URLError as error:
-        if not isinstance(error.reason, ConnectionRefusedError) or time.monotonic() > deadline:
-            raise
-        time.sleep(1)
-"""
 
 
 def say(message: str) -> None:
@@ -86,28 +67,14 @@ def apply_examples(env: LocalEnvironment, classifier: demo.Classifier) -> list[d
 
 
 def infer(env: LocalEnvironment, model: dict[str, Any], sample: np.ndarray) -> dict[str, Any]:
-    name, ns = model["metadata"]["name"], model["metadata"]["namespace"]
-    port = model["spec"].get("serving", {}).get("port", 8000)
-    url = f"http://{name}.{ns}.svc.cluster.local:{port}/v2/models/{name}/infer"
-    body = {
-        "inputs": [
-            {
-                "name": "X",
-                "shape": list(sample.shape),
-                "datatype": "FP32",
-                "data": sample.flatten().tolist(),
-            }
-        ]
-    }
     assert env.cluster.real_node is not None
     image = env.cluster.real_node.images["veil"].reference
-    pod = restricted_pod(
-        "infer-client", CLIENTS_NS, image, ["python", "-c", INFER, url, json.dumps(body)]
+    answer = infer_from_pod(
+        env.cluster, image, CLIENTS_NS, "infer-client", model=model, sample=sample
     )
-    phase, logs = run_pod(env.cluster, pod)
-    if phase != "Succeeded":
-        raise RuntimeError(f"the inference request failed:\n{logs}")
-    return dict(json.loads(logs.strip().splitlines()[-1]))
+    if answer.get("status") != 200:
+        raise RuntimeError(f"the inference request failed: {answer}")
+    return answer
 
 
 def settle(env: LocalEnvironment, applied: list[dict[str, Any]], timeout: float) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.cluster import certs
+from tests.cluster.localcluster import stop_process
 
 if TYPE_CHECKING:
     from tests.cluster.localcluster import LocalCluster
@@ -31,9 +32,14 @@ BUILD_IMAGES = REPO / "hack" / "build-image.sh"
 
 NODE_NAME = "veil-node"
 NODE_IP = "10.99.0.1"
-# Addresses on `lo` beside the node's, for local services pods may reach (Azure stand-ins),
-# each on 443 like the service it stands in for.
 LOCAL_RANGE = "10.99.0.0/16"
+# The Azure stand-ins live off the node, as Azure does: in a network namespace of their own,
+# behind a veth pair, so a pod's traffic to them is forwarded and NetworkPolicy egress applies.
+# Each address serves on 443 like the service it stands in for. The namespace has no other
+# link and routes only back to the node and the pods.
+SERVICES_NETNS = "veil-services"
+SERVICES_LINK = "veilsvc0"
+SERVICES_GATEWAY = "10.99.1.1"
 STANDIN_ADDRESSES = {
     "vault": "10.99.1.2",
     "maa": "10.99.1.3",
@@ -159,9 +165,9 @@ class RealNode:
 
     def _network_up(self) -> None:
         addresses = _run("ip", "-br", "addr", "show", "dev", "lo")
-        for address in (NODE_IP, *STANDIN_ADDRESSES.values()):
-            if f"{address}/32" not in addresses:
-                _run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        if f"{NODE_IP}/32" not in addresses:
+            _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
+        _services_network_up()
         self._forwarding_before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
         (self.directory / "ip_forward.before").write_text(self._forwarding_before)
         # The bridge plugin turns forwarding on: first make sure nothing forwarded leaves the
@@ -175,8 +181,8 @@ class RealNode:
                 f"table inet {GUARD_TABLE} {{\n"
                 "  chain forward {\n"
                 "    type filter hook forward priority -10; policy accept;\n"
-                f'    iifname != "{BRIDGE}" drop\n'
-                f'    oifname != "{BRIDGE}" drop\n'
+                f'    iifname != {{ "{BRIDGE}", "{SERVICES_LINK}" }} drop\n'
+                f'    oifname != {{ "{BRIDGE}", "{SERVICES_LINK}" }} drop\n'
                 "  }\n"
                 "}\n"
             ),
@@ -509,17 +515,8 @@ state = "{RUN_DIR / "containerd" / "state"}"
     def _terminate(self, name: str) -> None:
         process = self.processes.pop(name, None)
         self.cluster.processes.pop(name, None)
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        with contextlib.suppress(FileNotFoundError):
-            (self.cluster.directory / "pids" / name).unlink()
+        if process is not None:
+            stop_process(process, self.cluster.directory / "pids" / name)
 
 
 def _ctr(*args: str, check: bool = True) -> str:
@@ -557,6 +554,30 @@ def _unmount_under(root: Path) -> None:
         _run("umount", "-l", mount, check=False)
 
 
+def _services_network_up() -> None:
+    """The stand-ins' network namespace: a veth to the node, their addresses, routes back."""
+    _run("ip", "netns", "delete", SERVICES_NETNS, check=False)
+    _run("ip", "link", "delete", SERVICES_LINK, check=False)
+    _run("ip", "netns", "add", SERVICES_NETNS)
+    _run("ip", "link", "add", SERVICES_LINK, "type", "veth", "peer", "name", "svc0")
+    _run("ip", "link", "set", "svc0", "netns", SERVICES_NETNS)
+    _run("ip", "addr", "add", f"{SERVICES_GATEWAY}/24", "dev", SERVICES_LINK)
+    _run("ip", "link", "set", SERVICES_LINK, "up")
+    inside = ("ip", "netns", "exec", SERVICES_NETNS)
+    for address in STANDIN_ADDRESSES.values():
+        _run(*inside, "ip", "addr", "add", f"{address}/24", "dev", "svc0")
+    _run(*inside, "ip", "link", "set", "svc0", "up")
+    _run(*inside, "ip", "link", "set", "lo", "up")
+    # Back to the node and the pods only: there is no default route out of this namespace.
+    for destination in (f"{NODE_IP}/32", POD_CIDR):
+        _run(*inside, "ip", "route", "add", destination, "via", SERVICES_GATEWAY)
+
+
+def in_services_netns(command: list[str]) -> list[str]:
+    """`command` run inside the stand-ins' network namespace."""
+    return ["ip", "netns", "exec", SERVICES_NETNS, *command]
+
+
 def _network_down(forwarding_before: str) -> None:
     for line in _run("ip", "netns", "list", check=False).splitlines():
         name = line.split(" ")[0]
@@ -565,8 +586,9 @@ def _network_down(forwarding_before: str) -> None:
     _run("ip", "link", "delete", BRIDGE, check=False)
     Path("/proc/sys/net/ipv4/ip_forward").write_text(forwarding_before or "0")
     _run("nft", "delete", "table", "inet", GUARD_TABLE, check=False)
-    for address in (NODE_IP, *STANDIN_ADDRESSES.values()):
-        _run("ip", "addr", "del", f"{address}/32", "dev", "lo", check=False)
+    _run("ip", "netns", "delete", SERVICES_NETNS, check=False)
+    _run("ip", "link", "delete", SERVICES_LINK, check=False)
+    _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo", check=False)
 
 
 def cleanup_rules(bin_dir: Path | None) -> None:

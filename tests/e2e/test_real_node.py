@@ -21,6 +21,7 @@ from tests.cluster.kube import (
     condition,
     exec_in,
     get,
+    infer_from_pod,
     restricted_pod,
     run_pod,
     wait_until,
@@ -40,25 +41,6 @@ MODEL_NS, CLIENTS_NS, OUTSIDERS_NS, SYNTH_NS = (
     "veil-synth",
 )
 MODEL = "cancer-classifier"
-
-# One OIP request from inside a pod, retried while the connection is refused: a new pod's
-# NetworkPolicy allowance takes a few seconds to reach kube-router's rules.
-INFER = """
-import json, sys, time, urllib.error, urllib.request
-url, body = sys.argv[1], sys.argv[2].encode()
-headers = {"Content-Type": "application/json"}
-deadline = time.monotonic() + 30
-while True:
-    try:
-        request = urllib.request.Request(url, data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=20) as response:
-            print(json.dumps({"status": response.status, "body": json.loads(response.read())}))
-        break
-    except urllib.error.URLError as error:
-        if not isinstance(error.reason, ConnectionRefusedError) or time.monotonic() > deadline:
-            raise
-        time.sleep(1)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +77,8 @@ def _model_pods(env: LocalEnvironment) -> list[dict[str, Any]]:
 
 
 def _infer(env: LocalEnvironment, ns: str, sample: np.ndarray, name: str) -> dict[str, Any]:
-    url = f"http://{MODEL}.{MODEL_NS}.svc.cluster.local:8000/v2/models/{MODEL}/infer"
-    body = {
-        "inputs": [
-            {
-                "name": "X",
-                "shape": list(sample.shape),
-                "datatype": "FP32",
-                "data": sample.flatten().tolist(),
-            }
-        ]
-    }
-    command = ["python", "-c", INFER, url, json.dumps(body)]
-    phase, logs = run_pod(env.cluster, restricted_pod(name, ns, _veil_image(env), command))
-    assert phase == "Succeeded", logs
-    return dict(json.loads(logs.strip().splitlines()[-1]))
+    model = get(env.cluster, "confidentialmodel", MODEL, "-n", MODEL_NS)
+    return infer_from_pod(env.cluster, _veil_image(env), ns, name, model=model, sample=sample)
 
 
 def _outputs(answer: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -151,20 +120,26 @@ def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
     cluster = environment.cluster
     service = f"{MODEL}.{MODEL_NS}.svc.cluster.local:8000"
     image = _veil_image(environment)
-    seen: dict[str, Any] = {}
-    for ns in (CLIENTS_NS, OUTSIDERS_NS):
-        pod = restricted_pod(f"probe-{ns}", ns, image, ["python", "-c", CONNECT, service])
-        phase, logs = run_pod(cluster, pod)
-        assert phase == "Succeeded", logs
-        seen[ns] = json.loads(logs.strip().splitlines()[-1])[service]
-    assert seen[CLIENTS_NS] == "open", seen
-    # kube-router rejects what no policy allows (ICMP port unreachable): refused throughout the
-    # probe's patience, while the allowed namespace's probe got through to the same server.
-    assert seen[OUTSIDERS_NS].startswith(("ConnectionRefusedError", "TimeoutError")), seen
-
     addresses = node.STANDIN_ADDRESSES
     allowed = [f"{addresses['vault']}:443", f"{addresses['blob']}:443"]
-    denied = [f"{addresses['arm']}:443", f"{node.NODE_IP}:53"]
+    # Not in the model's list: the ARM stand-in (forwarded, like any Azure host) and the
+    # operator pod's metrics port (bridged pod to pod).
+    [operator_pod] = get(cluster, "pods", "-n", OPERATOR_NAMESPACE)["items"][:1]
+    denied = [f"{addresses['arm']}:443", f"{operator_pod['status']['podIP']}:8080"]
+    seen: dict[str, Any] = {}
+    for ns in (CLIENTS_NS, OUTSIDERS_NS):
+        command = ["python", "-c", CONNECT, service, *denied]
+        phase, logs = run_pod(cluster, restricted_pod(f"probe-{ns}", ns, image, command))
+        assert phase == "Succeeded", logs
+        seen[ns] = json.loads(logs.strip().splitlines()[-1])
+    assert seen[CLIENTS_NS][service] == "open", seen
+    # kube-router rejects what no policy allows (ICMP port unreachable): refused throughout the
+    # probe's patience, while the allowed namespace's probe got through to the same server.
+    assert seen[OUTSIDERS_NS][service].startswith("ConnectionRefusedError"), seen
+    # The controls for egress below: what the model may not reach is up and answers others.
+    for target in denied:
+        assert seen[OUTSIDERS_NS][target] == "open", seen
+
     [model_pod] = _model_pods(environment)[:1]
     answer = json.loads(
         exec_in(
@@ -232,8 +207,9 @@ def test_synthetic_dataset_job_runs_for_real_and_its_output_lands(
     assert list(output.columns) == ["age", "sex", "bmi", "glucose", "clinic", "outcome"]
     assert set(output["sex"].dropna()) <= {"female", "male"}
     budget = get(cluster, "privacybudget", "diabetes-study", "-n", SYNTH_NS)
-    # The run was paid for: its whole ε (discovery, bounds and report parts included).
-    assert budget["status"]["epsilonSpent"] == pytest.approx(1.0), budget["status"]
+    # The run was paid for: ε 1 at δ 1e-6 (discovery, bounds and report parts included),
+    # which the budget's PLD accountant states at its own δ as at most 1.
+    assert 0.5 < budget["status"]["epsilonSpent"] <= 1.0 + 1e-9, budget["status"]
 
 
 def test_a_killed_model_pod_comes_back_and_serves_again(

@@ -83,3 +83,20 @@ def test_checker_catches_each_violation() -> None:
     )
     assert any("observedGeneration" in p for p in kstatus_violations(obj([ready_true], 2)))
     assert kstatus_violations(obj([ready_true])) == []
+
+
+def test_an_unexpected_failure_leaves_one_line_and_points_to_the_log() -> None:
+    from veil.controllers.reconcile import failure_message
+
+    sdk_text = (
+        "Operation returned an invalid status 'Forbidden'\n"
+        'Content: {"error": {"code": "Forbidden", "message": "' + "x" * 500 + '"}}\n'
+        'Traceback (most recent call last):\n  File "x.py", line 1'
+    )
+    message = failure_message(RuntimeError(sdk_text))
+    assert "\n" not in message
+    assert "Traceback" not in message
+    assert "Content:" not in message
+    assert message.startswith("Reconcile failed and will be retried (RuntimeError: Operation")
+    assert message.endswith("Details are in the operator's log.")
+    assert len(failure_message(RuntimeError("y" * 5000))) < 300

@@ -95,8 +95,18 @@ def _failure(kind: str, failure: Exception, logger: Any) -> tuple[Result, Except
     if isinstance(failure, kopf.PermanentError):
         return Result(Outcome.stalled_with("ReconcileFailed", str(failure))), None
     logger.exception("reconcile of %s failed", kind)
-    message = f"{type(failure).__name__}: {failure}"
-    return Result(Outcome.failed("ReconcileError", message)), failure
+    return Result(Outcome.failed("ReconcileError", failure_message(failure))), failure
+
+
+def failure_message(failure: Exception, limit: int = 200) -> str:
+    """One or two sentences for a condition: what failed, that it is retried, where the rest
+    is. Only the first line of the error: SDK errors carry whole responses and tracebacks."""
+    lines = str(failure).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > limit:
+        first = first[: limit - 1] + "…"
+    what = f"{type(failure).__name__}: {first}" if first else type(failure).__name__
+    return f"Reconcile failed and will be retried ({what}). Details are in the operator's log."
 
 
 def _invalid(
