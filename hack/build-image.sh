@@ -159,8 +159,14 @@ if [ ! -f "$veil_archive" ]; then
   publish veil "$veil_tag"
   log "veil: $(buildah images --format '{{.Size}}' "localhost/veil:$veil_tag")," \
     "archive $(du -h "$veil_archive" | cut -f1)"
-  # Drop what no tagged image uses (the builder stage, older builds' layers): the cache keeps
-  # the final stage's layers up to the virtualenv, and does not grow by a gigabyte a build.
+  # The builder stage keeps a tag (all cached, seconds), so its dependency layer survives the
+  # prune below: the next build after a change to Veil's code reinstalls nothing. Everything
+  # else no tagged image uses (older builds' layers) goes, so the cache does not grow.
+  buildah bud --layers --pull=never --network=none --target builder \
+    --build-arg PYTHON_IMAGE="$base_ref" --build-arg WHEELHOUSE=wheelhouse \
+    --build-arg PIP_OFFLINE=1 --tag "localhost/veil-builder:$veil_tag" "$context" >/dev/null
+  buildah images --format '{{.Name}}:{{.Tag}}' | grep "^localhost/veil-builder:" |
+    grep -v ":$veil_tag\$" | xargs -r buildah rmi >/dev/null || true
   buildah rmi --prune >/dev/null
 fi
 
