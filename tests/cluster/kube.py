@@ -79,18 +79,13 @@ def run_pod(cluster: LocalCluster, pod: dict[str, Any], timeout: float = 120) ->
     name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]
     cluster.kubectl("delete", "pod", name, "-n", ns, "--ignore-not-found", "--wait=true")
     apply(cluster, pod)
+
+    def finished() -> str | None:
+        phase = get(cluster, "pod", name, "-n", ns)["status"].get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
+
     try:
-        phase = wait_until(
-            f"pod {ns}/{name} to finish",
-            lambda: (
-                (
-                    get(cluster, "pod", name, "-n", ns)["status"].get("phase")
-                    in ("Succeeded", "Failed")
-                )
-                and get(cluster, "pod", name, "-n", ns)["status"]["phase"]
-            ),
-            timeout,
-        )
+        phase = wait_until(f"pod {ns}/{name} to finish", finished, timeout)
         logs = cluster.kubectl("logs", name, "-n", ns, check=False)
         return str(phase), logs
     finally:

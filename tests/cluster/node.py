@@ -249,9 +249,6 @@ state = "{RUN_DIR / "containerd" / "state"}"
         }
         (conf_dir / "10-veil.conflist").write_text(json.dumps(conflist, indent=2))
 
-    def _identity_kubeconfig(self, user: str, group: str) -> Path:
-        return self.cluster.user_kubeconfig(user, group)
-
     def _write_kubelet_config(self) -> Path:
         paths = certs.paths_in(self.cluster.directory / "certs")
         config: dict[str, Any] = {
@@ -353,9 +350,6 @@ state = "{RUN_DIR / "containerd" / "state"}"
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             raise NodeError(f"{name} exited with {process.returncode}; last log lines:\n{tail}")
 
-    def _ctr(self, *args: str, check: bool = True) -> str:
-        return _ctr(*args, check=check)
-
     def _start_containerd(self) -> None:
         (RUN_DIR / "containerd").mkdir(parents=True, exist_ok=True)
         config = self._write_containerd_config()
@@ -363,19 +357,16 @@ state = "{RUN_DIR / "containerd" / "state"}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             self._check_alive("containerd")
-            if CONTAINERD_SOCKET.exists() and self._ctr("version", check=False):
+            if CONTAINERD_SOCKET.exists() and _ctr("version", check=False):
                 break
             time.sleep(0.2)
         else:
             raise NodeError("containerd did not answer on its socket within 30s")
-        self._remove_leftover_containers()
-        present = self._ctr("images", "list", "--quiet")
+        remove_containers()
+        present = _ctr("images", "list", "--quiet")
         for image in self.images.values():
             if image.reference not in present.split():
-                self._ctr("images", "import", "--no-unpack", str(image.archive))
-
-    def _remove_leftover_containers(self) -> None:
-        remove_containers()
+                _ctr("images", "import", "--no-unpack", str(image.archive))
 
     def _apply_dns_service(self) -> None:
         service = {
@@ -419,7 +410,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
         self._write_cni_config()
         self._start_containerd()
 
-        node_kubeconfig = self._identity_kubeconfig(f"system:node:{NODE_NAME}", "system:nodes")
+        node_kubeconfig = self.cluster.user_kubeconfig(f"system:node:{NODE_NAME}", "system:nodes")
         labels = ",".join(f"{k}={v}" for k, v in REAL_NODE_LABELS.items())
         self._start(
             "kubelet",
@@ -435,7 +426,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
                 "--v=1",
             ],
         )
-        proxy_kubeconfig = self._identity_kubeconfig("system:kube-proxy", "system:node-proxier")
+        proxy_kubeconfig = self.cluster.user_kubeconfig("system:kube-proxy", "system:node-proxier")
         self._start(
             "kube-proxy",
             [
@@ -508,7 +499,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
         for name in ("coredns", "kube-router", "kube-proxy", "kubelet"):
             self._terminate(name)
         if "containerd" in self.processes:
-            self._remove_leftover_containers()
+            remove_containers()
             self._terminate("containerd")
         clean_machine(self.directory, self.bin_dir)
 
