@@ -118,28 +118,35 @@ def exec_in(cluster: LocalCluster, ns: str, pod: str, container: str, code: str)
     return completed.stdout
 
 
-# TCP connection attempts from inside a pod, retried for PATIENCE seconds: a new pod's
-# NetworkPolicy allowances take effect within seconds (kube-router syncs on pod events), so
-# "open" means open at some point, and anything else means refused or dropped throughout.
-# Prints {target: "open" | the last error} as one line of JSON.
+# TCP connection attempts from inside a pod. Targets before "--" are retried for PATIENCE
+# seconds (a new pod's NetworkPolicy allowances take a few seconds to reach kube-router's
+# rules); targets after it are tried once, after those: a denial is judged on a settled rule
+# set, not on every instant of kube-router's periodic resync. Prints {target: "open" | the
+# error} as one line of JSON.
 CONNECT = """
 import json, socket, sys, time
 PATIENCE = 25
+args = sys.argv[1:]
+split = args.index("--") if "--" in args else len(args)
+retried, once = args[:split], args[split + 1:]
+def attempt(target):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return "open"
+    except OSError as error:
+        return type(error).__name__ + ": " + str(error)
+results = {target: "untried" for target in retried}
 deadline = time.monotonic() + PATIENCE
-results = {target: "untried" for target in sys.argv[1:]}
 while True:
     for target, seen in results.items():
-        if seen == "open":
-            continue
-        host, port = target.rsplit(":", 1)
-        try:
-            socket.create_connection((host, int(port)), timeout=3).close()
-            results[target] = "open"
-        except OSError as error:
-            results[target] = type(error).__name__ + ": " + str(error)
+        if seen != "open":
+            results[target] = attempt(target)
     if all(seen == "open" for seen in results.values()) or time.monotonic() > deadline:
         break
     time.sleep(1)
+for target in once:
+    results[target] = attempt(target)
 print(json.dumps(results))
 """
 

@@ -128,7 +128,7 @@ def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
     denied = [f"{addresses['arm']}:443", f"{operator_pod['status']['podIP']}:8080"]
     seen: dict[str, Any] = {}
     for ns in (CLIENTS_NS, OUTSIDERS_NS):
-        command = ["python", "-c", CONNECT, service, *denied]
+        command = ["python", "-c", CONNECT, service, "--", *denied]
         phase, logs = run_pod(cluster, restricted_pod(f"probe-{ns}", ns, image, command))
         assert phase == "Succeeded", logs
         seen[ns] = json.loads(logs.strip().splitlines()[-1])
@@ -147,7 +147,7 @@ def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
             MODEL_NS,
             model_pod["metadata"]["name"],
             "runtime",
-            CONNECT.replace("sys.argv[1:]", repr([*allowed, *denied])),
+            CONNECT.replace("sys.argv[1:]", repr([*allowed, "--", *denied])),
         )
     )
     seen["egress"] = answer

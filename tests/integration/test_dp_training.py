@@ -245,7 +245,7 @@ def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
         ready = next(c for c in found["status"]["conditions"] if c["type"] == "Ready")
         return ready if ready["reason"] == "TrainingJobLost" else None
 
-    ready = wait_for(stalled, timeout=60, what="TrainingJobLost")
+    ready = wait_for(stalled, timeout=180, what="TrainingJobLost")
     assert "spec.training.round" in ready["message"]
     time.sleep(5)  # resyncs come and go; none brings the Job back
     jobs = batch.list_namespaced_job(
