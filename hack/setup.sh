@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # A real node (containerd, runc, CNI plugins, kube-router's iptables/ipset) and image builds
-# (mmdebstrap, buildah) come from Debian.
+# (mmdebstrap, buildah), the load generator (wrk) and a software TPM for the node agent's tests
+# (swtpm, tpm2-tools) come from Debian.
 DEBIAN_PACKAGES=(containerd runc containernetworking-plugins iptables ipset conntrack nftables
-  mmdebstrap buildah uidmap gcc)
+  mmdebstrap buildah uidmap gcc wrk swtpm swtpm-tools tpm2-tools)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

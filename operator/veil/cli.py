@@ -48,6 +48,18 @@ def _fetch(args: argparse.Namespace) -> int:
         print(f"veil fetch: {failed}", file=sys.stderr)
         return 1
     print(f"fetched {args.uri} → {args.output} (sha256 {digest})")
+    if args.report_sealed_key is not None:
+        from veil.runtime.sealed_key import SealedKey
+        from veil.runtime.sealing import SealedModelError, read_header_file
+
+        try:
+            sealed = SealedKey.from_header(read_header_file(Path(args.output)))
+        except SealedModelError as failed:
+            print(f"veil fetch: {args.uri} is not a sealed model: {failed}", file=sys.stderr)
+            return 1
+        # Kubernetes shows this file as the container's termination message: the operator
+        # reads which key version the model is sealed to from the pod's status.
+        Path(args.report_sealed_key).write_text(sealed.report(), encoding="utf-8")
     return 0
 
 
@@ -89,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--sha256", help="refuse the download unless it has this digest")
     fetch.add_argument("--output", required=True, help="where to write it")
+    fetch.add_argument(
+        "--report-sealed-key",
+        metavar="PATH",
+        help="write the sealed model's key id (from its header) as JSON to PATH, e.g. "
+        "/dev/termination-log",
+    )
     fetch.set_defaults(func=_fetch)
 
     from veil.runtime.commands import register as register_runtime

@@ -12,7 +12,6 @@ COMPONENT = "app.kubernetes.io/component"
 PART_OF = "app.kubernetes.io/part-of"
 OWNER_KIND = f"{API_GROUP}/owner-kind"
 MODEL_DIGEST = f"{API_GROUP}/model-sha256"
-POLICY_DIGEST = f"{API_GROUP}/release-policy-sha256"
 
 # Azure confidential VM node pools carry this label; Veil's pools also carry its taint.
 CVM_SECURITY_TYPE_LABEL = "kubernetes.azure.com/security-type"

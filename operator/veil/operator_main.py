@@ -55,6 +55,7 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             remove_key=azure.remove_key,
             ensure_pool=azure.ensure_pool,
             config=OperatorConfig.from_env(),
+            retire_key_versions=azure.retire_key_versions,
         )
     )
 

@@ -10,7 +10,6 @@ from veil.api import ConfidentialModel, PrivacyBudget, SyntheticDataset
 from veil.azure import release_policy
 from veil.config import OperatorConfig
 from veil.resources import confidential_model as model_children
-from veil.resources.confidential_model import KeyRef
 from veil.resources.training import children as training_children
 
 # Placeholders for what only the cluster and Key Vault assign.
@@ -45,9 +44,7 @@ def render_model(document: dict[str, Any], config: OperatorConfig) -> list[dict[
     if spec.model is None:
         # The Deployment appears once the training Job has produced a sealed model.
         return out + training_children(_owner(document), spec, config)
-    kid = f"{spec.key_release.vault_url.rstrip('/')}/keys/{spec.key_release.key_name}/<version>"
-    key = KeyRef(kid=kid, version="<version>", policy_digest=policy.digest)
-    return out + model_children.children(_owner(document), spec, key, config).apply
+    return out + model_children.children(_owner(document), spec, config).apply
 
 
 def render(documents: Iterable[dict[str, Any]], config: OperatorConfig) -> list[dict[str, Any]]:

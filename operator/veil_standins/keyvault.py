@@ -35,7 +35,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from veil_standins.authority_tokens import (
     AuthorityKeys,
@@ -59,6 +60,10 @@ CHALLENGE = (
 RECOVERY_LEVEL = "Recoverable+Purgeable"
 KEY_SIZES = (2048, 3072, 4096)
 NOT_VERIFIED = "Target environment attestation statement cannot be verified"
+DEFAULT_KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "export")
+# Operations that use the private half inside the vault; each is allowed only by key_ops.
+PRIVATE_OPERATIONS = {"unwrapKey": "unwrapKey", "decrypt": "decrypt"}
+_OAEP_HASHES = {"RSA-OAEP": hashes.SHA1, "RSA-OAEP-256": hashes.SHA256}
 
 __all__ = ["KeyVaultDouble", "b64url", "b64url_decode"]
 
@@ -169,6 +174,9 @@ class KeyVaultDouble:
         app.router.add_get("/keys/{name}/", self._get)
         app.router.add_get("/keys/{name}/{version}", self._get)
         app.router.add_post("/keys/{name}/{version}/release", self._release)
+        app.router.add_patch("/keys/{name}/{version}", self._update)
+        for operation in PRIVATE_OPERATIONS:
+            app.router.add_post(f"/keys/{{name}}/{{version}}/{operation.lower()}", self._private_op)
         app.router.add_post("/keys/{name}//release", self._release)
         app.router.add_delete("/keys/{name}", self._delete)
         app.router.add_get("/deletedkeys/{name}", self._get_deleted)
@@ -276,10 +284,8 @@ class KeyVaultDouble:
                 version=uuid.uuid4().hex,
                 kty=kty,
                 size=size,
-                key_ops=list(
-                    body.get("key_ops")
-                    or ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]
-                ),
+                # Key Vault allows every operation when key_ops is left out.
+                key_ops=list(DEFAULT_KEY_OPS if body.get("key_ops") is None else body["key_ops"]),
                 enabled=bool(attributes.get("enabled", True)),
                 exportable=exportable,
                 tags=dict(body.get("tags") or {}),
@@ -376,6 +382,66 @@ class KeyVaultDouble:
                 )
             policy = json.loads(b64url_decode(found.release_policy["data"]))
             return found, policy, self._bundle(name, found)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        """PATCH a version's attributes and tags (enabled is what Veil changes); an immutable
+        release policy cannot be changed, as Key Vault refuses."""
+        name, version = request.match_info["name"], request.match_info["version"]
+        body = await request.json()
+        if not isinstance(body, dict):
+            return _error(400, "BadParameter", "the request body is not a JSON object")
+        with self._lock:
+            found = self._find(name, version)
+            if found is None:
+                return _not_found(name)
+            current = found.release_policy or {}
+            policy = body.get("release_policy")
+            if policy is not None and current.get("immutable") and policy != current:
+                return _error(400, "BadParameter", "The release policy of this key is immutable.")
+            attributes = body.get("attributes") or {}
+            if "enabled" in attributes:
+                found.enabled = bool(attributes["enabled"])
+            if body.get("tags") is not None:
+                found.tags = dict(body["tags"])
+            if body.get("key_ops") is not None:
+                found.key_ops = list(body["key_ops"])
+            return web.json_response(self._bundle(name, found))
+
+    async def _private_op(self, request: web.Request) -> web.Response:
+        """unwrapKey / decrypt with the private half: refused unless the version's key_ops
+        allow the operation, with Key Vault's KeyOperationForbidden answer."""
+        name, version = request.match_info["name"], request.match_info["version"]
+        operation = next(op for op in PRIVATE_OPERATIONS if request.path.endswith("/" + op.lower()))
+        body = await request.json()
+        algorithm = body.get("alg") if isinstance(body, dict) else None
+        if algorithm not in _OAEP_HASHES:
+            return _error(400, "BadParameter", f"algorithm {algorithm!r} is not supported")
+        with self._lock:
+            found = self._find(name, version)
+            if found is None:
+                return _not_found(name)
+            if not found.enabled:
+                return _error(
+                    403, "Forbidden", f"Operation {operation} is not allowed on a disabled key."
+                )
+            if operation not in found.key_ops:
+                return _error(
+                    403,
+                    "Forbidden",
+                    f"Operation {operation} is not permitted on this key.",
+                    "KeyOperationForbidden",
+                )
+            private_key = found.private_key
+            kid = self._kid(name, found.version)
+        digest = _OAEP_HASHES[algorithm]
+        try:
+            plaintext = private_key.decrypt(
+                b64url_decode(str(body.get("value", ""))),
+                padding.OAEP(mgf=padding.MGF1(digest()), algorithm=digest(), label=None),
+            )
+        except ValueError:
+            return _error(400, "BadParameter", "the value could not be decrypted with this key")
+        return web.json_response({"kid": kid, "value": b64url(plaintext)})
 
     async def _release(self, request: web.Request) -> web.Response:  # noqa: PLR0911
         try:

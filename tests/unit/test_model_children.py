@@ -18,7 +18,6 @@ from veil.resources import confidential_model as build
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-KEY = build.KeyRef("https://v.vault.azure.net/keys/k/0123abcd", "0123abcd", "ab" * 32)
 
 
 def _owner(example: str, **spec_changes: Any) -> tuple[dict[str, Any], ConfidentialModel]:
@@ -42,7 +41,7 @@ def _pod(children: build.Children) -> dict[str, Any]:
 
 def test_confidential_vm_is_pinned_and_tolerated() -> None:
     owner, model = _owner("confidential-model-cvm")
-    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    pod = _pod(build.children(owner, model.spec, OperatorConfig()))
     assert pod["nodeSelector"] == {"kubernetes.azure.com/security-type": "ConfidentialVM"}
     assert pod["tolerations"][0]["key"] == "veil.dev/confidential"
     assert "runtimeClassName" not in pod
@@ -50,7 +49,7 @@ def test_confidential_vm_is_pinned_and_tolerated() -> None:
 
 def test_confidential_aci_gets_virtual_node_and_cce_policy() -> None:
     owner, model = _owner("confidential-model-aci")
-    children = build.children(owner, model.spec, KEY, OperatorConfig())
+    children = build.children(owner, model.spec, OperatorConfig())
     template = _by_kind(children)["Deployment"][0]["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"virtualization": "virtualnode2"}
     assert template["spec"]["tolerations"][0]["key"] == "virtual-kubelet.io/provider"
@@ -65,7 +64,7 @@ def test_coco_uses_the_runtime_class() -> None:
         "confidential-model-cvm",
         tee={"isolation": "coco", "platform": "sevsnp", "runtimeClassName": "kata-qemu-snp"},
     )
-    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    pod = _pod(build.children(owner, model.spec, OperatorConfig()))
     assert pod["runtimeClassName"] == "kata-qemu-snp"
     assert "nodeSelector" not in pod
 
@@ -73,7 +72,7 @@ def test_coco_uses_the_runtime_class() -> None:
 @pytest.mark.parametrize("example", ["confidential-model-cvm", "confidential-model-aci"])
 def test_every_container_meets_restricted_pod_security(example: str) -> None:
     owner, model = _owner(example)
-    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    pod = _pod(build.children(owner, model.spec, OperatorConfig()))
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
@@ -86,22 +85,33 @@ def test_every_container_meets_restricted_pod_security(example: str) -> None:
 
 def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
     owner, model = _owner("confidential-model-cvm")
-    pod = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    pod = _pod(build.children(owner, model.spec, OperatorConfig()))
     runtime = pod["containers"][0]
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     args = runtime["args"]
-    # The sidecar builds https://{akv}/keys/{kid}/release: name/version, not the full id.
-    assert args[args.index("--kid") + 1] == f"{model.spec.key_release.key_name}/0123abcd"
+    # The sidecar builds https://{akv}/keys/{kid}/release: a key name (the runtime adds the
+    # version its sealed header names), never a full id; the endpoint is a bare host.
+    assert args[args.index("--kid") + 1] == model.spec.key_release.key_name
     assert args[args.index("--akv-endpoint") + 1] == "veil-demo.vault.azure.net"
+    # The runtime checks the sealed file against the pin before it asks for any key.
+    assert model.spec.model is not None
+    assert args[args.index("--sha256") + 1] == model.spec.model.sha256
     sidecar = next(c for c in pod["initContainers"] if c["name"] == "key-release")
     assert sidecar["restartPolicy"] == "Always"
     defaults = json.loads(base64.b64decode(sidecar["env"][0]["value"]))
-    assert defaults["kid"] == f"{model.spec.key_release.key_name}/0123abcd"
+    assert defaults["kid"] == model.spec.key_release.key_name
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch-sealed-model")
+    assert fetch["args"][-2:] == ["--report-sealed-key", "/dev/termination-log"]
+    # A policy change does not roll the pods: the model stays sealed to its version.
+    annotations = _by_kind(build.children(owner, model.spec, OperatorConfig()))["Deployment"][0][
+        "spec"
+    ]["template"]["metadata"]["annotations"]
+    assert set(annotations) == {"veil.dev/model-sha256"}
 
 
 def test_network_is_default_deny_plus_allow_list() -> None:
     owner, model = _owner("confidential-model-cvm")
-    policies = _by_kind(build.children(owner, model.spec, KEY, OperatorConfig()))["NetworkPolicy"]
+    policies = _by_kind(build.children(owner, model.spec, OperatorConfig()))["NetworkPolicy"]
     deny, allow = policies
     assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in deny["spec"]
@@ -118,7 +128,7 @@ def test_network_is_default_deny_plus_allow_list() -> None:
 
 def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> None:
     owner, model = _owner("confidential-model-aci")
-    children = build.children(owner, model.spec, KEY, OperatorConfig())
+    children = build.children(owner, model.spec, OperatorConfig())
     kinds = _by_kind(children)
     fqdns = kinds["CiliumNetworkPolicy"][0]["spec"]["egress"][1]["toFQDNs"]
     assert {"matchName": "veil-fraud.managedhsm.azure.net"} in fqdns
@@ -128,7 +138,7 @@ def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> 
 
 def test_every_child_is_owned_and_labelled() -> None:
     owner, model = _owner("confidential-model-cvm")
-    for manifest in build.children(owner, model.spec, KEY, OperatorConfig()).apply:
+    for manifest in build.children(owner, model.spec, OperatorConfig()).apply:
         meta = manifest["metadata"]
         assert meta["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
         assert meta["ownerReferences"][0]["controller"] is True
@@ -138,8 +148,8 @@ def test_every_child_is_owned_and_labelled() -> None:
 
 def test_builders_are_deterministic() -> None:
     owner, model = _owner("confidential-model-cvm")
-    first = build.children(owner, model.spec, KEY, OperatorConfig())
-    second = build.children(owner, model.spec, KEY, OperatorConfig())
+    first = build.children(owner, model.spec, OperatorConfig())
+    second = build.children(owner, model.spec, OperatorConfig())
     assert first == second
 
 
@@ -148,7 +158,7 @@ def test_children_match_golden_files(example: str) -> None:
     """A CR in, the expected children out (set VEIL_UPDATE_GOLDEN=1 to rewrite)."""
     owner, model = _owner(example)
     rendered = yaml.safe_dump_all(
-        build.children(owner, model.spec, KEY, OperatorConfig()).apply, sort_keys=True
+        build.children(owner, model.spec, OperatorConfig()).apply, sort_keys=True
     )
     golden = GOLDEN / f"{example}.yaml"
     if os.environ.get("VEIL_UPDATE_GOLDEN"):
@@ -181,7 +191,7 @@ def test_cloud_settings_reach_every_container_of_every_pod_veil_builds() -> None
 
     config = OperatorConfig(pods=PodSettings(env_secret="cloud-env", trust_bundle="cloud-ca"))
     owner, model = _owner("confidential-model-cvm")
-    pods = [_pod(build.children(owner, model.spec, KEY, config))]
+    pods = [_pod(build.children(owner, model.spec, config))]
     synthetic = yaml.safe_load((EXAMPLES / "synthetic-data" / "synthetic.yaml").read_text())
     synthetic["metadata"]["uid"] = "00000000-1111-2222-3333-555555555555"
     pods += [
@@ -208,5 +218,5 @@ def test_cloud_settings_reach_every_container_of_every_pod_veil_builds() -> None
             mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
             assert mounts["trust-bundle"]["readOnly"] is True
     # Without settings nothing is added: the public cloud's pods stay as they were.
-    plain = _pod(build.children(owner, model.spec, KEY, OperatorConfig()))
+    plain = _pod(build.children(owner, model.spec, OperatorConfig()))
     assert all("envFrom" not in c for c in [*plain["initContainers"], *plain["containers"]])

@@ -320,7 +320,23 @@ class ConfidentialModelStatus(WireModel):
     observed_generation: int | None = Field(default=None, ge=0)
     conditions: list[Condition] = conditions_field()
     key_id: str | None = Field(default=None, max_length=1024)
-    key_version: str | None = Field(default=None, max_length=128)
+    key_version: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The key version that carries the release policy in force.",
+    )
+    sealed_key_version: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The key version the served model is sealed to, read from its header by "
+        "the pods' fetch step; it differs from keyVersion until the model is re-sealed.",
+    )
+    retired_key_versions_for: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The key version for which every other version was disabled, once "
+        "nothing served from them.",
+    )
     ready_replicas: int | None = Field(default=None, ge=0)
     node_pool_state: str | None = Field(default=None, max_length=64)
     service_name: str | None = Field(default=None, max_length=253, pattern=DNS_NAME_PATTERN)

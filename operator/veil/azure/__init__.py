@@ -19,9 +19,12 @@ from veil.azure.credentials import AzureSettings, StaticTokenCredential
 from veil.azure.keyvault import (
     KeyState,
     KeyVaultError,
+    VersionState,
     delete_key_if_policy,
+    disable_versions,
     ensure_release_key,
     key_client,
+    list_versions,
 )
 from veil.azure.node_pools import (
     NodePoolError,
@@ -49,15 +52,18 @@ __all__ = [
     "ReleasePolicy",
     "ReleasePolicyError",
     "StaticTokenCredential",
+    "VersionState",
     "build_release_policy",
     "cce_policy_hostdata",
     "confidential_platform",
     "container_service_client",
     "delete_key_if_policy",
     "desired_agent_pool",
+    "disable_versions",
     "ensure_confidential_pool",
     "ensure_release_key",
     "key_client",
+    "list_versions",
     "policy_digest",
     "release_policy",
 ]

@@ -6,9 +6,15 @@ The key is an exportable RSA-HSM key (a Premium vault or a Managed HSM) with an 
 Secure Key Release policy. Immutable policies cannot be edited, so the rule is:
 
 - the current version's policy demands what we want  -> no write;
-- it differs (or the key is not exportable/HSM/immutable) -> create a NEW VERSION with the
-  wanted policy. Old versions stay (models sealed under them remain releasable under the old
-  policy until an operator disables them); nothing is ever edited in place.
+- it differs (or the key is not exportable/HSM/immutable, or allows an operation that could
+  unwrap outside release) -> create a NEW VERSION with the wanted policy. Nothing is ever edited
+  in place; old versions stay enabled while a model is still sealed to them, and
+  `disable_versions` retires them once nothing serves from them (controllers/key_lifecycle.py).
+
+Key operations: a version allows only `export` (Secure Key Release) and `wrapKey` (sealing, which
+the SDK performs locally with the public half). Without `unwrapKey` and `decrypt`, no identity,
+the operator's Crypto Officer included, can ask Key Vault to unwrap a sealed model's data key:
+the private half leaves the HSM only through release to an attested TEE.
 
 Every Azure failure surfaces as `KeyVaultError`, whose message says in plain words what went
 wrong and what to do; `retriable` tells the controller whether to back off and retry
@@ -30,7 +36,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.keyvault.keys import KeyClient, KeyReleasePolicy, KeyType, KeyVaultKey
+from azure.keyvault.keys import KeyClient, KeyOperation, KeyReleasePolicy, KeyType, KeyVaultKey
 
 from veil.azure.credentials import AzureSettings
 from veil.azure.errors import RETRIABLE_STATUS, AzureOperationError, error_code, service_message
@@ -42,6 +48,10 @@ DEFAULT_KEY_SIZE: Final = 3072
 TAG_MANAGED_BY: Final = "managed-by"
 TAG_POLICY_DIGEST: Final = "veil-policy-digest"
 DeletionPolicy = Literal["Retain", "Delete"]
+# What a release key may do: be released to a TEE, and wrap (with its public half).
+RELEASE_KEY_OPERATIONS: Final = (KeyOperation.export, KeyOperation.wrap_key)
+# Operations that would let a caller use the private half without attestation.
+PRIVATE_KEY_OPERATIONS: Final = frozenset({KeyOperation.unwrap_key, KeyOperation.decrypt})
 
 
 class KeyVaultError(AzureOperationError):
@@ -153,6 +163,10 @@ def _satisfies(key: KeyVaultKey, policy_bytes: bytes) -> bool:
         return False
     if release is None or release.encoded_policy is None or not release.immutable:
         return False
+    # No key_ops at all means every operation: as unsafe as listing unwrapKey.
+    operations = {str(getattr(op, "value", op)) for op in (key.key_operations or [])}
+    if not operations or operations & {op.value for op in PRIVATE_KEY_OPERATIONS}:
+        return False
     return policies_equivalent(release.encoded_policy, policy_bytes)
 
 
@@ -195,6 +209,7 @@ def ensure_release_key(
             size=size,
             hardware_protected=True,
             exportable=True,
+            key_operations=list(RELEASE_KEY_OPERATIONS),
             release_policy=KeyReleasePolicy(
                 policy_bytes, content_type=POLICY_CONTENT_TYPE, immutable=True
             ),
@@ -209,6 +224,48 @@ def ensure_release_key(
         created=True,
         enabled=created.properties.enabled is not False,
     )
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One version of a key, as listed: whether it can still be released, and when made."""
+
+    version: str
+    enabled: bool
+    created: float
+
+
+def list_versions(client: KeyClient, name: str) -> list[VersionState]:
+    """Every version of key `name`, oldest first. Blocking; raises KeyVaultError."""
+    try:
+        listed = [
+            VersionState(
+                version=str(props.version),
+                enabled=props.enabled is not False,
+                created=props.created_on.timestamp() if props.created_on else 0.0,
+            )
+            for props in client.list_properties_of_key_versions(name)
+        ]
+    except AzureError as exc:
+        raise explain(exc, client.vault_url, f"listing the versions of key {name!r}") from exc
+    return sorted(listed, key=lambda state: (state.created, state.version))
+
+
+def disable_versions(client: KeyClient, name: str, versions: list[str]) -> list[str]:
+    """Disable these versions of key `name` (Key Vault then refuses to release them), keeping
+    them for audit and recovery. Returns the versions this call disabled. Blocking."""
+    disabled = []
+    for version in versions:
+        try:
+            client.update_key_properties(name, version, enabled=False)
+        except ResourceNotFoundError:
+            continue
+        except AzureError as exc:
+            action = f"disabling key {name!r} version {version}"
+            raise explain(exc, client.vault_url, action) from exc
+        log.info("disabled key %s version %s in %s", name, version, client.vault_url)
+        disabled.append(version)
+    return disabled
 
 
 def delete_key_if_policy(

@@ -17,9 +17,11 @@ from veil.azure import (
     AzureSettings,
     PoolState,
     delete_key_if_policy,
+    disable_versions,
     ensure_confidential_pool,
     ensure_release_key,
     key_client,
+    list_versions,
     release_policy,
 )
 from veil.azure.node_pools import container_service_client
@@ -49,6 +51,12 @@ class AzurePorts:
             },
         )
         return KeyRef(kid=state.kid, version=state.version, policy_digest=policy.digest)
+
+    def retire_key_versions(self, spec: ConfidentialModelSpec, keep: str) -> list[str]:
+        client = self._keys(spec.key_release.vault_url)
+        name = spec.key_release.key_name
+        unused = [v.version for v in list_versions(client, name) if v.enabled and v.version != keep]
+        return disable_versions(client, name, unused)
 
     def remove_key(self, owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> str:
         deleted = delete_key_if_policy(

@@ -20,7 +20,7 @@ from veil.api.confidential_model import ConfidentialModelSpec, NodePool
 from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyError
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
-from veil.controllers import model_status
+from veil.controllers import key_lifecycle, model_status
 from veil.controllers import training as training_flow
 from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, forget
 from veil.kube import apply
@@ -37,6 +37,8 @@ RESYNC_SECONDS = float(os.environ.get("VEIL_RESYNC_SECONDS", "60"))
 
 KeyEnsurer = Callable[[Mapping[str, Any], ConfidentialModelSpec], build.KeyRef]
 KeyRemover = Callable[[Mapping[str, Any], ConfidentialModelSpec], str]
+# Disables every version of the model's key but the given one; returns those it disabled.
+KeyRetirer = Callable[[ConfidentialModelSpec, str], list[str]]
 PoolEnsurer = Callable[[NodePool, ConfidentialModelSpec], PoolState]
 
 
@@ -48,13 +50,14 @@ class Ports:
     remove_key: KeyRemover
     ensure_pool: PoolEnsurer
     config: OperatorConfig
+    retire_key_versions: KeyRetirer
 
 
 def _unconfigured(*_: Any) -> Any:
     raise KeyVaultError("the operator started without Azure ports (see veil.operator_main)")
 
 
-PORTS = Ports(_unconfigured, _unconfigured, _unconfigured, OperatorConfig())
+PORTS = Ports(_unconfigured, _unconfigured, _unconfigured, OperatorConfig(), _unconfigured)
 
 
 def configure(ports: Ports) -> None:
@@ -138,23 +141,9 @@ def refresh(namespace: str, name: str, logger: Any, *, wait: bool) -> Evaluation
 def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
     meta = owner["metadata"]
     status: dict[str, Any] = {}
-    if spec.tee.node_pool is not None:
-        try:
-            pool = ports.ensure_pool(spec.tee.node_pool, spec)
-        except NodePoolError as refused:
-            if not refused.retriable:
-                return Result(Outcome.stalled_with("NodePoolRefused", str(refused)))
-            return Result(Outcome.failed("NodePoolError", str(refused)), requeue_after=60)
-        status["nodePoolState"] = pool.provisioning_state
-        if not pool.ready:
-            return Result(
-                Outcome.progressing(
-                    "NodePoolProvisioning",
-                    f"AKS node pool {pool.name} is {pool.provisioning_state}",
-                ),
-                status=status,
-                requeue_after=None if pool.failed else NODE_POOL_POLL_SECONDS,
-            )
+    waiting = _await_node_pool(spec, ports, status)
+    if waiting is not None:
+        return waiting
     try:
         key = ports.ensure_key(owner, spec)
     except (KeyVaultError, ReleasePolicyError) as refused:
@@ -182,7 +171,7 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
             return trained
         spec = spec.model_copy(update={"model": trained})
 
-    children = build.children(owner, spec, key, ports.config)
+    children = build.children(owner, spec, ports.config)
     report = apply.ApplyReport()
     stalled: Outcome | None = None
     for manifest in children.apply:
@@ -203,6 +192,12 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
     outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
     if conditions[1][1] == "False" and spec.serving.replicas > 0:
         outcome = Outcome.progressing(conditions[1][2], conditions[1][3])
+    settled = _settle_key_versions(
+        owner, spec, key, pods, outcome=outcome, status=status, conditions=conditions, ports=ports
+    )
+    if isinstance(settled, Result):
+        return settled
+    outcome = settled
     status.update(
         readyReplicas=ready,
         serviceName=meta["name"],
@@ -210,6 +205,75 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
         f"/v2/models/{meta['name']}",
     )
     return Result(stalled or outcome, status=status, conditions=conditions)
+
+
+def _await_node_pool(
+    spec: ConfidentialModelSpec, ports: Ports, status: dict[str, Any]
+) -> Result | None:
+    """The node pool's state in status; a Result while it is not ready (None once it is)."""
+    if spec.tee.node_pool is None:
+        return None
+    try:
+        pool = ports.ensure_pool(spec.tee.node_pool, spec)
+    except NodePoolError as refused:
+        if not refused.retriable:
+            return Result(Outcome.stalled_with("NodePoolRefused", str(refused)))
+        return Result(Outcome.failed("NodePoolError", str(refused)), requeue_after=60)
+    status["nodePoolState"] = pool.provisioning_state
+    if pool.ready:
+        return None
+    return Result(
+        Outcome.progressing(
+            "NodePoolProvisioning", f"AKS node pool {pool.name} is {pool.provisioning_state}"
+        ),
+        status=status,
+        requeue_after=None if pool.failed else NODE_POOL_POLL_SECONDS,
+    )
+
+
+def _settle_key_versions(
+    owner: Mapping[str, Any],
+    spec: ConfidentialModelSpec,
+    key: build.KeyRef,
+    pods: list[dict[str, Any]],
+    *,
+    outcome: Outcome,
+    status: dict[str, Any],
+    conditions: list[model_status.Condition],
+    ports: Ports,
+) -> Outcome | Result:
+    """Say which version the model is sealed to; retire the others once nothing uses them."""
+    assert spec.model is not None
+    assessment = key_lifecycle.assess(
+        spec,
+        key.version,
+        key_lifecycle.sealed_keys(pods, spec.model.sha256),
+        rolled_out=outcome.ready == "True",
+    )
+    conditions.append(assessment.condition)
+    if assessment.sealed_version is not None:
+        status["sealedKeyVersion"] = assessment.sealed_version
+    retired_for = (owner.get("status") or {}).get("retiredKeyVersionsFor")
+    if assessment.retire and retired_for != key.version:
+        name = spec.key_release.key_name
+        try:
+            disabled = ports.retire_key_versions(spec, key.version)
+        except KeyVaultError as refused:
+            message = f"Could not disable the unused versions of key {name}: {refused}"
+            return Result(
+                Outcome.failed("KeyRetirementFailed", message),
+                status=status,
+                requeue_after=60,
+                conditions=conditions,
+            )
+        status["retiredKeyVersionsFor"] = key.version
+        if disabled:
+            kopf_event(
+                owner,
+                "KeyVersionsDisabled",
+                f"nothing serves from {name} version(s) {', '.join(disabled)}: disabled",
+            )
+    return assessment.outcome or outcome
 
 
 def _describe(report: apply.ApplyReport) -> str:

@@ -58,10 +58,12 @@ def _akv_endpoint(spec: ConfidentialModelSpec) -> str:
     return urlparse(spec.key_release.vault_url).netloc
 
 
-def _release_kid(spec: ConfidentialModelSpec, key: KeyRef) -> str:
-    # The SKR sidecar puts `kid` into https://{akv_endpoint}/keys/{kid}/release: the key's
-    # name and version, never its full id (a URL there breaks the path).
-    return f"{spec.key_release.key_name}/{key.version}"
+def _release_kid(spec: ConfidentialModelSpec) -> str:
+    # The SKR sidecar puts `kid` into https://{akv_endpoint}/keys/{kid}/release: a key name
+    # (or name/version), never a full key id (a URL there breaks the path). The runtime adds
+    # the version the sealed model's header names: a policy change makes a new version, and
+    # the model is wrapped to the old one until it is re-sealed.
+    return spec.key_release.key_name
 
 
 def service_account(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
@@ -92,14 +94,12 @@ def _placement(spec: ConfidentialModelSpec) -> dict[str, Any]:
     return {"runtimeClassName": tee.runtime_class_name}
 
 
-def _key_release_sidecar(
-    spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
-) -> dict[str, Any]:
+def _key_release_sidecar(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, Any]:
     # The SKR sidecar reads its defaults from base64 JSON; the runtime names the key anyway.
     args = {
         "maa_endpoint": _maa_endpoint(spec),
         "akv_endpoint": _akv_endpoint(spec),
-        "kid": _release_kid(spec, key),
+        "kid": _release_kid(spec),
     }
     encoded = base64.b64encode(json.dumps(args, sort_keys=True).encode()).decode()
     return {
@@ -133,6 +133,9 @@ def _fetcher(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, A
             spec.model.sha256,
             "--output",
             SEALED_FILE,
+            # The header's key id becomes the termination message the operator reads.
+            "--report-sealed-key",
+            "/dev/termination-log",
         ],
         "volumeMounts": [{"name": "sealed", "mountPath": SEALED_DIR}],
         "resources": {
@@ -144,8 +147,9 @@ def _fetcher(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, A
 
 
 def _runtime(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> dict[str, Any]:
+    assert spec.model is not None
     port = spec.serving.port
     probe = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT_NAME}}
     container: dict[str, Any] = {
@@ -157,6 +161,9 @@ def _runtime(
             owner["metadata"]["name"],
             "--sealed",
             SEALED_FILE,
+            # Checked again here, before any key is released: the file is what the spec pins.
+            "--sha256",
+            spec.model.sha256,
             "--sidecar",
             f"http://127.0.0.1:{config.key_release_port}",
             "--maa-endpoint",
@@ -164,7 +171,7 @@ def _runtime(
             "--akv-endpoint",
             _akv_endpoint(spec),
             "--kid",
-            _release_kid(spec, key),
+            _release_kid(spec),
             "--host",
             "0.0.0.0",
             "--port",
@@ -192,7 +199,7 @@ def _runtime(
 
 
 def deployment(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> dict[str, Any]:
     assert spec.model is not None
     name = owner["metadata"]["name"]
@@ -201,11 +208,9 @@ def deployment(
         labels.WORKLOAD_IDENTITY_USE: "true",
         labels.OWNER_KIND: owner["kind"],
     }
-    # Changing the model or the key rolls the pods.
-    pod_annotations = {
-        labels.MODEL_DIGEST: spec.model.sha256,
-        labels.POLICY_DIGEST: key.policy_digest,
-    }
+    # Changing the model rolls the pods. A changed release policy does not: the model stays
+    # sealed to the old key version until it is re-sealed, which changes the model's digest.
+    pod_annotations = {labels.MODEL_DIGEST: spec.model.sha256}
     if spec.tee.isolation == "confidentialACI" and spec.tee.cce_policy:
         pod_annotations[labels.ACI_CCE_POLICY_ANNOTATION] = spec.tee.cce_policy
     pod_spec: dict[str, Any] = {
@@ -214,8 +219,8 @@ def deployment(
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
         **_placement(spec),
-        "initContainers": [_fetcher(spec, config), _key_release_sidecar(spec, key, config)],
-        "containers": [_runtime(owner, spec, key, config)],
+        "initContainers": [_fetcher(spec, config), _key_release_sidecar(spec, config)],
+        "containers": [_runtime(owner, spec, config)],
         "volumes": [
             {"name": "sealed", "emptyDir": {"sizeLimit": "2Gi"}},
             # Scratch space in memory: nothing the runtime writes reaches a disk.
@@ -366,7 +371,7 @@ def disruption_budget(owner: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def children(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, key: KeyRef, config: OperatorConfig
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> Children:
     """Everything the model needs, in the order it should be applied."""
     name = owner["metadata"]["name"]
@@ -376,7 +381,7 @@ def children(
         apply.append(cilium_fqdn_policy(owner, spec))
     else:
         absent.append(("cilium.io/v2", "CiliumNetworkPolicy", f"{name}-fqdn-egress"))
-    apply += [deployment(owner, spec, key, config), service(owner, spec)]
+    apply += [deployment(owner, spec, config), service(owner, spec)]
     if spec.serving.replicas > 1:
         apply.append(disruption_budget(owner))
     else:

@@ -132,7 +132,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from veil.runtime.key_release import KeyReleaseClient, ReleaseTarget, RetryPolicy
-    from veil.runtime.loader import ModelLoader, key_release_loader, private_key_file_loader
+    from veil.runtime.loader import (
+        ModelLoader,
+        SealedPin,
+        key_release_loader,
+        private_key_file_loader,
+    )
     from veil.runtime.server import ServeOptions, ServerLimits, serve
     from veil.runtime.state import ModelSlot
 
@@ -164,21 +169,35 @@ def _serve(args: argparse.Namespace) -> int:
             args.sidecar, retry=RetryPolicy(attempts=args.key_release_attempts)
         )
         target = ReleaseTarget(args.maa_endpoint, args.akv_endpoint, args.kid, access_token)
+        pin = SealedPin(args.sha256, args.max_sealed_bytes) if args.sha256 else None
         loader = key_release_loader(
-            args.sealed, client, target, name=args.model_name, version=args.model_version
+            args.sealed,
+            client,
+            target,
+            name=args.model_name,
+            version=args.model_version,
+            pin=pin,
         )
     try:
         slot = ModelSlot(args.model_name, args.model_version)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    try:
+        limits = ServerLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_tensor_elements=args.max_tensor_elements,
+            max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+            read_timeout=args.read_timeout,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     options = ServeOptions(
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         shutdown_timeout=args.shutdown_timeout,
         drain_seconds=args.drain_seconds,
-        limits=ServerLimits(
-            max_body_bytes=args.max_body_bytes, max_tensor_elements=args.max_tensor_elements
-        ),
+        limits=limits,
     )
     return asyncio.run(serve(slot, loader, options))
 
@@ -290,7 +309,20 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     serve.add_argument("--maa-endpoint", help="attestation endpoint for the sidecar")
     serve.add_argument("--akv-endpoint", help="Key Vault endpoint for the sidecar")
-    serve.add_argument("--kid", help="name of the key to release")
+    serve.add_argument(
+        "--kid",
+        help="name of the key to release (the version is the one the sealed header names)",
+    )
+    serve.add_argument(
+        "--sha256",
+        help="the sealed file's pinned sha256: checked before any key is released",
+    )
+    serve.add_argument(
+        "--max-sealed-bytes",
+        type=_positive_int,
+        default=2 * 1024**3,
+        help="refuse a sealed file larger than this (default 2 GiB)",
+    )
     serve.add_argument(
         "--access-token-file", type=Path, help="file holding an AAD token for the sidecar"
     )
@@ -302,8 +334,25 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of the Prometheus /metrics endpoint (default: none; the inference port "
+        "serves only the protocol)",
+    )
     serve.add_argument("--max-body-bytes", type=_positive_int, default=32 * 1024 * 1024)
+    serve.add_argument(
+        "--max-body-bytes-in-flight",
+        type=_positive_int,
+        help="bytes of request bodies held at once (default: twice --max-body-bytes)",
+    )
     serve.add_argument("--max-tensor-elements", type=_positive_int, default=16 * 1024 * 1024)
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request body may take to arrive (default 10)",
+    )
     serve.add_argument(
         "--shutdown-timeout", type=float, default=20.0, help="grace for in-flight requests"
     )

@@ -7,8 +7,10 @@ a background task at startup and reports ready only when it succeeds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -16,11 +18,35 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from veil.runtime.key_release import KeyReleaseClient, ReleaseTarget
 from veil.runtime.keywrap import load_private_key_pem
 from veil.runtime.model import OnnxModel
-from veil.runtime.sealing import unseal_file
+from veil.runtime.sealed_key import SealedKey, check_sealed_file
+from veil.runtime.sealing import read_header_file, unseal_file
 
 log = logging.getLogger("veil.runtime.loader")
 
 ModelLoader = Callable[[], Awaitable[OnnxModel]]
+DEFAULT_MAX_SEALED_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class SealedPin:
+    """The sealed file the spec pins: its sha256 and the largest size accepted."""
+
+    sha256: str
+    max_bytes: int = DEFAULT_MAX_SEALED_BYTES
+
+
+async def verified_release_target(
+    sealed: Path, target: ReleaseTarget, pin: SealedPin | None
+) -> ReleaseTarget:
+    """Check the sealed file against its pin (before any key is asked for), then name the key
+    version its header is wrapped to. `target.kid` gives the key name (a version after the
+    name is ignored: the header decides)."""
+    if pin is not None:
+        await asyncio.to_thread(check_sealed_file, sealed, pin.sha256, pin.max_bytes)
+    header = await asyncio.to_thread(read_header_file, sealed)
+    key_name = target.kid.split("/", 1)[0]
+    kid = SealedKey.from_header(header).release_path(target.akv_endpoint, key_name)
+    return dataclasses.replace(target, kid=kid)
 
 
 async def unseal_and_load(
@@ -57,11 +83,14 @@ def key_release_loader(
     name: str,
     version: str = "1",
     max_model_bytes: int | None = None,
+    pin: SealedPin | None = None,
 ) -> ModelLoader:
-    """Production path: the SKR sidecar releases the key after attesting the TEE."""
+    """Production path: the SKR sidecar releases the key version the sealed header names, after
+    attesting the TEE, and only for the sealed file the spec pins."""
 
     async def load() -> OnnxModel:
-        key = await client.release(target)
+        verified = await verified_release_target(sealed, target, pin)
+        key = await client.release(verified)
         try:
             return await unseal_and_load(
                 sealed, key, name=name, version=version, max_model_bytes=max_model_bytes
