@@ -9,26 +9,32 @@ HTTP API, as the real sidecar's (cmd/skr):
     GET  /status        200 {"message": "Status OK"}
     POST /key/release   {"maa_endpoint", "akv_endpoint", "kid", "access_token"?}
       200 {"key": <the released private key as a JWK, in a JSON string>}
-      400 {"error": ...}   the request is unusable (e.g. a member missing)
-      403 {"error": ...}   MAA or Key Vault refused: the token, the policy, the credentials...
-      502 {"error": ...}   MAA or Key Vault unreachable, failing (5xx, 429) or answering what
-                           does not verify; Veil's client retries these
+      400 {"error": ...}   "invalid request format": a required member missing (gin's binding)
+      403 {"error": ...}   anything else that failed: a malformed endpoint or kid, MAA or Key
+                           Vault unreachable, refusing or answering what does not verify
+                           (the real sidecar answers every SecureKeyRelease failure with 403)
 
 A release does what the real sidecar does (pkg/skr/skr.go), against the stand-ins:
   1. an ephemeral RSA-2048 key; its public JWK (kid: RFC 7638 thumbprint, key_ops [encrypt])
      goes as runtime data {"keys": [jwk]} to https://{maa_endpoint}/attest/SimulatedConfidentialVm;
-  2. the token goes to https://{akv_endpoint}/keys/{kid}/release, with the bearer token
+  2. the token goes to https://{akv_endpoint}/keys/{kid}/release?api-version=7.3-preview, the
+     URL built by plain string formatting as the sidecar does, with the bearer token
      `access_token`, else env VEIL_AZURE_STATIC_TOKEN;
   3. the answer's JWS must verify (trust.py: x5c chain to a trusted root, for akv_endpoint's
      host); its key_hsm is unwrapped with the ephemeral key (key_transfer.py);
   4. the PKCS#8 private key comes back as a private JWK.
-`kid` is a key name or name/version, as the real sidecar takes it; a full key id URL on
-akv_endpoint is accepted too.
+The contract, as the sidecar's source has it (cmd/skr/main.go, pkg/skr, pkg/common/akv.go):
+`kid` is a key name or name/version and `akv_endpoint`/`maa_endpoint` are bare hosts; a full key
+id or a scheme makes a URL that does not name a key (https://https://... or
+/keys/https://.../release), so such requests are refused (403) as the real request would fail.
+Every member is required in every request: SkrSideCarArgs configures the sidecar (certificate
+cache, managed identity), not the request.
 
 Environment (besides those above):
   Port             the listening port (default 8080), as the real sidecar's skr.sh reads it
-  SkrSideCarArgs   base64 JSON; its maa_endpoint, akv_endpoint, kid and access_token fill in
-                   what a request leaves out (Veil's operator puts the pod's key there)
+  SkrSideCarArgs   base64 JSON of the sidecar's Azure information ({"certcache"?,
+                   "identity"?}); checked to be base64 JSON, as the real sidecar refuses to start
+                   otherwise
   VEIL_AZURE_CA_BUNDLE, SSL_CERT_FILE   CA PEM files to trust (trust.py)
 """
 
@@ -45,7 +51,7 @@ import re
 import sys
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -62,10 +68,10 @@ from veil_standins.trust import Trust, UntrustedChainError
 log = logging.getLogger("veil_standins.skr")
 
 MAA_API_VERSION = "2020-10-01"
-KEY_VAULT_API_VERSION = "7.4"
-FIELDS = ("maa_endpoint", "akv_endpoint", "kid", "access_token")
-_KEY_PATH = re.compile(r"[0-9A-Za-z-]{1,127}(/[0-9A-Za-z]{0,64})?")
-_RETRIABLE = frozenset({429, 500, 502, 503, 504})
+KEY_VAULT_API_VERSION = "7.3-preview"
+REQUIRED = ("maa_endpoint", "akv_endpoint", "kid")
+_RELEASE_PATH = re.compile(r"/keys/[0-9A-Za-z-]{1,127}(/[0-9A-Za-z]{1,64})?/release")
+_HOST = re.compile(r"[0-9A-Za-z.-]{1,253}(:[0-9]{1,5})?")
 
 
 class SkrError(Exception):
@@ -76,8 +82,9 @@ class SkrError(Exception):
         self.status = status
 
 
-def sidecar_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The request defaults in SkrSideCarArgs (base64 JSON); raises ValueError if unreadable."""
+def sidecar_information(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The Azure information in SkrSideCarArgs (base64 JSON object); raises ValueError if it
+    is unreadable, as the real sidecar exits at start."""
     encoded = environ.get("SkrSideCarArgs", "")
     if not encoded:
         return {}
@@ -87,7 +94,7 @@ def sidecar_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
         raise ValueError(f"SkrSideCarArgs is not base64 JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise ValueError("SkrSideCarArgs is not a JSON object")
-    return {k: str(parsed[k]) for k in FIELDS if parsed.get(k)}
+    return parsed
 
 
 def _thumbprint(jwk: Mapping[str, str]) -> str:
@@ -95,39 +102,43 @@ def _thumbprint(jwk: Mapping[str, str]) -> str:
     return b64url(hashlib.sha256(canonical.encode()).digest())
 
 
-def key_path(kid: str, akv_endpoint: str) -> str:
-    """`name` or `name/version` for Key Vault's release URL, from a kid in either form."""
-    path = kid
-    if kid.startswith("https://"):
-        parts = urlsplit(kid)
-        if parts.netloc.lower() != akv_endpoint.lower() or not parts.path.startswith("/keys/"):
-            raise SkrError(400, f"kid {kid!r} is not a key of the vault {akv_endpoint}")
-        path = parts.path.removeprefix("/keys/")
-    path = path.rstrip("/")
-    if not _KEY_PATH.fullmatch(path):
-        raise SkrError(400, f"kid {kid!r} is neither a key name, name/version nor a key id")
-    return path
+def release_url(akv_endpoint: str, kid: str) -> str:
+    """The release URL exactly as the sidecar formats it, refused (403) when it does not name a
+    key of a vault: a scheme in the endpoint or a full key id in kid breaks it there too."""
+    url = f"https://{akv_endpoint}/keys/{kid}/release?api-version={KEY_VAULT_API_VERSION}"
+    parts = urlsplit(url)
+    if not _HOST.fullmatch(parts.netloc) or not _RELEASE_PATH.fullmatch(parts.path):
+        raise SkrError(
+            403,
+            f"releasing the key {kid} failed: AKV post request failed: {url} does not name a "
+            "key (akv_endpoint must be a bare host, kid a key name or name/version)",
+        )
+    return url
+
+
+def attest_url(maa_endpoint: str) -> str:
+    url = f"https://{maa_endpoint}{SIMULATED_ATTEST_PATH}?api-version={MAA_API_VERSION}"
+    if not _HOST.fullmatch(urlsplit(url).netloc):
+        raise SkrError(403, f"attestation failed: {url} is not an MAA endpoint (a bare host)")
+    return url
 
 
 def _upstream_error(service: str, status: int, body: Any) -> SkrError:
     error = body.get("error") if isinstance(body, Mapping) else None
     message = error.get("message") if isinstance(error, Mapping) else error
-    reason = f"{service} answered HTTP {status}: {message or 'no reason given'}"
-    return SkrError(502 if status in _RETRIABLE else 403, reason)
+    return SkrError(403, f"{service} answered HTTP {status}: {message or 'no reason given'}")
 
 
 class SkrStandIn:
-    """The sidecar: `defaults` fill in requests, `trust` says which CAs to believe."""
+    """The sidecar: `trust` says which CAs to believe."""
 
     def __init__(
         self,
         *,
-        defaults: Mapping[str, str] | None = None,
         trust: Trust | None = None,
         static_token: str | None = None,
         timeout_seconds: float = 30.0,
     ) -> None:
-        self._defaults = dict(defaults or {})
         self._trust = trust or Trust.from_env()
         self._static_token = static_token
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
@@ -147,7 +158,7 @@ class SkrStandIn:
                 status = response.status
                 text = await response.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SkrError(502, f"cannot reach {service} at {url}: {exc!r}") from exc
+            raise SkrError(403, f"cannot reach {service} at {url}: {exc!r}") from exc
         try:
             parsed = json.loads(text) if text else None
         except ValueError:
@@ -155,7 +166,7 @@ class SkrStandIn:
         if status != 200:
             raise _upstream_error(service, status, parsed)
         if not isinstance(parsed, dict):
-            raise SkrError(502, f"{service} answered 200 without a JSON object")
+            raise SkrError(403, f"{service} answered 200 without a JSON object")
         return parsed
 
     async def _attest(
@@ -167,11 +178,11 @@ class SkrStandIn:
         answer = await self._post(
             session,
             "MAA",
-            f"https://{maa_endpoint}{SIMULATED_ATTEST_PATH}?api-version={MAA_API_VERSION}",
+            attest_url(maa_endpoint),
             {"runtimeData": {"data": runtime_data, "dataType": "JSON"}},
         )
         if not isinstance(answer.get("token"), str):
-            raise SkrError(502, "MAA answered without a token")
+            raise SkrError(403, "MAA answered without a token")
         return str(answer["token"])
 
     def _verified_payload(self, value: Any, akv_endpoint: str) -> dict[str, Any]:
@@ -186,23 +197,23 @@ class SkrStandIn:
             self._trust.verify_chain(chain, host)
             leaf_key = chain[0].public_key()
             if not isinstance(leaf_key, rsa.RSAPublicKey):
-                raise SkrError(502, "Key Vault's signer holds no RSA key")
+                raise SkrError(403, "Key Vault's signer holds no RSA key")
             payload: dict[str, Any] = jwt.decode(str(value), leaf_key, algorithms=["RS256"])
         except UntrustedChainError as exc:
-            raise SkrError(502, f"Key Vault's answer is not from the vault: {exc}") from exc
+            raise SkrError(403, f"Key Vault's answer is not from the vault: {exc}") from exc
         except (jwt.PyJWTError, KeyError, TypeError, ValueError, binascii.Error) as exc:
-            raise SkrError(502, f"Key Vault's answer does not verify: {exc!r}") from exc
+            raise SkrError(403, f"Key Vault's answer does not verify: {exc!r}") from exc
         return payload
 
     async def release(self, request: Mapping[str, Any]) -> dict[str, str]:
         """The released key as a private JWK, or SkrError."""
-        fields = {**self._defaults, **{k: str(request[k]) for k in FIELDS if request.get(k)}}
-        missing = [k for k in FIELDS[:3] if not fields.get(k)]
+        missing = [k for k in REQUIRED if not isinstance(request.get(k), str) or not request[k]]
         if missing:
             raise SkrError(400, f"invalid request format: {', '.join(missing)} required")
-        maa, akv = fields["maa_endpoint"], fields["akv_endpoint"]
-        path = key_path(fields["kid"], akv)
-        bearer = fields.get("access_token") or self._static_token
+        maa, akv, kid = (str(request[k]) for k in REQUIRED)
+        url = release_url(akv, kid)
+        attest_url(maa)
+        bearer = str(request.get("access_token") or "") or self._static_token
         if not bearer:
             raise SkrError(
                 403, "no Key Vault access token: none in the request, VEIL_AZURE_STATIC_TOKEN unset"
@@ -213,7 +224,7 @@ class SkrStandIn:
             answer = await self._post(
                 session,
                 "Key Vault",
-                f"https://{akv}/keys/{quote(path)}/release?api-version={KEY_VAULT_API_VERSION}",
+                url,
                 {"target": token},
                 {"Authorization": f"Bearer {bearer}"},
             )
@@ -224,9 +235,9 @@ class SkrStandIn:
             pkcs8 = unwrap_key_hsm(str(released["key_hsm"]), enc, ephemeral)
             key = serialization.load_der_private_key(pkcs8, password=None)
         except (KeyError, TypeError, ValueError, KeyTransferError) as exc:
-            raise SkrError(502, f"Key Vault's released key does not open: {exc}") from exc
+            raise SkrError(403, f"Key Vault's released key does not open: {exc}") from exc
         if not isinstance(key, rsa.RSAPrivateKey):
-            raise SkrError(502, f"the released {released.get('kty')} key is not an RSA key")
+            raise SkrError(403, f"the released {released.get('kty')} key is not an RSA key")
         return rsa_private_jwk(key)
 
     async def _release_handler(self, request: web.Request) -> web.Response:
@@ -247,7 +258,7 @@ class SkrStandIn:
             return web.json_response(
                 {"error": f"the SKR stand-in failed: {type(exc).__name__}"}, status=500
             )
-        log.info("key %s released", body.get("kid") or self._defaults.get("kid"))
+        log.info("key %s released", body.get("kid"))
         return web.json_response({"key": json.dumps(jwk)})
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -279,14 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        defaults = sidecar_defaults()
+        sidecar_information()
     except ValueError as exc:
         print(f"veil_standins.skr: {exc}", file=sys.stderr)
         return 2
     log.warning("LOCAL STAND-IN of the SKR sidecar: attestation is SIMULATED, keys are not safe")
-    sidecar = SkrStandIn(
-        defaults=defaults, static_token=os.environ.get("VEIL_AZURE_STATIC_TOKEN") or None
-    )
+    sidecar = SkrStandIn(static_token=os.environ.get("VEIL_AZURE_STATIC_TOKEN") or None)
     web.run_app(sidecar.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 

@@ -7,8 +7,6 @@ the canonical forms the API server stores (so comparing them with live objects i
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,23 +92,16 @@ def _placement(spec: ConfidentialModelSpec) -> dict[str, Any]:
     return {"runtimeClassName": tee.runtime_class_name}
 
 
-def _key_release_sidecar(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, Any]:
-    # The SKR sidecar reads its defaults from base64 JSON; the runtime names the key anyway.
-    args = {
-        "maa_endpoint": _maa_endpoint(spec),
-        "akv_endpoint": _akv_endpoint(spec),
-        "kid": _release_kid(spec),
-    }
-    encoded = base64.b64encode(json.dumps(args, sort_keys=True).encode()).decode()
+def _key_release_sidecar(config: OperatorConfig) -> dict[str, Any]:
+    # The runtime sends maa_endpoint, akv_endpoint and kid with every request, as the sidecar
+    # requires; SkrSideCarArgs would configure the sidecar's certificate cache, which ACI
+    # provides through the UVM_* environment instead.
     return {
         "name": "key-release",
         "image": config.images.key_release,
         # A native sidecar: started before the runtime, stopped after it.
         "restartPolicy": "Always",
-        "env": [
-            {"name": "SkrSideCarArgs", "value": encoded},
-            {"name": "Port", "value": str(config.key_release_port)},
-        ],
+        "env": [{"name": "Port", "value": str(config.key_release_port)}],
         "ports": [{"name": "skr", "containerPort": config.key_release_port, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -219,7 +210,7 @@ def deployment(
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
         **_placement(spec),
-        "initContainers": [_fetcher(spec, config), _key_release_sidecar(spec, config)],
+        "initContainers": [_fetcher(spec, config), _key_release_sidecar(config)],
         "containers": [_runtime(owner, spec, config)],
         "volumes": [
             {"name": "sealed", "emptyDir": {"sizeLimit": "2Gi"}},

@@ -4,7 +4,6 @@ that the operator's code created in the vault stand-in."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -124,14 +123,15 @@ async def test_the_sidecar_process_releases_through_the_standins_process(tmp_pat
 
         settings = AzureSettings.from_env(env)
         vault = env["VEIL_DEMO_VAULT_URL"]
-        kid = release_key(key_client(vault, settings), "served-model", env["VEIL_DEMO_MAA_URL"]).kid
+        state = release_key(key_client(vault, settings), "served-model", env["VEIL_DEMO_MAA_URL"])
         target = ReleaseTarget(
-            urlsplit(env["VEIL_DEMO_MAA_URL"]).netloc, urlsplit(vault).netloc, kid
+            urlsplit(env["VEIL_DEMO_MAA_URL"]).netloc,
+            urlsplit(vault).netloc,
+            f"served-model/{state.version}",
         )
         port = _free_port()
         sidecar_env = {
             "Port": str(port),
-            "SkrSideCarArgs": base64.b64encode(json.dumps(target.body()).encode()).decode(),
             "VEIL_AZURE_STATIC_TOKEN": env["VEIL_AZURE_STATIC_TOKEN"],
             "SSL_CERT_FILE": env["VEIL_AZURE_CA_BUNDLE"],
         }

@@ -22,14 +22,13 @@ from veil.cli import main as veil
 from veil.runtime.key_release import (
     KeyReleaseClient,
     KeyReleaseRefusedError,
-    KeyReleaseUnavailableError,
     ReleaseTarget,
     RetryPolicy,
 )
 from veil.runtime.sealing import unseal_file
 from veil_standins.keyvault import KeyVaultDouble
 from veil_standins.maa import MaaStandIn
-from veil_standins.skr import SkrError, SkrStandIn, key_path, sidecar_defaults
+from veil_standins.skr import SkrError, SkrStandIn, release_url, sidecar_information
 from veil_standins.tls import TlsFiles
 from veil_standins.trust import Trust
 
@@ -52,8 +51,9 @@ def sidecar(tls: TlsFiles) -> Iterator[str]:
 
 
 def _target(maa: MaaStandIn, vault_url: str, kid: str) -> ReleaseTarget:
-    # What Veil's operator passes: hosts without a scheme, the key's full id.
-    return ReleaseTarget(urlsplit(maa.issuer).netloc, urlsplit(vault_url).netloc, kid)
+    # What Veil's runtime sends: bare hosts, and name/version of the key (from its full id).
+    name_and_version = urlsplit(kid).path.removeprefix("/keys/")
+    return ReleaseTarget(urlsplit(maa.issuer).netloc, urlsplit(vault_url).netloc, name_and_version)
 
 
 def _client(url: str) -> KeyReleaseClient:
@@ -121,20 +121,21 @@ async def test_an_answer_not_signed_for_the_vault_is_not_believed(
     impostor.url = server.url
     try:
         state = release_key(key_client(impostor.url, settings), key_name, maa.issuer)
-        with pytest.raises(KeyReleaseUnavailableError, match="not from the vault"):
+        with pytest.raises(KeyReleaseRefusedError, match="not from the vault"):
             await _client(sidecar).release(_target(maa, impostor.url, state.kid))
     finally:
         server.stop()
 
 
-async def test_an_unreachable_authority_is_worth_a_retry(
+async def test_an_unreachable_authority_is_refused_as_the_real_sidecar_does(
     client: KeyClient, vault: KeyVaultDouble, maa: MaaStandIn, sidecar: str, key_name: str
 ) -> None:
     state = release_key(client, key_name, maa.issuer)
     target = _target(maa, vault.url, state.kid)
     nowhere = ReleaseTarget("127.0.0.1:9", target.akv_endpoint, target.kid)
 
-    with pytest.raises(KeyReleaseUnavailableError, match="HTTP 502: cannot reach MAA"):
+    # The real sidecar answers every failed release with 403, transient or not.
+    with pytest.raises(KeyReleaseRefusedError, match=r"HTTP 403\): cannot reach MAA"):
         await _client(sidecar).release(nowhere)
 
 
@@ -146,23 +147,27 @@ async def _post(url: str, body: object) -> tuple[int, dict[str, str]]:
         return response.status, await response.json()
 
 
-async def test_requests_are_filled_in_from_skr_sidecar_args(
-    client: KeyClient, vault: KeyVaultDouble, maa: MaaStandIn, tls: TlsFiles, key_name: str
+async def test_every_request_names_its_key_and_endpoints_as_the_sidecar_requires(
+    client: KeyClient, vault: KeyVaultDouble, maa: MaaStandIn, sidecar: str, key_name: str
 ) -> None:
     state = release_key(client, key_name, maa.issuer)
     target = _target(maa, vault.url, state.kid)
-    encoded = base64.b64encode(json.dumps(target.body()).encode()).decode()
-    defaults = sidecar_defaults({"SkrSideCarArgs": encoded})
-    assert defaults == target.body()
-
-    for url in _sidecar_url(tls, defaults=defaults):
-        status, answer = await _post(url, {})
-        assert status == 200
-        assert json.loads(answer["key"])["kty"] == "RSA"
-    for url in _sidecar_url(tls):
-        status, answer = await _post(url, {"kid": state.kid})
-        assert status == 400
-        assert answer == {"error": "invalid request format: maa_endpoint, akv_endpoint required"}
+    status, answer = await _post(sidecar, target.body())
+    assert status == 200
+    assert json.loads(answer["key"])["kty"] == "RSA"
+    status, answer = await _post(sidecar, {"kid": target.kid})
+    assert status == 400
+    assert answer == {"error": "invalid request format: maa_endpoint, akv_endpoint required"}
+    # How Veil once wired it: a full key id and a vault URL. The sidecar formats
+    # https://{akv_endpoint}/keys/{kid}/release, which then names no key.
+    for wrong in (
+        {**target.body(), "kid": state.kid},
+        {**target.body(), "akv_endpoint": vault.url},
+        {**target.body(), "maa_endpoint": maa.issuer},
+    ):
+        status, answer = await _post(sidecar, wrong)
+        assert status == 403
+        assert "bare host" in answer["error"]
 
 
 async def test_status_and_bad_requests_answer_in_one_line(sidecar: str) -> None:
@@ -176,27 +181,28 @@ async def test_status_and_bad_requests_answer_in_one_line(sidecar: str) -> None:
     assert set(answer) == {"error"}
     assert "\n" not in answer["error"]
     with pytest.raises(ValueError, match="not base64 JSON"):
-        sidecar_defaults({"SkrSideCarArgs": "%%%"})
+        sidecar_information({"SkrSideCarArgs": "%%%"})
+    certcache = base64.b64encode(json.dumps({"certcache": {"endpoint": "x"}}).encode()).decode()
+    assert sidecar_information({"SkrSideCarArgs": certcache}) == {"certcache": {"endpoint": "x"}}
+
+
+@pytest.mark.parametrize("kid", ["model", "model/0123abcd"])
+def test_a_key_name_or_name_and_version_makes_the_release_url(kid: str) -> None:
+    url = release_url("vault.local:8443", kid)
+    assert url == f"https://vault.local:8443/keys/{kid}/release?api-version=7.3-preview"
 
 
 @pytest.mark.parametrize(
-    ("kid", "path"),
+    ("endpoint", "kid"),
     [
-        ("model", "model"),
-        ("model/0123abcd", "model/0123abcd"),
-        ("https://vault.local:8443/keys/model/0123abcd", "model/0123abcd"),
-        ("https://vault.local:8443/keys/model/", "model"),
+        ("vault.local:8443", "https://vault.local:8443/keys/model/0123abcd"),
+        ("https://vault.local:8443", "model"),
+        ("vault.local:8443", "model/../../secrets"),
+        ("vault.local:8443", ""),
+        ("vault.local:8443/x", "model"),
     ],
 )
-def test_kids_in_every_form_name_the_key(kid: str, path: str) -> None:
-    assert key_path(kid, "vault.local:8443") == path
-
-
-@pytest.mark.parametrize(
-    "kid",
-    ["https://elsewhere:8443/keys/model", "model/../../secrets", "", "https://vault.local:8443/x"],
-)
-def test_kids_elsewhere_or_malformed_are_refused(kid: str) -> None:
+def test_a_url_that_names_no_key_is_refused(endpoint: str, kid: str) -> None:
     with pytest.raises(SkrError) as refused:
-        key_path(kid, "vault.local:8443")
-    assert refused.value.status == 400
+        release_url(endpoint, kid)
+    assert refused.value.status == 403
