@@ -223,7 +223,14 @@ def _drift(
     return drift
 
 
-def _explain(error: AzureError, pool: NodePool, action: str) -> NodePoolError:  # noqa: PLR0911
+def _is_tdx(pool: NodePool) -> bool:
+    match = _SIZE.match(pool.vm_size)
+    return match is not None and _PLATFORM_OF_KIND[match.group("kind")] == "tdx"
+
+
+def _explain(  # noqa: PLR0911
+    error: AzureError, pool: NodePool, action: str
+) -> NodePoolError:
     where = (
         f"{action} node pool {pool.name!r} of cluster {pool.cluster_name!r} "
         f"in resource group {pool.resource_group!r}"
@@ -238,6 +245,14 @@ def _explain(error: AzureError, pool: NodePool, action: str) -> NodePoolError:  
         status = error.status_code
         code = error_code(error)
         detail = service_message(error)
+        if status < 400 and _is_tdx(pool):
+            return NodePoolError(
+                f"AKS could not provision the Intel TDX pool {pool.name!r} ({code or 'Failed'}): "
+                "AKS currently fails to create TDX confidential node pools (Azure/AKS#5618). Use "
+                "an AMD SEV-SNP size (e.g. Standard_DC4as_v5) until AKS supports TDX pools.",
+                status=status,
+                code=code,
+            )
         if status < 400:
             # The long-running operation itself ended Failed (the poll answered 200).
             return NodePoolError(
@@ -268,6 +283,14 @@ def _explain(error: AzureError, pool: NodePool, action: str) -> NodePoolError:  
                 status=status,
                 code=code,
                 retriable=True,
+            )
+        if status == 400 and _is_tdx(pool):
+            return NodePoolError(
+                f"AKS refused the Intel TDX pool {pool.name!r} ({code or 'HTTP 400'}): AKS "
+                "currently fails to create TDX confidential node pools (Azure/AKS#5618). Use an "
+                "AMD SEV-SNP size (e.g. Standard_DC4as_v5) until AKS supports TDX pools.",
+                status=status,
+                code=code,
             )
         hint = ""
         if "quota" in f"{code} {detail}".lower():

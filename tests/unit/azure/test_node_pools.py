@@ -269,3 +269,14 @@ def test_a_rejected_token_is_explained(
     )
     with pytest.raises(NodePoolError, match="did not accept the operator's credentials"):
         ensure_confidential_pool(container_service_client(SUB, wrong), pool(cluster))
+
+
+def test_a_refused_tdx_pool_says_aks_cannot_make_one_yet(
+    arm_double: ArmDouble, client: ContainerServiceClient, cluster: str
+) -> None:
+    arm_double.fail_next_put(400, "BadRequest", "The VM size Standard_DC4es_v5 is not supported.")
+    tdx = pool(cluster, vm_size="Standard_DC4es_v5")
+    with pytest.raises(NodePoolError, match="AKS currently fails to create TDX") as caught:
+        ensure_confidential_pool(client, tdx, platform="tdx")
+    assert "SEV-SNP size" in str(caught.value)
+    assert not caught.value.retriable
