@@ -63,11 +63,15 @@ publish() {
   size=$(stat -c %s "$dir/manifest.json")
   ln "$dir/manifest.json" "$layout/blobs/sha256/$digest"
   printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
-  printf '{"schemaVersion":2,"manifests":[{"mediaType":"%s","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' \
-    application/vnd.oci.image.manifest.v1+json "$digest" "$size" "docker.io/local/$1:$2" \
+  # Two names for one manifest: the tag, and the digest reference pods are given (Veil refuses
+  # images by tag), which the CRI then finds without a registry.
+  local entry='{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"%s"}}'
+  printf "{\"schemaVersion\":2,\"manifests\":[$entry,$entry]}" \
+    "$digest" "$size" "docker.io/local/$1:$2" "$digest" "$size" "docker.io/local/$1@sha256:$digest" \
     >"$layout/index.json"
   tar -C "$layout" -cf "$archive.part" oci-layout index.json blobs
   mv "$archive.part" "$archive"
+  echo "sha256:$digest" >"$archive.digest"  # last: its presence means the archive is complete
   rm -rf "$dir" "$layout"
   # Older builds of the same image are superseded: each of Veil's is over a gigabyte.
   find "$IMAGES" -maxdepth 1 -name "$1-*.oci.tar" ! -name "$1-$2.oci.tar" -delete
@@ -138,7 +142,7 @@ git ls-files -z -co --exclude-standard -- Dockerfile .dockerignore pyproject.tom
   while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done >"$TMPDIR/files"
 veil_tag=$( { xargs -0 sha256sum <"$TMPDIR/files"; echo "$base_id $wheel_key"; } | hash16)
 veil_archive="$IMAGES/veil-$veil_tag.oci.tar"
-if [ ! -f "$veil_archive" ]; then
+if [ ! -f "$veil_archive.digest" ]; then
   log "veil: building localhost/veil:$veil_tag"
   # The context is exactly the hashed files plus the wheelhouse (hard links), so nothing else
   # leaks in and nothing is written into the repository.
@@ -175,7 +179,7 @@ fi
 # `python -m veil_standins.skr` instead: a new config over the same layers.
 skr_tag=$(echo "skr $veil_tag entrypoint=python -m veil_standins.skr cmd=[]" | hash16)
 skr_archive="$IMAGES/skr-$skr_tag.oci.tar"
-if [ ! -f "$skr_archive" ]; then
+if [ ! -f "$skr_archive.digest" ]; then
   log "skr: localhost/skr:$skr_tag from localhost/veil:$veil_tag"
   ctr=$(buildah from --pull=never "localhost/veil:$veil_tag")
   buildah config --entrypoint '["python", "-m", "veil_standins.skr"]' --cmd '[]' \
@@ -187,7 +191,7 @@ fi
 # --- pause: the pod sandbox, one static binary ----------------------------------------------------
 pause_tag=$(hash16 <"$PAUSE_BINARY")
 pause_archive="$IMAGES/pause-$pause_tag.oci.tar"
-if [ ! -f "$pause_archive" ]; then
+if [ ! -f "$pause_archive.digest" ]; then
   log "pause: building from $PAUSE_BINARY"
   ctr=$(buildah from scratch)
   buildah copy --quiet --chmod 0755 "$ctr" "$PAUSE_BINARY" /pause >&2
@@ -197,6 +201,8 @@ if [ ! -f "$pause_archive" ]; then
   publish pause "$pause_tag"
 fi
 
-echo "veil docker.io/local/veil:$veil_tag $veil_archive"
-echo "pause docker.io/local/pause:$pause_tag $pause_archive"
-echo "skr docker.io/local/skr:$skr_tag $skr_archive"
+# name, the digest reference, the archive (ctr imports it under both names)
+for image in "veil $veil_archive" "pause $pause_archive" "skr $skr_archive"; do
+  set -- $image
+  echo "$1 docker.io/local/$1@$(cat "$2.digest") $2"
+done

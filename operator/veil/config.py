@@ -12,9 +12,24 @@ from veil import __version__
 class Images:
     """Container images the operator puts into the pods it builds."""
 
+    # The chart passes the operator's own image, pinned by digest, as VEIL_RUNTIME_IMAGE.
     runtime: str = f"ghcr.io/veil-dev/veil:{__version__}"
-    # Microsoft's Secure Key Release sidecar (confidential-sidecar-containers).
-    key_release: str = "mcr.microsoft.com/aci/skr:2.7"
+    # Microsoft's Secure Key Release sidecar (confidential-sidecar-containers), by digest: on
+    # ACI the CCE policy measures exactly this image.
+    key_release: str = (
+        "mcr.microsoft.com/aci/skr@sha256:"
+        "baa6acf093c011cb26799187b6a535e32bd8248f52dd2cd9c606732b8a23c112"
+    )
+
+    def by_tag(self) -> list[str]:
+        """The images not pinned by digest (a tag can be moved to other content)."""
+        return [image for image in (self.runtime, self.key_release) if not pinned(image)]
+
+
+def pinned(image: str) -> bool:
+    """Whether an image reference names its content: `name@sha256:<64 hex>`."""
+    _, _, digest = image.partition("@sha256:")
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,18 @@ class OperatorConfig:
     images: Images = Images()
     key_release_port: int = 8080
     pods: PodSettings = PodSettings()
+    # Development only: accept images by tag (VEIL_ALLOW_IMAGE_TAGS).
+    allow_image_tags: bool = False
+
+    def image_problem(self) -> str | None:
+        """Why the operator must not start with these images, or None."""
+        unpinned = self.images.by_tag()
+        if not unpinned or self.allow_image_tags:
+            return None
+        return (
+            f"images must be pinned by digest (name@sha256:...), not by tag: {', '.join(unpinned)}"
+            "; set the chart's image.digest (or VEIL_ALLOW_IMAGE_TAGS=true in development)"
+        )
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -45,6 +72,7 @@ class OperatorConfig:
                 key_release=os.environ.get("VEIL_SKR_IMAGE", defaults.key_release),
             ),
             key_release_port=int(os.environ.get("VEIL_SKR_PORT", "8080")),
+            allow_image_tags=os.environ.get("VEIL_ALLOW_IMAGE_TAGS", "").lower() == "true",
             pods=PodSettings(
                 env_secret=os.environ.get("VEIL_POD_ENV_SECRET") or None,
                 trust_bundle=os.environ.get("VEIL_POD_TRUST_BUNDLE") or None,

@@ -78,6 +78,10 @@ def run(
         level=os.environ.get("VEIL_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    problem = OperatorConfig.from_env().image_problem()
+    if problem is not None:
+        logging.getLogger("veil").error("refusing to start: %s", problem)
+        return 2
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
     kopf.run(

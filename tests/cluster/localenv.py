@@ -251,7 +251,8 @@ class LocalEnvironment:
     def install_chart(self, images: Mapping[str, node.Image]) -> None:
         helm = _helper_bin("build-tools.sh") / "helm"
         self.workload_namespace(OPERATOR_NAMESPACE)
-        repository, tag = images["veil"].reference.rsplit(":", 1)
+        # Images by digest only: the references are name@sha256:..., as ctr imported them.
+        repository, digest = images["veil"].reference.split("@", 1)
         completed = subprocess.run(
             [
                 str(helm),
@@ -266,7 +267,7 @@ class LocalEnvironment:
                 "--set",
                 f"image.repository={repository}",
                 "--set",
-                f"image.tag={tag}",
+                f"image.digest={digest}",
                 "--set",
                 "image.pullPolicy=Never",
                 "--set",

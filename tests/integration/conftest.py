@@ -25,6 +25,8 @@ from veil_standins.tls import TlsFiles, make_tls
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "veil-integration-token"
 
+PINNED_RUNTIME_IMAGE = "ghcr.io/veil-dev/veil@sha256:" + "5" * 64
+
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
@@ -111,6 +113,8 @@ class OperatorProcess:
         self.log_path = log_path
         env = {
             **os.environ,
+            # The operator refuses images by tag; kwok's pods pull nothing, so any digest does.
+            "VEIL_RUNTIME_IMAGE": PINNED_RUNTIME_IMAGE,
             **extra_env,
             "KUBECONFIG": str(kubeconfig),
             # Resync often, so tests see that a resync of a settled object writes nothing.

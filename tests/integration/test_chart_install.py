@@ -23,7 +23,7 @@ import yaml
 from kubernetes import config
 
 from tests.cluster.localcluster import LocalCluster
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.conftest import PINNED_RUNTIME_IMAGE, OperatorProcess, wait_for
 from tests.unit.test_chart import CHART, kube_version, load_all, tools
 from veil.controllers.ledger_key import load_ledger_key
 
@@ -93,6 +93,8 @@ def helm_template() -> list[dict[str, Any]]:
             NAMESPACE,
             "--kube-version",
             kube_version(),
+            "--set",
+            f"image.digest={PINNED_RUNTIME_IMAGE.split('@')[1]}",
         ],
         capture_output=True,
         text=True,

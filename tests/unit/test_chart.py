@@ -82,9 +82,14 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return completed
 
 
+# The chart requires images by digest; this stands for the one a release pins.
+TEST_DIGEST = "sha256:" + "5" * 64
+
+
 @functools.cache
 def render_text(values: Path | None = None, *sets: str) -> str:
     args = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", kube_version()]
+    args += ["--set", f"image.digest={TEST_DIGEST}"]
     if values is not None:
         args += ["-f", str(values)]
     for item in sets:
@@ -435,11 +440,12 @@ def test_pod_security_restricted(values: str) -> None:
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-def test_image_digest_wins_and_runtime_image_defaults_to_operator_image() -> None:
+def test_images_are_pinned_by_digest_and_runtime_image_defaults_to_operator_image() -> None:
     container = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == "ghcr.io/veil-dev/veil:0.1.0"
+    assert container["image"] == f"ghcr.io/veil-dev/veil@{TEST_DIGEST}"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["VEIL_RUNTIME_IMAGE"] == container["image"]
+    assert "VEIL_ALLOW_IMAGE_TAGS" not in env
     featured = one(render(ALL_FEATURES), "Deployment")["spec"]["template"]["spec"]
     image = featured["containers"][0]["image"]
     assert image.startswith("registry.example/veil@sha256:")
@@ -680,3 +686,31 @@ def test_ledger_key_role_is_namespaced_and_named() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["VEIL_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["VEIL_LEDGER_KEY_SECRET"]["value"] == "veil-ledger-key"
+
+
+@pytest.mark.parametrize(
+    ("sets", "named"),
+    [
+        (("image.digest=",), "image.digest is required"),
+        (("runtime.image=ghcr.io/veil-dev/veil:1.0",), "runtime.image must be pinned"),
+        (("runtime.keyReleaseImage=mcr.microsoft.com/aci/skr:2.7",), "runtime.keyReleaseImage"),
+    ],
+)
+def test_an_image_by_tag_is_refused_naming_the_value(sets: tuple[str, ...], named: str) -> None:
+    args = ["template", RELEASE, str(CHART), "--kube-version", kube_version()]
+    args += ["--set", f"image.digest={TEST_DIGEST}"]
+    for item in sets:
+        args += ["--set", item]
+    refused = helm(*args, check=False)
+    assert refused.returncode != 0
+    assert named in refused.stderr
+
+
+def test_development_may_allow_tags_and_says_so_to_the_operator() -> None:
+    version = ("--kube-version", kube_version())
+    allow = ("--set", "development.allowImageTags=true")
+    docs = load_all(helm("template", RELEASE, str(CHART), *version, *allow).stdout)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/veil-dev/veil:0.1.0"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VEIL_ALLOW_IMAGE_TAGS"] == "true"

@@ -45,13 +45,27 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* repository:tag, or repository@digest when a digest is given. */}}
+{{/*
+repository@digest. A tag can be moved to other content, so one is refused unless
+development.allowImageTags is set (local development only).
+*/}}
 {{- define "veil.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
+{{- else if .Values.development.allowImageTags }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- else }}
+{{- fail "image.digest is required (sha256:...): Veil runs images by digest only; set development.allowImageTags=true to use a tag in development" }}
 {{- end }}
+{{- end }}
+
+{{/* An image value that must be pinned by digest unless development.allowImageTags. */}}
+{{- define "veil.pinnedImage" -}}
+{{- $image := index . 0 }}{{- $root := index . 1 }}{{- $name := index . 2 }}
+{{- if and $image (not (regexMatch "@sha256:[0-9a-f]{64}$" $image)) (not $root.Values.development.allowImageTags) }}
+{{- fail (printf "%s must be pinned by digest (name@sha256:...), not %q; set development.allowImageTags=true to use a tag in development" $name $image) }}
+{{- end }}
+{{- $image }}
 {{- end }}
 
 {{/*
