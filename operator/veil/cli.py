@@ -109,12 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(func=_fetch)
 
+    from veil.node_agent.main import register as register_node_agent
     from veil.runtime.commands import register as register_runtime
     from veil.synthesis.commands import register as register_synthesis
     from veil.training.commands import register as register_training
 
     # seal, unseal, verify, serve: the programs that run inside the TEE.
     register_runtime(sub)
+    # node-agent: attestation and key release on confidential VM nodes (a DaemonSet).
+    register_node_agent(sub)
     # synthesize, train: the programs the budget-gated Jobs run.
     register_synthesis(sub)
     register_training(sub)

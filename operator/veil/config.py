@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from veil import __version__
 
@@ -46,10 +47,29 @@ class PodSettings:
 
 
 @dataclass(frozen=True)
+class NodeAgentSettings:
+    """Where confidential-VM model pods ask for their key: the node agent's Service (the chart's
+    DaemonSet; internalTrafficPolicy Local, so a pod reaches the agent of its own node)."""
+
+    url: str = "http://veil-node-agent.veil-system.svc:8095"
+    namespace: str = "veil-system"
+    # The agent pods' labels, for the model pods' egress allowance.
+    pod_labels: tuple[tuple[str, str], ...] = (
+        ("app.kubernetes.io/name", "veil"),
+        ("app.kubernetes.io/component", "node-agent"),
+    )
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     images: Images = Images()
     key_release_port: int = 8080
     pods: PodSettings = PodSettings()
+    node_agent: NodeAgentSettings = NodeAgentSettings()
     # Development only: accept images by tag (VEIL_ALLOW_IMAGE_TAGS).
     allow_image_tags: bool = False
 
@@ -73,6 +93,10 @@ class OperatorConfig:
             ),
             key_release_port=int(os.environ.get("VEIL_SKR_PORT", "8080")),
             allow_image_tags=os.environ.get("VEIL_ALLOW_IMAGE_TAGS", "").lower() == "true",
+            node_agent=NodeAgentSettings(
+                url=os.environ.get("VEIL_NODE_AGENT_URL", NodeAgentSettings.url),
+                namespace=os.environ.get("VEIL_NODE_AGENT_NAMESPACE", NodeAgentSettings.namespace),
+            ),
             pods=PodSettings(
                 env_secret=os.environ.get("VEIL_POD_ENV_SECRET") or None,
                 trust_bundle=os.environ.get("VEIL_POD_TRUST_BUNDLE") or None,

@@ -15,7 +15,9 @@ There is no TEE on the machines this runs on, so nothing can be attested. Instea
          {"runtimeData": {"data": base64url(JSON), "dataType": "JSON"}}
       -> {"token": JWT}
 
-a token for a SIMULATED confidential VM. Its claims:
+a token for a SIMULATED confidential VM (and, when given a `guest_trust`, MAA's own vTPM guest
+attestation `POST /attest/AzureGuest`, which checks real TPM evidence: see maa_guest.py).
+The simulated VM's claims:
 
   SIMULATED (no hardware report stands behind them; `simulated_cvm_tee()`):
     x-ms-attestation-type                       "azurevm"
@@ -49,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from veil_standins.jose import b64url_decode, rsa_public_key_from_jwk
+from veil_standins.maa_guest import GUEST_ATTEST_PATH, GuestTrust, guest_attest_handler
 
 SIMULATED_ATTEST_PATH = "/attest/SimulatedConfidentialVm"
 # MAA's own tokens are valid for eight hours.
@@ -113,6 +116,8 @@ class MaaStandIn:
     signing_keys: dict[str, rsa.RSAPrivateKey] = field(default_factory=_new_signing_key)
     issuer: str = ""
     tee_claims: dict[str, Any] = field(default_factory=simulated_cvm_tee)
+    # The vTPM AK CA and "hardware" report key guest attestation trusts; None turns it off.
+    guest_trust: GuestTrust | None = None
     _certificates: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def published_key(self, kid: str, key: rsa.RSAPrivateKey) -> dict[str, Any]:
@@ -190,6 +195,10 @@ class MaaStandIn:
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
         app.router.add_get("/certs", self._certs)
         app.router.add_post(SIMULATED_ATTEST_PATH, self._attest)
+        app.router.add_post(
+            GUEST_ATTEST_PATH,
+            guest_attest_handler(lambda: self.guest_trust, self.token),
+        )
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -412,8 +412,8 @@ def test_operator_deployment() -> None:
     assert container["resources"]["limits"]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
-    service = one(docs, "Service")
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount", "veil")["metadata"]["name"]
+    service = one(docs, "Service", "veil-metrics")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
@@ -517,9 +517,9 @@ def test_cluster_role_is_the_rules_file_without_wildcards() -> None:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
         for field in ("apiGroups", "resources", "verbs"):
             assert not any("*" in item for item in rule[field]), rule
-    binding = one(docs, "ClusterRoleBinding")
+    binding = one(docs, "ClusterRoleBinding", "veil-operator")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    service_account = one(docs, "ServiceAccount")["metadata"]
+    service_account = one(docs, "ServiceAccount", "veil")["metadata"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": service_account["name"], "namespace": NAMESPACE}
     ]
@@ -571,6 +571,8 @@ def test_replicas_need_peering() -> None:
         str(CHART),
         "--kube-version",
         kube_version(),
+        "--set",
+        f"image.digest={TEST_DIGEST}",
         "--set",
         "peering.enabled=false",
         check=False,
@@ -661,7 +663,8 @@ def test_user_roles_never_grant_status_configmaps_or_secrets() -> None:
     roles = {
         d["metadata"]["name"]: d["rules"]
         for d in docs
-        if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-operator")
+        if d["kind"] == "ClusterRole"
+        and not d["metadata"]["name"].endswith(("-operator", "-node-agent"))
     }
     assert {name.rsplit("-", 1)[-1] for name in roles} >= {"viewer", "editor", "owner"}
     for name, rules in roles.items():
@@ -671,7 +674,8 @@ def test_user_roles_never_grant_status_configmaps_or_secrets() -> None:
             assert "*" not in rule["verbs"], (name, rule)
     without = render(None, "userRoles.create=false")
     assert [d["metadata"]["name"] for d in without if d["kind"] == "ClusterRole"] == [
-        "veil-operator"
+        "veil-node-agent",
+        "veil-operator",
     ]
 
 
@@ -714,3 +718,57 @@ def test_development_may_allow_tags_and_says_so_to_the_operator() -> None:
     assert container["image"] == "ghcr.io/veil-dev/veil:0.1.0"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["VEIL_ALLOW_IMAGE_TAGS"] == "true"
+
+
+def test_the_node_agent_runs_on_confidential_vm_nodes_and_serves_its_own_node_only() -> None:
+    docs = render()
+    agent = one(docs, "DaemonSet", "veil-node-agent")["spec"]["template"]
+    assert agent["spec"]["nodeSelector"] == {"kubernetes.azure.com/security-type": "ConfidentialVM"}
+    container = agent["spec"]["containers"][0]
+    assert container["args"][:1] == ["node-agent"]
+    assert "--tcti=device:/dev/tpmrm0" in container["args"]
+    assert container["securityContext"] == {"privileged": True}  # the host's TPM device
+    assert {
+        v["name"]: v["hostPath"]["path"] for v in agent["spec"]["volumes"] if "hostPath" in v
+    } == {
+        "tpm": "/dev/tpmrm0",
+        "tcg-log": "/sys/kernel/security/tpm0/binary_bios_measurements",
+    }
+    service = one(docs, "Service", "veil-node-agent")["spec"]
+    assert service["internalTrafficPolicy"] == "Local"
+    assert service["selector"]["app.kubernetes.io/component"] == "node-agent"
+    operator = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert env["VEIL_NODE_AGENT_URL"] == "http://veil-node-agent.veil-system.svc:8095"
+    assert env["VEIL_NODE_AGENT_NAMESPACE"] == "veil-system"
+    rules = one(docs, "ClusterRole", "veil-node-agent")["rules"]
+    verbs = {
+        (g, r): tuple(rule["verbs"])
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert verbs == {
+        ("authentication.k8s.io", "tokenreviews"): ("create",),
+        ("", "pods"): ("get",),
+        ("apps", "replicasets"): ("get",),
+        ("apps", "deployments"): ("get",),
+        ("veil.dev", "confidentialmodels"): ("get",),
+    }
+
+
+def test_a_node_agent_with_a_tpm_over_tcp_runs_restricted() -> None:
+    docs = render(
+        None, "nodeAgent.privileged=false", r"nodeAgent.tcti=swtpm:host=10.0.0.1\,port=2321"
+    )
+    agent = one(docs, "DaemonSet", "veil-node-agent")["spec"]["template"]["spec"]
+    context = agent["containers"][0]["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert agent["securityContext"]["runAsNonRoot"] is True
+    assert not [v for v in agent["volumes"] if "hostPath" in v]
+    assert "--tcti=swtpm:host=10.0.0.1,port=2321" in agent["containers"][0]["args"]
+    without = render(None, "nodeAgent.enabled=false")
+    assert not [d for d in without if d["kind"] == "DaemonSet"]
+    operator = one(without, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "VEIL_NODE_AGENT_URL" not in {e["name"] for e in operator["env"]}

@@ -81,8 +81,8 @@ def test_every_container_meets_restricted_pod_security(example: str) -> None:
         assert context["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
-    owner, model = _owner("confidential-model-cvm")
+def test_on_aci_the_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
+    owner, model = _owner("confidential-model-aci")
     pod = _pod(build.children(owner, model.spec, OperatorConfig()))
     runtime = pod["containers"][0]
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -90,7 +90,8 @@ def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
     # The sidecar builds https://{akv}/keys/{kid}/release: a key name (the runtime adds the
     # version its sealed header names), never a full id; the endpoint is a bare host.
     assert args[args.index("--kid") + 1] == model.spec.key_release.key_name
-    assert args[args.index("--akv-endpoint") + 1] == "veil-demo.vault.azure.net"
+    assert "://" not in args[args.index("--akv-endpoint") + 1]
+    assert args[args.index("--sidecar") + 1] == "http://127.0.0.1:8080"
     # The runtime checks the sealed file against the pin before it asks for any key.
     assert model.spec.model is not None
     assert args[args.index("--sha256") + 1] == model.spec.model.sha256
@@ -104,7 +105,33 @@ def test_runtime_waits_for_the_model_and_asks_the_sidecar_for_the_key() -> None:
     annotations = _by_kind(build.children(owner, model.spec, OperatorConfig()))["Deployment"][0][
         "spec"
     ]["template"]["metadata"]["annotations"]
-    assert set(annotations) == {"veil.dev/model-sha256"}
+    assert "veil.dev/model-sha256" in annotations
+    assert not any("policy" in name and "sha256" in name for name in annotations)
+
+
+def test_on_a_confidential_vm_the_node_agent_releases_and_no_sidecar_is_injected() -> None:
+    owner, model = _owner("confidential-model-cvm")
+    config = OperatorConfig()
+    children = build.children(owner, model.spec, config)
+    pod = _pod(children)
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-sealed-model"]
+    args = pod["containers"][0]["args"]
+    assert "--sidecar" not in args
+    assert args[args.index("--node-agent") + 1] == config.node_agent.url
+    assert args[args.index("--akv-endpoint") + 1] == "veil-demo.vault.azure.net"
+    token = next(v for v in pod["volumes"] if v["name"] == "node-agent-token")
+    source = token["projected"]["sources"][0]["serviceAccountToken"]
+    assert source["audience"] == "veil-node-agent"
+    assert source["expirationSeconds"] <= 3600
+    assert pod["automountServiceAccountToken"] is False  # only the agent's token is mounted
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["node-agent-token"]["readOnly"] is True
+    allow = _by_kind(children)["NetworkPolicy"][1]
+    to_agent = next(r for r in allow["spec"]["egress"] if r["ports"][0].get("port") == 8095)
+    assert to_agent["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": config.node_agent.namespace
+    }
+    assert to_agent["ports"] == [{"protocol": "TCP", "port": 8095}]
 
 
 def test_network_is_default_deny_plus_allow_list() -> None:
@@ -121,7 +148,7 @@ def test_network_is_default_deny_plus_allow_list() -> None:
     }
     egress_ports = [rule["ports"] for rule in allow["spec"]["egress"]]
     assert {"protocol": "UDP", "port": 53} in egress_ports[0]
-    assert allow["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "20.49.97.0/24"}}]
+    assert allow["spec"]["egress"][-1]["to"] == [{"ipBlock": {"cidr": "20.49.97.0/24"}}]
 
 
 def test_fqdn_egress_adds_a_cilium_policy_and_single_replica_drops_the_pdb() -> None:

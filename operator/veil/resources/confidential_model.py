@@ -28,6 +28,9 @@ APP = "veil-model"
 SEALED_DIR = "/var/run/veil/sealed"
 SEALED_FILE = f"{SEALED_DIR}/model.onnx.sealed"
 HTTP_PORT_NAME = "http"
+AGENT_AUDIENCE = "veil-node-agent"
+AGENT_TOKEN_VOLUME = "node-agent-token"
+AGENT_TOKEN_DIR = "/var/run/secrets/veil/node-agent"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,42 @@ def _key_release_sidecar(config: OperatorConfig) -> dict[str, Any]:
     }
 
 
+def _uses_node_agent(spec: ConfidentialModelSpec) -> bool:
+    # A confidential VM attests with its vTPM, which only the node agent may use: Microsoft's
+    # SKR sidecar has no CVM support (it would send a fake SEV-SNP report).
+    return spec.tee.isolation == "confidentialVM"
+
+
+def _key_source(spec: ConfidentialModelSpec, config: OperatorConfig) -> list[str]:
+    if _uses_node_agent(spec):
+        return [
+            "--node-agent",
+            config.node_agent.url,
+            "--node-agent-token",
+            f"{AGENT_TOKEN_DIR}/token",
+        ]
+    return ["--sidecar", f"http://127.0.0.1:{config.key_release_port}"]
+
+
+def _agent_token_volume() -> dict[str, Any]:
+    """A short-lived token for the node agent only: it proves which pod asks (TokenReview), and
+    is useless against the API server or anything else (its audience)."""
+    return {
+        "name": AGENT_TOKEN_VOLUME,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": AGENT_AUDIENCE,
+                        "expirationSeconds": 3600,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }
+
+
 def _fetcher(spec: ConfidentialModelSpec, config: OperatorConfig) -> dict[str, Any]:
     assert spec.model is not None
     return {
@@ -155,8 +194,7 @@ def _runtime(
             # Checked again here, before any key is released: the file is what the spec pins.
             "--sha256",
             spec.model.sha256,
-            "--sidecar",
-            f"http://127.0.0.1:{config.key_release_port}",
+            *_key_source(spec, config),
             "--maa-endpoint",
             _maa_endpoint(spec),
             "--akv-endpoint",
@@ -180,6 +218,11 @@ def _runtime(
         "volumeMounts": [
             {"name": "sealed", "mountPath": SEALED_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(
+                [{"name": AGENT_TOKEN_VOLUME, "mountPath": AGENT_TOKEN_DIR, "readOnly": True}]
+                if _uses_node_agent(spec)
+                else []
+            ),
         ],
         "securityContext": restricted_container_security(),
     }
@@ -210,12 +253,16 @@ def deployment(
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
         **_placement(spec),
-        "initContainers": [_fetcher(spec, config), _key_release_sidecar(config)],
+        "initContainers": [
+            _fetcher(spec, config),
+            *([] if _uses_node_agent(spec) else [_key_release_sidecar(config)]),
+        ],
         "containers": [_runtime(owner, spec, config)],
         "volumes": [
             {"name": "sealed", "emptyDir": {"sizeLimit": "2Gi"}},
             # Scratch space in memory: nothing the runtime writes reaches a disk.
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            *([_agent_token_volume()] if _uses_node_agent(spec) else []),
         ],
     }
     return {
@@ -286,9 +333,28 @@ DNS_EGRESS = {
 }
 
 
-def allow_list(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
+def _node_agent_egress(config: OperatorConfig) -> dict[str, Any]:
+    agent = config.node_agent
+    return {
+        "to": [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": agent.namespace}
+                },
+                "podSelector": {"matchLabels": dict(agent.pod_labels)},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": agent.port}],
+    }
+
+
+def allow_list(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     egress: list[dict[str, Any]] = [DNS_EGRESS]
+    if _uses_node_agent(spec):
+        egress.append(_node_agent_egress(config))
     if spec.network.egress_cidrs:
         egress.append(
             {
@@ -366,7 +432,7 @@ def children(
 ) -> Children:
     """Everything the model needs, in the order it should be applied."""
     name = owner["metadata"]["name"]
-    apply = [service_account(owner, spec), default_deny(owner), allow_list(owner, spec)]
+    apply = [service_account(owner, spec), default_deny(owner), allow_list(owner, spec, config)]
     absent: list[tuple[str, str, str]] = []
     if spec.network.fqdn_egress:
         apply.append(cilium_fqdn_policy(owner, spec))

@@ -19,6 +19,7 @@ from veil.runtime.sealing import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from veil.runtime.keywrap import KeyWrapper
+    from veil.runtime.loader import ModelLoader
 
 log = logging.getLogger("veil.runtime.commands")
 
@@ -130,54 +131,56 @@ def _verify(args: argparse.Namespace) -> int:
 # --- serve --------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _model_loader(args: argparse.Namespace) -> ModelLoader | int:
+    """How the key comes: the node agent (confidential VMs), the SKR sidecar (Confidential
+    ACI), or a PEM file (local debugging); an exit code when the flags do not add up."""
     from veil.runtime.key_release import KeyReleaseClient, ReleaseTarget, RetryPolicy
-    from veil.runtime.loader import (
-        ModelLoader,
-        SealedPin,
-        key_release_loader,
-        private_key_file_loader,
+    from veil.runtime.loader import SealedPin, key_release_loader, private_key_file_loader
+    from veil.runtime.node_agent_client import (
+        NodeAgentClient,
+        NodeAgentTarget,
+        node_agent_loader,
     )
+
+    if args.private_key is not None:
+        return private_key_file_loader(
+            args.sealed, args.private_key, name=args.model_name, version=args.model_version
+        )
+    source = "--node-agent" if args.node_agent else "--sidecar"
+    required = (("--maa-endpoint", args.maa_endpoint), ("--akv-endpoint", args.akv_endpoint))
+    missing = [flag for flag, value in (*required, ("--kid", args.kid)) if not value]
+    if missing:
+        return _fail(f"{source} needs {', '.join(missing)}", EXIT_USAGE)
+    pin = SealedPin(args.sha256, args.max_sealed_bytes) if args.sha256 else None
+    retry = RetryPolicy(attempts=args.key_release_attempts)
+    key_name = args.kid.split("/", 1)[0]
+    if args.node_agent:
+        agent = NodeAgentClient(args.node_agent, args.node_agent_token, retry=retry)
+        target = NodeAgentTarget(f"https://{args.akv_endpoint}", key_name, "", args.maa_endpoint)
+        return node_agent_loader(
+            args.sealed, agent, target, name=args.model_name, version=args.model_version, pin=pin
+        )
+    access_token = None
+    if args.access_token_file is not None:
+        try:
+            access_token = args.access_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            return _fail(f"cannot read {args.access_token_file}: {exc.strerror}")
+    client = KeyReleaseClient(args.sidecar, retry=retry)
+    release = ReleaseTarget(args.maa_endpoint, args.akv_endpoint, args.kid, access_token)
+    return key_release_loader(
+        args.sealed, client, release, name=args.model_name, version=args.model_version, pin=pin
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
     from veil.runtime.server import ServeOptions, ServerLimits, serve
     from veil.runtime.state import ModelSlot
 
     _configure_logging()
-    loader: ModelLoader
-    if args.private_key is not None:
-        loader = private_key_file_loader(
-            args.sealed, args.private_key, name=args.model_name, version=args.model_version
-        )
-    else:
-        missing = [
-            flag
-            for flag, value in (
-                ("--maa-endpoint", args.maa_endpoint),
-                ("--akv-endpoint", args.akv_endpoint),
-                ("--kid", args.kid),
-            )
-            if not value
-        ]
-        if missing:
-            return _fail(f"--sidecar needs {', '.join(missing)}", EXIT_USAGE)
-        access_token = None
-        if args.access_token_file is not None:
-            try:
-                access_token = args.access_token_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                return _fail(f"cannot read {args.access_token_file}: {exc.strerror}")
-        client = KeyReleaseClient(
-            args.sidecar, retry=RetryPolicy(attempts=args.key_release_attempts)
-        )
-        target = ReleaseTarget(args.maa_endpoint, args.akv_endpoint, args.kid, access_token)
-        pin = SealedPin(args.sha256, args.max_sealed_bytes) if args.sha256 else None
-        loader = key_release_loader(
-            args.sealed,
-            client,
-            target,
-            name=args.model_name,
-            version=args.model_version,
-            pin=pin,
-        )
+    loader = _model_loader(args)
+    if isinstance(loader, int):
+        return loader
     try:
         slot = ModelSlot(args.model_name, args.model_version)
     except ValueError as exc:
@@ -303,6 +306,10 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     key = serve.add_mutually_exclusive_group(required=True)
     key.add_argument("--sidecar", help="SKR sidecar URL, e.g. http://localhost:8080")
     key.add_argument(
+        "--node-agent",
+        help="Veil node agent URL on a confidential VM node, e.g. http://$(HOST_IP):8095",
+    )
+    key.add_argument(
         "--private-key",
         type=Path,
         help="PEM private key instead of key release (LOCAL DEBUGGING ONLY: no attestation)",
@@ -325,6 +332,12 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     serve.add_argument(
         "--access-token-file", type=Path, help="file holding an AAD token for the sidecar"
+    )
+    serve.add_argument(
+        "--node-agent-token",
+        type=Path,
+        default=Path("/var/run/secrets/veil/node-agent/token"),
+        help="the projected ServiceAccount token (audience veil-node-agent) the agent checks",
     )
     serve.add_argument(
         "--key-release-attempts",
