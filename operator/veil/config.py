@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from veil import __version__
+from veil.resources.kata_policy import ImageConfig
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class OperatorConfig:
     key_release_port: int = 8080
     pods: PodSettings = PodSettings()
     node_agent: NodeAgentSettings = NodeAgentSettings()
+    # The config (entrypoint, cmd, env, working dir) of each image Veil runs: on Confidential
+    # Containers the agent policy pins what the image contributes (VEIL_IMAGE_CONFIGS).
+    image_configs: Mapping[str, ImageConfig] = field(default_factory=dict)
     # Development only: accept images by tag (VEIL_ALLOW_IMAGE_TAGS).
     allow_image_tags: bool = False
 
@@ -93,6 +100,7 @@ class OperatorConfig:
             ),
             key_release_port=int(os.environ.get("VEIL_SKR_PORT", "8080")),
             allow_image_tags=os.environ.get("VEIL_ALLOW_IMAGE_TAGS", "").lower() == "true",
+            image_configs=image_configs(os.environ.get("VEIL_IMAGE_CONFIGS", "")),
             node_agent=NodeAgentSettings(
                 url=os.environ.get("VEIL_NODE_AGENT_URL", NodeAgentSettings.url),
                 namespace=os.environ.get("VEIL_NODE_AGENT_NAMESPACE", NodeAgentSettings.namespace),
@@ -102,3 +110,37 @@ class OperatorConfig:
                 trust_bundle=os.environ.get("VEIL_POD_TRUST_BUNDLE") or None,
             ),
         )
+
+
+def image_configs(text: str) -> dict[str, ImageConfig]:
+    """`{"image@sha256:...": {"entrypoint": [...], "cmd": [...], "env": [...], "workingDir": ""}}`
+    (the OCI image config's fields, as `buildah inspect` or `crane config` print them); raises
+    ValueError naming what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"VEIL_IMAGE_CONFIGS is not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError("VEIL_IMAGE_CONFIGS must map image references to their configs")
+    configs = {}
+    for image, config in parsed.items():
+        if not isinstance(config, dict):
+            raise ValueError(f"VEIL_IMAGE_CONFIGS[{image!r}] is not an object")
+        fields = {}
+        for key, attribute in (("entrypoint", "entrypoint"), ("cmd", "cmd"), ("env", "env")):
+            value = config.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"VEIL_IMAGE_CONFIGS[{image!r}].{key} must be a list of strings")
+            fields[attribute] = tuple(value)
+        working_dir = config.get("workingDir") or ""
+        if not isinstance(working_dir, str):
+            raise ValueError(f"VEIL_IMAGE_CONFIGS[{image!r}].workingDir must be a string")
+        configs[str(image)] = ImageConfig(
+            entrypoint=fields["entrypoint"],
+            cmd=fields["cmd"],
+            env=fields["env"],
+            working_dir=working_dir,
+        )
+    return configs

@@ -10,6 +10,7 @@ from veil.api import ConfidentialModel, PrivacyBudget, SyntheticDataset
 from veil.azure import release_policy
 from veil.config import OperatorConfig
 from veil.resources import confidential_model as model_children
+from veil.resources.kata_claims import coco_release_claims
 from veil.resources.training import children as training_children
 
 # Placeholders for what only the cluster and Key Vault assign.
@@ -28,7 +29,11 @@ def _owner(document: dict[str, Any]) -> dict[str, Any]:
 def render_model(document: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
     resource = ConfidentialModel.model_validate(document)
     spec = resource.spec
-    policy = release_policy(spec)
+    measured = None
+    if spec.tee.isolation == "coco" and spec.model is not None:
+        agent = model_children.coco_agent_policy(_owner(document), spec, config)
+        measured = coco_release_claims(agent, spec.tee.platform)
+    policy = release_policy(spec, measured)
     out: list[dict[str, Any]] = [
         {
             "kind": "KeyVaultKey",

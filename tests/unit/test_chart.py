@@ -772,3 +772,15 @@ def test_a_node_agent_with_a_tpm_over_tcp_runs_restricted() -> None:
     assert not [d for d in without if d["kind"] == "DaemonSet"]
     operator = one(without, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "VEIL_NODE_AGENT_URL" not in {e["name"] for e in operator["env"]}
+
+
+def test_image_configs_reach_the_operator_as_json() -> None:
+    image = "registry.example/veil@sha256:" + "1" * 64
+    docs = render(
+        None,
+        f"runtime.image={image}",
+        f"runtime.imageConfigs.registry\\.example/veil@sha256:{'1' * 64}.entrypoint={{veil}}",
+    )
+    operator = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert json.loads(env["VEIL_IMAGE_CONFIGS"]) == {image: {"entrypoint": ["veil"]}}

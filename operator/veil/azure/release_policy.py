@@ -27,15 +27,17 @@ confidentialACI (Confidential ACI virtual nodes, per-pod utility VM)
     `security-policy-base64` matches the attestation report's host_data, and `az confcom
     acipolicygen` prints the same digest. So: sha256(base64decode(ccePolicy)).
 
-coco (upstream Confidential Containers runtime classes, clusters outside AKS)
-    A Trustee/KBS-style release is the native path there and is out of scope for this module.
-    When a coco workload uses Key Vault instead, it attests its TEE to MAA like any SEV-SNP or
-    TDX guest, so the policy demands the platform's top-level claims:
+coco (Confidential Containers runtime classes)
+    The pod's Kata agent policy is generated from its spec (resources/kata_policy.py) and bound
+    to the TEE: HOST_DATA = sha256(policy) on SEV-SNP, MRCONFIGID = sha384(policy) on TDX. The
+    controller passes those `measured` claims (resources/kata_claims.py):
         x-ms-attestation-type        "sevsnpvm" | "tdxvm"
-        x-ms-sevsnpvm-is-debuggable  false                 (sevsnp only)
-    No Azure compliance status applies (the guest image is not Microsoft's), so those claims
-    alone would admit *any* SEV-SNP/TDX guest: a coco spec must pin its own measurement (e.g.
-    x-ms-sevsnpvm-launchmeasurement, x-ms-sevsnpvm-hostdata for the init-data digest) through
+        x-ms-sevsnpvm-hostdata       hex sha256 of the agent policy  (sevsnp)
+        x-ms-sevsnpvm-is-debuggable  false                           (sevsnp)
+        tdx_mrconfigid               hex sha384 of the agent policy  (tdx)
+        tdx_td_attributes_debug      false                           (tdx)
+    so the key is released only to a guest whose host could not have changed what the pod
+    runs. Without measured claims a coco spec must pin its own measurement through
     `keyRelease.requiredClaims`, and `build_release_policy` refuses one that has none.
 
 The user's `keyRelease.requiredClaims` are added to the same allOf. A required claim that repeats
@@ -115,7 +117,9 @@ def normalize_authority(authority: str) -> str:
     return urlunsplit(("https", parts.netloc.lower(), path, parts.query, parts.fragment))
 
 
-def _builtin_claims(spec: ConfidentialModelSpec) -> dict[str, ClaimValue]:
+def _builtin_claims(
+    spec: ConfidentialModelSpec, measured: Mapping[str, ClaimValue] | None = None
+) -> dict[str, ClaimValue]:
     tee = spec.tee
     attestation_type = ATTESTATION_TYPES[tee.platform]
     if tee.isolation == "confidentialVM":
@@ -135,6 +139,8 @@ def _builtin_claims(spec: ConfidentialModelSpec) -> dict[str, ClaimValue]:
             SEVSNP_IS_DEBUGGABLE: False,
         }
     # coco
+    if measured:
+        return dict(measured)
     if not spec.key_release.required_claims:
         raise ReleasePolicyError(
             "isolation coco with Key Vault needs keyRelease.requiredClaims pinning the guest's "
@@ -167,9 +173,12 @@ def _merge_required(claims: dict[str, ClaimValue], spec: ConfidentialModelSpec) 
         )
 
 
-def build_release_policy(spec: ConfidentialModelSpec) -> dict[str, Any]:
-    """The release policy document for a spec (see the module docstring for the claims)."""
-    claims = _builtin_claims(spec)
+def build_release_policy(
+    spec: ConfidentialModelSpec, measured: Mapping[str, ClaimValue] | None = None
+) -> dict[str, Any]:
+    """The release policy document for a spec (see the module docstring for the claims);
+    `measured`: the claims that bind a coco pod's agent policy."""
+    claims = _builtin_claims(spec, measured)
     _merge_required(claims, spec)
     all_of = [{"claim": name, "equals": claims[name]} for name in sorted(claims)]
     authority = normalize_authority(spec.key_release.attestation_authority)
@@ -190,9 +199,11 @@ def policy_digest(policy: bytes | Mapping[str, Any]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def release_policy(spec: ConfidentialModelSpec) -> ReleasePolicy:
+def release_policy(
+    spec: ConfidentialModelSpec, measured: Mapping[str, ClaimValue] | None = None
+) -> ReleasePolicy:
     """Build the policy for a spec: document, canonical bytes and digest in one call."""
-    document = build_release_policy(spec)
+    document = build_release_policy(spec, measured)
     data = canonical_bytes(document)
     return ReleasePolicy(document=document, canonical=data, digest=policy_digest(data))
 

@@ -40,8 +40,13 @@ class AzurePorts:
     def _pools(self, subscription_id: str) -> ContainerServiceClient:
         return container_service_client(subscription_id, self.settings)
 
-    def ensure_key(self, owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> KeyRef:
-        policy = release_policy(spec)
+    def ensure_key(
+        self,
+        owner: Mapping[str, Any],
+        spec: ConfidentialModelSpec,
+        measured: Mapping[str, str | bool] | None = None,
+    ) -> KeyRef:
+        policy = release_policy(spec, measured)
         state = ensure_release_key(
             self._keys(spec.key_release.vault_url),
             spec.key_release.key_name,

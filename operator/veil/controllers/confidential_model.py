@@ -25,7 +25,10 @@ from veil.controllers import training as training_flow
 from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, forget
 from veil.kube import apply
 from veil.resources import confidential_model as build
+from veil.resources import kata_claims
 from veil.resources.common import selector_labels
+from veil.resources.kata_claims import KataClaimsError
+from veil.resources.kata_policy import KataPolicyError
 
 KIND = "ConfidentialModel"
 PLURAL = "confidentialmodels"
@@ -35,7 +38,10 @@ KEY_FAILURE_REASONS = {KeyVaultError: "KeyVaultRefused", ReleasePolicyError: "In
 RESYNC_SECONDS = float(os.environ.get("VEIL_RESYNC_SECONDS", "60"))
 
 
-KeyEnsurer = Callable[[Mapping[str, Any], ConfidentialModelSpec], build.KeyRef]
+# (owner, spec, measured claims of a coco pod's agent policy or None) -> the key version.
+KeyEnsurer = Callable[
+    [Mapping[str, Any], ConfidentialModelSpec, Mapping[str, str | bool] | None], build.KeyRef
+]
 KeyRemover = Callable[[Mapping[str, Any], ConfidentialModelSpec], str]
 # Disables every version of the model's key but the given one; returns those it disabled.
 KeyRetirer = Callable[[ConfidentialModelSpec, str], list[str]]
@@ -145,7 +151,15 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
     if waiting is not None:
         return waiting
     try:
-        key = ports.ensure_key(owner, spec)
+        measured = _measured_claims(owner, spec, ports.config)
+    except (KataPolicyError, KataClaimsError) as refused:
+        message = (
+            f"The pods' Kata agent policy cannot pin them: {refused}. The key is not created "
+            "until it can (see the README's Confidential Containers section)."
+        )
+        return Result(Outcome.stalled_with("AgentPolicyRefused", message), status=status)
+    try:
+        key = ports.ensure_key(owner, spec, measured)
     except (KeyVaultError, ReleasePolicyError) as refused:
         return Result(
             Outcome.failed("KeyNotReady", str(refused)),
@@ -205,6 +219,17 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
         f"/v2/models/{meta['name']}",
     )
     return Result(stalled or outcome, status=status, conditions=conditions)
+
+
+def _measured_claims(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+) -> dict[str, str | bool] | None:
+    """For coco: the claims binding the pods' agent policy, which the release policy pins.
+    A model Veil trains has no pods yet: its policy is pinned once it has a model."""
+    if spec.tee.isolation != "coco" or spec.model is None:
+        return None
+    policy = build.coco_agent_policy(owner, spec, config)
+    return kata_claims.coco_release_claims(policy, spec.tee.platform)
 
 
 def _await_node_pool(

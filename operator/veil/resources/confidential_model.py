@@ -23,6 +23,7 @@ from veil.resources.common import (
     with_pod_settings,
     workload_identity_account,
 )
+from veil.resources.kata_policy import KataPolicy, agent_policy
 
 APP = "veil-model"
 SEALED_DIR = "/var/run/veil/sealed"
@@ -232,23 +233,11 @@ def _runtime(
     return container
 
 
-def deployment(
+def _pod_spec(
     owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
 ) -> dict[str, Any]:
-    assert spec.model is not None
-    name = owner["metadata"]["name"]
-    pod_labels = {
-        **selector_labels(owner, APP),
-        labels.WORKLOAD_IDENTITY_USE: "true",
-        labels.OWNER_KIND: owner["kind"],
-    }
-    # Changing the model rolls the pods. A changed release policy does not: the model stays
-    # sealed to the old key version until it is re-sealed, which changes the model's digest.
-    pod_annotations = {labels.MODEL_DIGEST: spec.model.sha256}
-    if spec.tee.isolation == "confidentialACI" and spec.tee.cce_policy:
-        pod_annotations[labels.ACI_CCE_POLICY_ANNOTATION] = spec.tee.cce_policy
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": name,
+        "serviceAccountName": owner["metadata"]["name"],
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
@@ -265,6 +254,40 @@ def deployment(
             *([_agent_token_volume()] if _uses_node_agent(spec) else []),
         ],
     }
+    return with_pod_settings(pod_spec, config.pods)
+
+
+def coco_agent_policy(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+) -> KataPolicy:
+    """The Kata agent policy of a coco model's pods: what the TEE measures (HOST_DATA on
+    SEV-SNP, MRCONFIGID on TDX) and the release policy pins. Raises KataPolicyError for a pod
+    that cannot be pinned (an image by tag or without its config, env from a Secret...)."""
+    return agent_policy(
+        _pod_spec(owner, spec, config),
+        images=config.image_configs,
+        namespace=owner["metadata"]["namespace"],
+        require_digests=not config.allow_image_tags,
+    )
+
+
+def deployment(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+) -> dict[str, Any]:
+    assert spec.model is not None
+    name = owner["metadata"]["name"]
+    pod_labels = {
+        **selector_labels(owner, APP),
+        labels.WORKLOAD_IDENTITY_USE: "true",
+        labels.OWNER_KIND: owner["kind"],
+    }
+    # Changing the model rolls the pods. A changed release policy does not: the model stays
+    # sealed to the old key version until it is re-sealed, which changes the model's digest.
+    pod_annotations = {labels.MODEL_DIGEST: spec.model.sha256}
+    if spec.tee.isolation == "confidentialACI" and spec.tee.cce_policy:
+        pod_annotations[labels.ACI_CCE_POLICY_ANNOTATION] = spec.tee.cce_policy
+    if spec.tee.isolation == "coco":
+        pod_annotations.update(coco_agent_policy(owner, spec, config).annotations())
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -278,7 +301,7 @@ def deployment(
             },
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": with_pod_settings(pod_spec, config.pods),
+                "spec": _pod_spec(owner, spec, config),
             },
         },
     }

@@ -41,6 +41,14 @@ from typing import Any, Final
 from veil.resources.kata_rules import ALLOWED_CALLS, CHECKED_CALLS, DENIED_CALLS, RULES
 
 POLICY_ANNOTATION: Final = "io.katacontainers.config.agent.policy"
+# Which sealed model the pod fetches and pins is the one thing the policy leaves to the pod spec:
+# the sealed file's digest depends on the key version, whose release policy pins this policy,
+# so pinning the digest here would make every re-seal need a new key version, forever. The
+# policy still pins that the runtime checks *a* pin before any key is released.
+MODEL_REFERENCE_FLAGS: Final = {
+    "--uri": r"^(az|https|file)://[^\s]+$",
+    "--sha256": r"^[0-9a-f]{64}$",
+}
 DEFAULT_PATH: Final = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_PAUSE_IMAGES: Final = ("registry.k8s.io/pause:3.10", "registry.k8s.io/pause:3.9")
 DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
@@ -241,16 +249,31 @@ def _container(
     image = container["image"]
     config = _image_config(image, images, require_digests)
     mounted = {m["name"] for m in container.get("volumeMounts", [])}
+    argv = _argv(container, config)
+    patterns = _arg_patterns(argv)
     return {
         "name": container["name"],
         "image": image,
-        "args": _argv(container, config),
+        # Model-reference values are left out, so re-sealing does not move the measurement.
+        "args": [
+            arg if pattern is None else "" for arg, pattern in zip(argv, patterns, strict=True)
+        ],
+        "arg_patterns": patterns,
         "env": _env(container, config),
         "cwd": container.get("workingDir") or config.working_dir or "/",
         "mounts": _mounts(container, kinds),
         "empty_dirs": sorted(v for v in mounted if kinds.get(v) == "emptyDir"),
         **_security(pod_spec, container),
     }
+
+
+def _arg_patterns(argv: Sequence[str]) -> list[str | None]:
+    """None (the argument is pinned exactly) except the values of MODEL_REFERENCE_FLAGS."""
+    patterns: list[str | None] = [None] * len(argv)
+    for index, arg in enumerate(argv[:-1]):
+        if arg in MODEL_REFERENCE_FLAGS:
+            patterns[index + 1] = MODEL_REFERENCE_FLAGS[arg]
+    return patterns
 
 
 def _copy_file_paths(kinds: Mapping[str, str]) -> list[str]:

@@ -110,7 +110,7 @@ CreateContainerRequest if {
 	some c in policy_data.containers
 	oci.Annotations["io.kubernetes.cri.container-name"] == c.name
 	oci.Annotations["io.kubernetes.cri.image-name"] == c.image
-	oci.Process.Args == c.args
+	args_ok(oci.Process.Args, c)
 	process_ok(oci.Process, c)
 	env_ok(oci.Process.Env, c)
 	every mount in oci.Mounts {
@@ -120,6 +120,24 @@ CreateContainerRequest if {
 	hooks_ok(oci)
 	linux_ok(oci.Linux)
 	storages_ok(object.get(input, "storages", []), c)
+}
+
+# Every argument exactly as pinned, but for the model reference's values (see kata_policy).
+args_ok(args, c) if {
+	count(args) == count(c.args)
+	every i, expected in c.args {
+		arg_ok(args[i], expected, c.arg_patterns[i])
+	}
+}
+
+arg_ok(actual, expected, pattern) if {
+	pattern == null
+	actual == expected
+}
+
+arg_ok(actual, expected, pattern) if {
+	pattern != null
+	regex.match(pattern, actual)
 }
 
 namespace_ok(annotations) if {
