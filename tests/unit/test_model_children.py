@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.unit.test_coco_model import CONFIG as COCO_CONFIG
 from veil.api.confidential_model import ConfidentialModel
 from veil.config import OperatorConfig
 from veil.kube.drift import contains, first_difference
@@ -62,7 +63,7 @@ def test_coco_uses_the_runtime_class() -> None:
         "confidential-model-cvm",
         tee={"isolation": "coco", "platform": "sevsnp", "runtimeClassName": "kata-qemu-snp"},
     )
-    pod = _pod(build.children(owner, model.spec, OperatorConfig()))
+    pod = _pod(build.children(owner, model.spec, COCO_CONFIG))
     assert pod["runtimeClassName"] == "kata-qemu-snp"
     assert "nodeSelector" not in pod
 
@@ -245,3 +246,43 @@ def test_cloud_settings_reach_every_container_of_every_pod_veil_builds() -> None
     # Without settings nothing is added: the public cloud's pods stay as they were.
     plain = _pod(build.children(owner, model.spec, OperatorConfig()))
     assert all("envFrom" not in c for c in [*plain["initContainers"], *plain["containers"]])
+
+
+def test_a_kbs_resource_is_released_by_the_guests_data_hub_without_a_sidecar() -> None:
+    owner, model = _owner(
+        "confidential-model-cvm",
+        tee={"isolation": "coco", "platform": "sevsnp", "runtimeClassName": "kata-qemu-snp"},
+        keyRelease={"kbsResource": "kbs:///veil/models/cancer-classifier"},
+    )
+    pod = _pod(build.children(owner, model.spec, COCO_CONFIG))
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-sealed-model"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--cdh-resource") + 1] == "kbs:///veil/models/cancer-classifier"
+    assert not {"--sidecar", "--node-agent", "--kid"} & set(args)
+
+
+@pytest.mark.parametrize(
+    ("release", "isolation", "message"),
+    [
+        ({"kbsResource": "kbs:///r/t/g"}, "confidentialVM", "needs isolation coco"),
+        (
+            {
+                "kbsResource": "kbs:///r/t/g",
+                "vaultUrl": "https://v.vault.azure.net",
+                "keyName": "k",
+                "attestationAuthority": "https://a.attest.azure.net",
+            },
+            "coco",
+            "not both",
+        ),
+        ({"vaultUrl": "https://v.vault.azure.net"}, "coco", "not both"),
+    ],
+)
+def test_a_key_is_in_key_vault_or_in_a_kbs_not_both(
+    release: dict[str, str], isolation: str, message: str
+) -> None:
+    document = yaml.safe_load((EXAMPLES / "confidential-model-cvm" / "model.yaml").read_text())
+    document["spec"]["keyRelease"] = release
+    document["spec"]["tee"] = {"isolation": isolation, "runtimeClassName": "kata-qemu-snp"}
+    with pytest.raises(ValueError, match=message):
+        ConfidentialModel.model_validate(document)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import AfterValidator, Field, StringConstraints
 
@@ -164,20 +164,41 @@ class RequiredClaim(WireModel):
     equals: str | bool = Field(description="The value the claim must equal.")
 
 
-class KeyRelease(WireModel):
-    """The Key Vault key that wraps the model's data key, and who may have it released."""
+class KeyVaultKey(NamedTuple):
+    """Where a Key Vault release goes: the vault, the key, the attestation authority."""
 
-    vault_url: str = Field(max_length=512, pattern=HTTPS_URL_PATTERN)
-    key_name: str = Field(
+    vault_url: str
+    key_name: str
+    attestation_authority: str
+
+
+class KeyRelease(WireModel):
+    """The key that wraps the model's data key, and who may have it released: a Key Vault key
+    behind a Secure Key Release policy (vaultUrl, keyName, attestationAuthority), or, on
+    Confidential Containers, a Trustee KBS resource released through the guest's Confidential
+    Data Hub (kbsResource)."""
+
+    vault_url: str | None = Field(default=None, max_length=512, pattern=HTTPS_URL_PATTERN)
+    key_name: str | None = Field(
+        default=None,
         min_length=1,
         max_length=127,
         pattern=r"^[0-9a-zA-Z-]+$",
         description="Key Vault key names: letters, digits and dashes.",
     )
-    attestation_authority: str = Field(
+    attestation_authority: str | None = Field(
+        default=None,
         max_length=512,
         pattern=HTTPS_URL_PATTERN,
         description="The Microsoft Azure Attestation instance whose tokens may release the key.",
+    )
+    kbs_resource: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=r"^(kbs:///)?[A-Za-z0-9._-]+/[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$",
+        description="coco only: the Trustee KBS resource (kbs:///repository/type/tag) holding "
+        "the model's private key, released by the guest's Confidential Data Hub after KBS "
+        "attests the TEE. Veil then manages no Key Vault key.",
     )
     required_claims: list[RequiredClaim] = Field(default_factory=list, max_length=16)
     workload_identity_client_id: str | None = Field(
@@ -188,6 +209,34 @@ class KeyRelease(WireModel):
     deletion_policy: Literal["Retain", "Delete"] = Field(
         default="Retain", description="What happens to the key when the model is deleted."
     )
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.kbsResource) != (has(self.vaultUrl) && has(self.keyName) && "
+            "has(self.attestationAuthority))",
+            message="name either a Key Vault key (vaultUrl, keyName and attestationAuthority) "
+            "or a KBS resource (kbsResource), not both",
+            check=lambda k: (
+                (k.kbs_resource is not None)
+                != (
+                    k.vault_url is not None
+                    and k.key_name is not None
+                    and k.attestation_authority is not None
+                )
+            ),
+            reason="FieldValueRequired",
+        ),
+    )
+
+    @property
+    def in_kbs(self) -> bool:
+        return self.kbs_resource is not None
+
+    def key_vault(self) -> KeyVaultKey:
+        """The Key Vault key; ValueError for a model whose key is a KBS resource."""
+        if self.vault_url is None or self.key_name is None or self.attestation_authority is None:
+            raise ValueError("keyRelease names a KBS resource, not a Key Vault key")
+        return KeyVaultKey(self.vault_url, self.key_name, self.attestation_authority)
 
 
 class Serving(WireModel):
@@ -312,6 +361,20 @@ class ConfidentialModelSpec(WireModel):
             message="set model (a sealed ONNX artifact) or training (a DP training stage)",
             check=lambda s: s.model is not None or s.training is not None,
             reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="!has(self.keyRelease.kbsResource) || self.tee.isolation == 'coco'",
+            message="keyRelease.kbsResource needs isolation coco (the guest's Confidential Data "
+            "Hub releases it)",
+            check=lambda s: s.key_release.kbs_resource is None or s.tee.isolation == "coco",
+            field_path=".keyRelease.kbsResource",
+        ),
+        Rule(
+            cel="!has(self.keyRelease.kbsResource) || has(self.model)",
+            message="a model trained by Veil is sealed to a Key Vault key: keyRelease.kbsResource "
+            "needs model",
+            check=lambda s: s.key_release.kbs_resource is None or s.model is not None,
+            field_path=".keyRelease.kbsResource",
         ),
     )
 

@@ -181,7 +181,7 @@ def build_release_policy(
     claims = _builtin_claims(spec, measured)
     _merge_required(claims, spec)
     all_of = [{"claim": name, "equals": claims[name]} for name in sorted(claims)]
-    authority = normalize_authority(spec.key_release.attestation_authority)
+    authority = normalize_authority(spec.key_release.key_vault().attestation_authority)
     return {"version": POLICY_VERSION, "anyOf": [{"authority": authority, "allOf": all_of}]}
 
 

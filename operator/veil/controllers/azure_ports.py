@@ -48,8 +48,8 @@ class AzurePorts:
     ) -> KeyRef:
         policy = release_policy(spec, measured)
         state = ensure_release_key(
-            self._keys(spec.key_release.vault_url),
-            spec.key_release.key_name,
+            self._keys(spec.key_release.key_vault().vault_url),
+            spec.key_release.key_vault().key_name,
             policy.canonical,
             tags={
                 "veil.dev/owner": f"{owner['metadata']['namespace']}/{owner['metadata']['name']}"
@@ -58,19 +58,19 @@ class AzurePorts:
         return KeyRef(kid=state.kid, version=state.version, policy_digest=policy.digest)
 
     def retire_key_versions(self, spec: ConfidentialModelSpec, keep: str) -> list[str]:
-        client = self._keys(spec.key_release.vault_url)
-        name = spec.key_release.key_name
+        client = self._keys(spec.key_release.key_vault().vault_url)
+        name = spec.key_release.key_vault().key_name
         unused = [v.version for v in list_versions(client, name) if v.enabled and v.version != keep]
         return disable_versions(client, name, unused)
 
     def remove_key(self, owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> str:
         deleted = delete_key_if_policy(
-            self._keys(spec.key_release.vault_url),
-            spec.key_release.key_name,
+            self._keys(spec.key_release.key_vault().vault_url),
+            spec.key_release.key_vault().key_name,
             spec.key_release.deletion_policy,
         )
         verb = "deleted" if deleted else "kept (deletionPolicy Retain)"
-        return f"Key Vault key {spec.key_release.key_name} {verb}"
+        return f"Key Vault key {spec.key_release.key_vault().key_name} {verb}"
 
     def ensure_pool(self, pool: NodePool, spec: ConfidentialModelSpec) -> PoolState:
         return ensure_confidential_pool(

@@ -150,32 +150,11 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
     waiting = _await_node_pool(spec, ports, status)
     if waiting is not None:
         return waiting
-    try:
-        measured = _measured_claims(owner, spec, ports.config)
-    except (KataPolicyError, KataClaimsError) as refused:
-        message = (
-            f"The pods' Kata agent policy cannot pin them: {refused}. The key is not created "
-            "until it can (see the README's Confidential Containers section)."
-        )
-        return Result(Outcome.stalled_with("AgentPolicyRefused", message), status=status)
-    try:
-        key = ports.ensure_key(owner, spec, measured)
-    except (KeyVaultError, ReleasePolicyError) as refused:
-        return Result(
-            Outcome.failed("KeyNotReady", str(refused)),
-            status=status,
-            requeue_after=60,
-            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], str(refused))],
-        )
-    status.update(keyId=key.kid, keyVersion=key.version)
-    conditions: list[model_status.Condition] = [
-        (
-            "KeyReady",
-            "True",
-            "KeyVersionCurrent",
-            f"{spec.key_release.key_name} version {key.version} with the release policy in force",
-        )
-    ]
+    ensured = _ensure_key(owner, spec, ports, status)
+    if isinstance(ensured, Result):
+        return ensured
+    key, key_condition = ensured
+    conditions: list[model_status.Condition] = [key_condition]
 
     if spec.model is None:
         # DP training produces the model, sealed to the key above.
@@ -206,12 +185,20 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
     outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
     if conditions[1][1] == "False" and spec.serving.replicas > 0:
         outcome = Outcome.progressing(conditions[1][2], conditions[1][3])
-    settled = _settle_key_versions(
-        owner, spec, key, pods, outcome=outcome, status=status, conditions=conditions, ports=ports
-    )
-    if isinstance(settled, Result):
-        return settled
-    outcome = settled
+    if key is not None:
+        settled = _settle_key_versions(
+            owner,
+            spec,
+            key,
+            pods,
+            outcome=outcome,
+            status=status,
+            conditions=conditions,
+            ports=ports,
+        )
+        if isinstance(settled, Result):
+            return settled
+        outcome = settled
     status.update(
         readyReplicas=ready,
         serviceName=meta["name"],
@@ -219,6 +206,45 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
         f"/v2/models/{meta['name']}",
     )
     return Result(stalled or outcome, status=status, conditions=conditions)
+
+
+def _ensure_key(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports, status: dict[str, Any]
+) -> tuple[build.KeyRef | None, model_status.Condition] | Result:
+    """The Key Vault key version in force (None for a key held by a KBS) and its condition."""
+    if spec.key_release.kbs_resource is not None:
+        return None, (
+            "KeyReady",
+            "True",
+            "KeyInKbs",
+            f"the key is the KBS resource {spec.key_release.kbs_resource}, released to the TEE "
+            "by the guest's Confidential Data Hub; Veil manages no Key Vault key",
+        )
+    try:
+        measured = _measured_claims(owner, spec, ports.config)
+    except (KataPolicyError, KataClaimsError) as refused:
+        message = (
+            f"The pods' Kata agent policy cannot pin them: {refused}. The key is not created "
+            "until it can (see the README's Confidential Containers section)."
+        )
+        return Result(Outcome.stalled_with("AgentPolicyRefused", message), status=status)
+    try:
+        key = ports.ensure_key(owner, spec, measured)
+    except (KeyVaultError, ReleasePolicyError) as refused:
+        return Result(
+            Outcome.failed("KeyNotReady", str(refused)),
+            status=status,
+            requeue_after=60,
+            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], str(refused))],
+        )
+    status.update(keyId=key.kid, keyVersion=key.version)
+    name = spec.key_release.key_vault().key_name
+    return key, (
+        "KeyReady",
+        "True",
+        "KeyVersionCurrent",
+        f"{name} version {key.version} with the release policy in force",
+    )
 
 
 def _measured_claims(
@@ -280,7 +306,7 @@ def _settle_key_versions(
         status["sealedKeyVersion"] = assessment.sealed_version
     retired_for = (owner.get("status") or {}).get("retiredKeyVersionsFor")
     if assessment.retire and retired_for != key.version:
-        name = spec.key_release.key_name
+        name = spec.key_release.key_vault().key_name
         try:
             disabled = ports.retire_key_versions(spec, key.version)
         except KeyVaultError as refused:
@@ -377,6 +403,8 @@ async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
     except ValueError:
         logger.warning("spec unreadable at deletion: leaving the Key Vault key in place")
         return
+    if spec.key_release.kbs_resource is not None:
+        return  # the key is the KBS's, not Veil's
     try:
         outcome = await asyncio.to_thread(PORTS.remove_key, body, spec)
     except KeyVaultError as refused:

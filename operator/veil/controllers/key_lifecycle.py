@@ -79,12 +79,12 @@ def assess(
     rolled_out: bool,
 ) -> KeyAssessment:
     """Compare what the serving pods are sealed to with the version in force."""
-    name = spec.key_release.key_name
+    name = spec.key_release.key_vault().key_name
     if not sealed:
         return KeyAssessment(
             ("KeySealed", "Unknown", "AwaitingFetch", "no pod fetched the model yet")
         )
-    vault_host = spec.key_release.vault_url.split("://", 1)[-1].rstrip("/").lower()
+    vault_host = spec.key_release.key_vault().vault_url.split("://", 1)[-1].rstrip("/").lower()
     foreign = [
         s
         for s in sealed

@@ -53,11 +53,11 @@ class Children:
 
 def _maa_endpoint(spec: ConfidentialModelSpec) -> str:
     # The SKR sidecar takes the attestation host without a scheme.
-    return urlparse(spec.key_release.attestation_authority).netloc
+    return urlparse(spec.key_release.key_vault().attestation_authority).netloc
 
 
 def _akv_endpoint(spec: ConfidentialModelSpec) -> str:
-    return urlparse(spec.key_release.vault_url).netloc
+    return urlparse(spec.key_release.key_vault().vault_url).netloc
 
 
 def _release_kid(spec: ConfidentialModelSpec) -> str:
@@ -65,7 +65,7 @@ def _release_kid(spec: ConfidentialModelSpec) -> str:
     # (or name/version), never a full key id (a URL there breaks the path). The runtime adds
     # the version the sealed model's header names: a policy change makes a new version, and
     # the model is wrapped to the old one until it is re-sealed.
-    return spec.key_release.key_name
+    return spec.key_release.key_vault().key_name
 
 
 def service_account(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, Any]:
@@ -121,15 +121,33 @@ def _uses_node_agent(spec: ConfidentialModelSpec) -> bool:
     return spec.tee.isolation == "confidentialVM"
 
 
+def _uses_sidecar(spec: ConfidentialModelSpec) -> bool:
+    return not _uses_node_agent(spec) and spec.key_release.kbs_resource is None
+
+
 def _key_source(spec: ConfidentialModelSpec, config: OperatorConfig) -> list[str]:
+    """The runtime's flags for where its key comes from."""
+    if spec.key_release.kbs_resource is not None:
+        # The guest's Confidential Data Hub, on the pod's loopback inside the TEE.
+        return ["--cdh-resource", spec.key_release.kbs_resource]
     if _uses_node_agent(spec):
-        return [
+        source = [
             "--node-agent",
             config.node_agent.url,
             "--node-agent-token",
             f"{AGENT_TOKEN_DIR}/token",
         ]
-    return ["--sidecar", f"http://127.0.0.1:{config.key_release_port}"]
+    else:
+        source = ["--sidecar", f"http://127.0.0.1:{config.key_release_port}"]
+    return [
+        *source,
+        "--maa-endpoint",
+        _maa_endpoint(spec),
+        "--akv-endpoint",
+        _akv_endpoint(spec),
+        "--kid",
+        _release_kid(spec),
+    ]
 
 
 def _agent_token_volume() -> dict[str, Any]:
@@ -196,12 +214,6 @@ def _runtime(
             "--sha256",
             spec.model.sha256,
             *_key_source(spec, config),
-            "--maa-endpoint",
-            _maa_endpoint(spec),
-            "--akv-endpoint",
-            _akv_endpoint(spec),
-            "--kid",
-            _release_kid(spec),
             "--host",
             "0.0.0.0",
             "--port",
@@ -244,7 +256,7 @@ def _pod_spec(
         **_placement(spec),
         "initContainers": [
             _fetcher(spec, config),
-            *([] if _uses_node_agent(spec) else [_key_release_sidecar(config)]),
+            *([_key_release_sidecar(config)] if _uses_sidecar(spec) else []),
         ],
         "containers": [_runtime(owner, spec, config)],
         "volumes": [

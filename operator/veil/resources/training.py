@@ -70,9 +70,9 @@ def train_args(spec: ConfidentialModelSpec) -> list[str]:
         "--result",
         result_uri(spec),
         "--vault-url",
-        spec.key_release.vault_url,
+        spec.key_release.key_vault().vault_url,
         "--key-name",
-        spec.key_release.key_name,
+        spec.key_release.key_vault().key_name,
     ]
     # The label set is public and declared; the API forbids commas inside a label.
     args += ["--classes", ",".join(training.classes)]

@@ -146,13 +146,25 @@ def _model_loader(args: argparse.Namespace) -> ModelLoader | int:
         return private_key_file_loader(
             args.sealed, args.private_key, name=args.model_name, version=args.model_version
         )
+    pin = SealedPin(args.sha256, args.max_sealed_bytes) if args.sha256 else None
+    retry = RetryPolicy(attempts=args.key_release_attempts)
+    if args.cdh_resource:
+        from veil.runtime.cdh import CdhClient, cdh_loader
+
+        cdh = CdhClient(args.cdh_url, retry=retry)
+        return cdh_loader(
+            args.sealed,
+            cdh,
+            args.cdh_resource,
+            name=args.model_name,
+            version=args.model_version,
+            pin=pin,
+        )
     source = "--node-agent" if args.node_agent else "--sidecar"
     required = (("--maa-endpoint", args.maa_endpoint), ("--akv-endpoint", args.akv_endpoint))
     missing = [flag for flag, value in (*required, ("--kid", args.kid)) if not value]
     if missing:
         return _fail(f"{source} needs {', '.join(missing)}", EXIT_USAGE)
-    pin = SealedPin(args.sha256, args.max_sealed_bytes) if args.sha256 else None
-    retry = RetryPolicy(attempts=args.key_release_attempts)
     key_name = args.kid.split("/", 1)[0]
     if args.node_agent:
         agent = NodeAgentClient(args.node_agent, args.node_agent_token, retry=retry)
@@ -306,6 +318,11 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     key = serve.add_mutually_exclusive_group(required=True)
     key.add_argument("--sidecar", help="SKR sidecar URL, e.g. http://localhost:8080")
     key.add_argument(
+        "--cdh-resource",
+        help="Confidential Containers: the KBS resource (kbs:///repo/type/tag) holding the key, "
+        "released by the guest's Confidential Data Hub",
+    )
+    key.add_argument(
         "--node-agent",
         help="Veil node agent URL on a confidential VM node, e.g. http://$(HOST_IP):8095",
     )
@@ -332,6 +349,11 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     serve.add_argument(
         "--access-token-file", type=Path, help="file holding an AAD token for the sidecar"
+    )
+    serve.add_argument(
+        "--cdh-url",
+        default="http://127.0.0.1:8006",
+        help="the Confidential Data Hub's REST API inside the guest (default its loopback port)",
     )
     serve.add_argument(
         "--node-agent-token",
