@@ -3,7 +3,7 @@ NOT security boundaries: anyone who can reach them and read azure.env holds ever
 
     python -m veil_standins --dir DIR [--cluster SUBSCRIPTION/GROUP/NAME ...]
         [--vault-address HOST:PORT] [--maa-address HOST:PORT] [--arm-address HOST:PORT]
-        [--extra-san HOST ...]
+        [--extra-san HOST ...] [--guest-trust DIR]
 
 Serves the same HTTPS stand-ins the tests use, each on its own address (default 127.0.0.1 and a
 free port), under one serving certificate (DIR/tls/server.crt, server.key) whose names cover
@@ -12,6 +12,12 @@ every address given and each --extra-san, issued by a throwaway CA (DIR/tls/ca.p
 VEIL_AZURE_CA_BUNDLE, VEIL_AZURE_ARM_ENDPOINT) and, for the examples, VEIL_DEMO_VAULT_URL and
 VEIL_DEMO_MAA_URL (port 443 is left out of URLs, as Azure's omit it). Runs until SIGTERM or
 SIGINT.
+
+With --guest-trust DIR (or $VEIL_STANDINS_GUEST_TRUST), the MAA stand-in also verifies vTPM
+guest evidence (`/attest/AzureGuest`) from the confidential VM whose trust is in DIR: the vTPM
+AK CA certificate (ak-ca.pem) and the "hardware" report-signing public key (hardware-key.pem),
+as `veil_standins.vtpm` writes them for the software vTPM it provisions. Without it, guest
+attestation is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from pathlib import Path
 from veil_standins.arm import ArmDouble
 from veil_standins.keyvault import KeyVaultDouble
 from veil_standins.maa import MaaStandIn
+from veil_standins.maa_guest import GuestTrust, load_guest_trust
 from veil_standins.release_signer import ReleaseSigner
 from veil_standins.server import ServerThread, parse_address
 from veil_standins.tls import make_tls
 
 DEFAULT_ADDRESS = "127.0.0.1:0"
+GUEST_TRUST_ENV = "VEIL_STANDINS_GUEST_TRUST"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="another name or address the serving certificate (DIR/tls/server.crt) covers, "
         "for a server that shares it",
+    )
+    parser.add_argument(
+        "--guest-trust",
+        type=Path,
+        default=os.environ.get(GUEST_TRUST_ENV) or None,
+        metavar="DIR",
+        help="the vTPM trust (ak-ca.pem, hardware-key.pem) MAA's guest attestation verifies "
+        f"evidence against (default ${GUEST_TRUST_ENV}; none: guest attestation is off)",
     )
     for service, name in (("vault", "Key Vault"), ("maa", "MAA"), ("arm", "ARM")):
         parser.add_argument(
@@ -83,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(parts) != 3 or not all(parts):
             _parser().error(f"--cluster {cluster!r} is not SUBSCRIPTION/GROUP/NAME")
         clusters.append(parts)
+    guest_trust: GuestTrust | None = None
+    if args.guest_trust is not None:
+        try:
+            guest_trust = load_guest_trust(args.guest_trust)
+        except (OSError, ValueError) as exc:
+            _parser().error(f"--guest-trust {args.guest_trust}: {exc}")
     args.dir.mkdir(parents=True, exist_ok=True)
     addresses = {"vault": args.vault_address, "maa": args.maa_address, "arm": args.arm_address}
     hosts = [host for host, _ in addresses.values()] + args.extra_san
@@ -90,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     assert tls.ca is not None
 
     token = secrets.token_urlsafe(24)
-    maa = MaaStandIn()
+    maa = MaaStandIn(guest_trust=guest_trust)
     key_vault = KeyVaultDouble(
         token=token,
         signer=ReleaseSigner.issued_by(tls.ca, [addresses["vault"][0]]),
@@ -132,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, lambda *_: stop.set())
         print(
             f"LOCAL STAND-INS (not Azure, not a security boundary): Key Vault {key_vault.url}, "
-            f"MAA {maa.issuer}, ARM {arm.url}",
+            f"MAA {maa.issuer} (vTPM guest attestation "
+            f"{'trusting ' + str(args.guest_trust) if guest_trust else 'off'}), ARM {arm.url}",
             flush=True,
         )
         stop.wait()

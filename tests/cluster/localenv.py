@@ -120,6 +120,10 @@ class LocalEnvironment:
         azure_dir = self.directory / "azure"
         (azure_dir / "azure.env").unlink(missing_ok=True)
         addresses = node.STANDIN_ADDRESSES
+        # The real node (started with the cluster, before this) provisioned its vTPM: MAA's
+        # stand-in trusts it from its first request, before any model pod asks for a key.
+        real_node = self.cluster.real_node
+        guest_trust = [] if real_node is None else ["--guest-trust", str(real_node.guest_trust_dir)]
         log = self._spawn(
             "azure-standins",
             node.in_services_netns(
@@ -139,6 +143,7 @@ class LocalEnvironment:
                     f"{addresses['arm']}:443",
                     "--extra-san",
                     addresses["blob"],
+                    *guest_trust,
                 ]
             ),
         )
@@ -250,6 +255,9 @@ class LocalEnvironment:
 
     def install_chart(self, images: Mapping[str, node.Image]) -> None:
         helm = _helper_bin("build-tools.sh") / "helm"
+        if self.cluster.real_node is None:
+            raise LocalEnvironmentError("the chart's node agent needs the real node's vTPM")
+        vtpm_tcti = self.cluster.real_node.vtpm_tcti
         self.workload_namespace(OPERATOR_NAMESPACE)
         # Images by digest only: the references are name@sha256:..., as ctr imported them.
         repository, digest = images["veil"].reference.split("@", 1)
@@ -278,6 +286,12 @@ class LocalEnvironment:
                 f"cloud.envFromSecret={CLOUD_SECRET}",
                 "--set",
                 f"cloud.trustBundleConfigMap={TRUST_CONFIGMAP}",
+                # The node agent reaches the node's swtpm over TCP: no device, no privilege.
+                # Literal: the TCTI's comma would split a --set value.
+                "--set-literal",
+                f"nodeAgent.tcti={vtpm_tcti}",
+                "--set",
+                "nodeAgent.privileged=false",
             ],
             capture_output=True,
             text=True,

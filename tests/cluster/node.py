@@ -6,6 +6,11 @@ Everything stays inside the machine: the node's address is on `lo`, the pod brid
 to nothing else, pods get routes only to the pod, service and node ranges (no default route,
 no NAT), and an nftables guard drops anything forwarded through an interface other than the
 bridge. Needs root. One real node per machine: its containerd socket and bridge are fixed.
+
+The node is an Azure confidential VM as far as its pods can tell: a software vTPM provisioned
+as Azure's paravisor provisions one (veil_standins.vtpm, a LOCAL STAND-IN) listens on the
+node's address (`vtpm_tcti`), and its trust (`guest_trust_dir`) is what the MAA stand-in
+verifies the node agent's evidence against.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tests.cluster import certs
 from tests.cluster.localcluster import stop_process
+from veil_standins.vtpm import SoftwareCvm
 
 if TYPE_CHECKING:
     from tests.cluster.localcluster import LocalCluster
@@ -61,7 +68,13 @@ REAL_NODE_LABELS = {
 # The chains kubelet, kube-proxy and kube-router add (all named KUBE-…), and kube-router's
 # ipsets: removed on teardown (kube-router's own --cleanup-config panics).
 RULE_PREFIX = "KUBE-"
-APT_PACKAGES = "containerd runc containernetworking-plugins iptables ipset conntrack nftables"
+APT_PACKAGES = (
+    "containerd runc containernetworking-plugins iptables ipset conntrack nftables swtpm tpm2-tools"
+)
+# The node's vTPM (swtpm): commands on this port of the node's address, its control channel on
+# the next (the swtpm TCTI's convention). Fixed like the bridge: one real node per machine.
+VTPM_PORT = 2321
+VTPM_PROCESS = "swtpm"
 
 
 class NodeError(RuntimeError):
@@ -117,6 +130,7 @@ def build_images() -> dict[str, Image]:
 
 def missing_host_tools() -> list[str]:
     tools = ["containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ipset", "nft"]
+    tools += ["swtpm", "tpm2_createprimary"]
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if not (CNI_BIN_DIR / "bridge").exists():
         missing.append(str(CNI_BIN_DIR / "bridge"))
@@ -130,6 +144,7 @@ class RealNode:
     images: dict[str, Image]
     directory: Path = field(init=False)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    vtpm: SoftwareCvm | None = None
     _forwarding_before: str = "0"
 
     def __post_init__(self) -> None:
@@ -154,6 +169,18 @@ class RealNode:
         node.directory.mkdir(parents=True, exist_ok=True)
         node._network_up()
         return node
+
+    @property
+    def guest_trust_dir(self) -> Path:
+        """The node vTPM's trust as PEM files (`python -m veil_standins --guest-trust`)."""
+        return self.directory / "guest-trust"
+
+    @property
+    def vtpm_tcti(self) -> str:
+        """How a pod (or this machine) reaches the node's vTPM: `swtpm:host=…,port=…`."""
+        if self.vtpm is None:
+            raise NodeError("the node's vTPM is not running (RealNode.start starts it)")
+        return self.vtpm.tcti
 
     @property
     def containerd_root(self) -> Path:
@@ -404,9 +431,32 @@ state = "{RUN_DIR / "containerd" / "state"}"
         for document in (service, slice_):
             self.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(document))
 
+    def _start_vtpm(self) -> None:
+        """The node's vTPM, freshly provisioned (new AK, new keys), and its trust on disk.
+        It listens on the node's address only: pods reach it, nothing outside the machine."""
+        _stop_stale_vtpm()  # prepare() made sure no other real node is running
+        vtpm_dir = self.directory / "vtpm"
+        shutil.rmtree(vtpm_dir, ignore_errors=True)
+        shutil.rmtree(self.guest_trust_dir, ignore_errors=True)
+        cvm = SoftwareCvm.start(
+            vtpm_dir,
+            host=NODE_IP,
+            port=VTPM_PORT,
+            log=self.cluster.directory / "logs" / f"{VTPM_PROCESS}.log",
+            detach=True,  # like the agents: `localcluster up` leaves it running for `down`
+        )
+        self.vtpm = cvm
+        self.processes[VTPM_PROCESS] = cvm.process
+        self.cluster.processes[VTPM_PROCESS] = cvm.process
+        (self.cluster.directory / "pids").mkdir(exist_ok=True)
+        (self.cluster.directory / "pids" / VTPM_PROCESS).write_text(str(cvm.process.pid))
+        cvm.trust().to_files(self.guest_trust_dir)
+
     def start(self) -> None:
         for sub in ("cni", "pod-logs", "kubelet"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        # Before the kubelet: the node agent's DaemonSet pod finds the vTPM from its first try.
+        self._start_vtpm()
         self._write_cni_config()
         self._start_containerd()
 
@@ -501,6 +551,9 @@ state = "{RUN_DIR / "containerd" / "state"}"
         if "containerd" in self.processes:
             remove_containers()
             self._terminate("containerd")
+        # After the pods: the node agent may hold a TPM session until it stops.
+        self._terminate(VTPM_PROCESS)
+        self.vtpm = None
         clean_machine(self.directory, self.bin_dir)
 
     def _terminate(self, name: str) -> None:
@@ -526,12 +579,46 @@ def remove_containers() -> None:
 
 def clean_machine(node_dir: Path, bin_dir: Path | None = None) -> None:
     """Undo the node's changes to the machine once its processes have stopped."""
+    # Before the node's address goes: a leftover swtpm would hold its port on it.
+    _stop_stale_vtpm()
     for root in (node_dir, RUN_DIR):
         _unmount_under(root)
     cleanup_rules(bin_dir or build_node_binaries())
     before = node_dir / "ip_forward.before"
     _network_down(before.read_text().strip() if before.exists() else "0")
     shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+def _stale_vtpm_pids() -> list[int]:
+    """swtpm processes listening on the node's address: ours (no one else uses it), left by
+    a harness that died before stopping its node."""
+    bind = f"bindaddr={NODE_IP}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        is_swtpm = Path(argv[0].decode(errors="replace")).name == "swtpm"
+        if is_swtpm and any(bind in arg for arg in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_stale_vtpm() -> None:
+    pids = _stale_vtpm_pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = [pid for pid in pids if pid in _stale_vtpm_pids()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _unmount_under(root: Path) -> None:
