@@ -67,6 +67,17 @@ COPY --from=builder /opt/veil /opt/veil
 COPY --from=builder /opt/veil-app /opt/veil-app
 # The virtualenv's own pip: nothing installs at run time.
 RUN /opt/veil/bin/python -m pip uninstall --yes pip
+# `veil node-agent` drives the vTPM with tpm2-tools, through the kernel's resource manager on a
+# confidential VM (device TCTI) or a software TPM in tests (swtpm TCTI). A base that has them
+# (hack/build-image.sh's, built offline) skips the download.
+# The versions are the base release's own (a pin would break the next base).
+# hadolint ignore=DL3008
+RUN if ! command -v tpm2_quote >/dev/null; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends \
+           tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
     PYTHONPATH=/opt/veil-app \
     PYTHONUNBUFFERED=1 \

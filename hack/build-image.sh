@@ -18,7 +18,8 @@ IMAGES="$CACHE/images"
 NODE_BIN="$CACHE/node/k8s-${KUBE_VERSION:-v1.35.4}-coredns-${COREDNS_VERSION:-v1.15.0}-kube-router-${KUBE_ROUTER_VERSION:-v2.1.0}/bin"
 PAUSE_BINARY="${VEIL_PAUSE_BINARY:-$NODE_BIN/pause}"
 # The base's packages: the Dockerfile's final stage needs python, venv and groupadd/useradd.
-BASE_PACKAGES="python3,python3-venv,python-is-python3,ca-certificates,passwd"
+# tpm2-tools and its TCTIs: the node agent (the Dockerfile installs them where a base lacks them).
+BASE_PACKAGES="python3,python3-venv,python-is-python3,ca-certificates,passwd,tpm2-tools,libtss2-tcti-device0,libtss2-tcti-swtpm0"
 # Beside Veil's own dependencies: smartnoise-synth goes in --no-deps (see the Dockerfile), and
 # the build backend lets the image build Veil's wheel with --no-index.
 BUILD_BACKEND=("setuptools>=77" "wheel")

@@ -248,7 +248,7 @@ def list_versions(client: KeyClient, name: str) -> list[VersionState]:
         ]
     except AzureError as exc:
         raise explain(exc, client.vault_url, f"listing the versions of key {name!r}") from exc
-    return sorted(listed, key=lambda state: (state.created, state.version))
+    return sorted(listed, key=lambda state: state.created)  # stable: ties keep the listing order
 
 
 def disable_versions(client: KeyClient, name: str, versions: list[str]) -> list[str]:

@@ -103,7 +103,7 @@ def test_disabled_versions_are_listed_and_no_longer_released(
     old = ensure_release_key(double_client, key_name, policy.canonical)
     new = ensure_release_key(double_client, key_name, POLICY_B)
     listed = list_versions(double_client, key_name)
-    assert [state.version for state in listed] == [old.version, new.version]
+    assert {state.version for state in listed} == {old.version, new.version}
     assert all(state.enabled for state in listed)
 
     assert disable_versions(double_client, key_name, [old.version]) == [old.version]
