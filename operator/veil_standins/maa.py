@@ -53,6 +53,8 @@ from cryptography.x509.oid import NameOID
 from veil_standins.jose import b64url_decode, rsa_public_key_from_jwk
 from veil_standins.maa_guest import GUEST_ATTEST_PATH, GuestTrust, guest_attest_handler
 
+THIM_PATH = "/metadata/THIM/amd/certification"
+
 SIMULATED_ATTEST_PATH = "/attest/SimulatedConfidentialVm"
 # MAA's own tokens are valid for eight hours.
 TOKEN_LIFETIME_SECONDS = 8 * 3600
@@ -191,7 +193,20 @@ class MaaStandIn:
             return _error(400, "InvalidParameter", f"bad attest request: {exc}")
         return web.json_response({"token": self.token(self.simulated_claims(runtime))})
 
+    async def _thim_certification(self, request: web.Request) -> web.Response:
+        """Where Azure's IMDS (THIM) gives a confidential VM its VCEK chain: the stand-in's
+        "hardware" key, for the node agent to send beside its report (no IMDS runs here)."""
+        if request.headers.get("Metadata") != "true":
+            return _error(400, "BadRequest", "the Metadata: true header is required")
+        if self.guest_trust is None:
+            return _error(404, "NotFound", "no stand-in hardware: guest attestation is off")
+        pem = self.guest_trust.hardware_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return web.json_response({"vcekCert": pem.decode(), "certificateChain": ""})
+
     def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(THIM_PATH, self._thim_certification)
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
         app.router.add_get("/certs", self._certs)
         app.router.add_post(SIMULATED_ATTEST_PATH, self._attest)

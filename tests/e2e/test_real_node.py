@@ -1,7 +1,7 @@
 """Veil on real pods: the chart's operator as a pod, a ConfidentialModel that fetches, releases
-(through the SKR contract stand-in), unseals and serves, NetworkPolicy enforced both ways, Pod
-Security `restricted` enforced, a SyntheticDataset Job that really runs, and a killed model pod
-that comes back.
+(through the node agent, which attests the node's vTPM), unseals and serves, NetworkPolicy
+enforced both ways, Pod Security `restricted` enforced, a SyntheticDataset Job that really
+runs, and a killed model pod that comes back.
 """
 
 from __future__ import annotations
@@ -156,6 +156,57 @@ def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
     for target in denied:
         assert answer[target] != "open", answer
     print("NetworkPolicy probes:", json.dumps(seen, indent=2))
+
+
+# A pod that asks the node agent for a key with its own, genuine, projected token.
+ASK_THE_AGENT = """
+import asyncio, json, sys
+from pathlib import Path
+from veil.runtime.key_release import KeyReleaseError, RetryPolicy
+from veil.runtime.node_agent_client import NodeAgentClient, NodeAgentTarget
+agent, vault, key, version, maa = sys.argv[1:6]
+token = Path("/var/run/secrets/veil/node-agent/token")
+client = NodeAgentClient(agent, token, retry=RetryPolicy(attempts=1))
+try:
+    asyncio.run(client.release(NodeAgentTarget(vault, key, version, maa)))
+    print(json.dumps({"released": True}))
+except KeyReleaseError as exc:
+    print(json.dumps({"released": False, "error": str(exc)}))
+"""
+
+
+def test_the_node_agent_gives_the_key_to_the_models_pods_only(
+    environment: LocalEnvironment, served_model: dict[str, Any]
+) -> None:
+    """The model's pods released their key through the agent (no SKR sidecar in them); a pod of
+    another namespace with a genuine token for the agent's audience asks for the same key version
+    and is refused."""
+    [model_pod] = _model_pods(environment)[:1]
+    assert [c["name"] for c in model_pod["spec"]["initContainers"]] == ["fetch-sealed-model"]
+    release = served_model["spec"]["keyRelease"]
+    version = served_model["status"]["keyVersion"]
+    agent = "http://veil-node-agent.veil-system.svc:8095"
+    command = ["python", "-c", ASK_THE_AGENT, agent, release["vaultUrl"], release["keyName"]]
+    pod = restricted_pod("key-thief", OUTSIDERS_NS, _veil_image(environment), command)
+    pod["spec"]["containers"][0]["args"] = [version, release["attestationAuthority"]]
+    pod["spec"]["volumes"] = [
+        {
+            "name": "token",
+            "projected": {
+                "sources": [
+                    {"serviceAccountToken": {"audience": "veil-node-agent", "path": "token"}}
+                ]
+            },
+        }
+    ]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "token", "mountPath": "/var/run/secrets/veil/node-agent", "readOnly": True}
+    ]
+    phase, logs = run_pod(environment.cluster, pod)
+    assert phase == "Succeeded", logs
+    answer = json.loads(logs.strip().splitlines()[-1])
+    assert answer["released"] is False, answer
+    assert "HTTP 403" in answer["error"], answer
 
 
 def test_every_pod_veil_creates_is_admitted_by_restricted_and_others_are_not(

@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from veil.node_agent.tpm import Tpm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The Azure SDK logs every request's headers at INFO: keep the agent's log about releases.
+    logging.getLogger("azure").setLevel(logging.WARNING)
     if not args.node_name:
         logging.getLogger("veil.node_agent").error("--node-name or NODE_NAME is required")
         return 2

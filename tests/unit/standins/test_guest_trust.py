@@ -15,10 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from veil_standins.maa import THIM_PATH, MaaStandIn
 from veil_standins.maa_guest import (
     AK_CA_FILE,
     GUEST_ATTEST_PATH,
@@ -118,3 +120,21 @@ def test_an_unreadable_trust_stops_the_standins(tmp_path: Path) -> None:
     )
     assert completed.returncode == 2
     assert "--guest-trust /nope" in completed.stderr
+
+
+@pytest.mark.anyio
+async def test_the_thim_stand_in_serves_the_hardware_key_only_with_the_metadata_header() -> None:
+    """The node agent reads its host's VCEK chain where Azure's IMDS serves it; the stand-in
+    answers as IMDS does only with `Metadata: true`, and only when it has guest trust."""
+    trust = _trust()
+    for maa, expected in ((MaaStandIn(guest_trust=trust), 200), (MaaStandIn(), 404)):
+        async with TestClient(TestServer(maa.app())) as client:
+            refused = await client.get(THIM_PATH)
+            assert refused.status == 400
+            answer = await client.get(THIM_PATH, headers={"Metadata": "true"})
+            assert answer.status == expected
+            if expected == 200:
+                served = serialization.load_pem_public_key(
+                    (await answer.json())["vcekCert"].encode()
+                )
+                assert served.public_numbers() == trust.hardware_key.public_numbers()  # type: ignore[union-attr]
