@@ -124,7 +124,9 @@ def test_network_policy_lets_in_only_allow_from_and_out_only_to_the_egress_list(
     allowed = [f"{addresses['vault']}:443", f"{addresses['blob']}:443"]
     # Not in the model's list: the ARM stand-in (forwarded, like any Azure host) and the
     # operator pod's metrics port (bridged pod to pod).
-    [operator_pod] = get(cluster, "pods", "-n", OPERATOR_NAMESPACE)["items"][:1]
+    [operator_pod] = get(
+        cluster, "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/component=operator"
+    )["items"][:1]
     denied = [f"{addresses['arm']}:443", f"{operator_pod['status']['podIP']}:8080"]
     seen: dict[str, Any] = {}
     for ns in (CLIENTS_NS, OUTSIDERS_NS):
