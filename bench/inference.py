@@ -3,14 +3,17 @@
     .venv/bin/python -m bench.inference [--quick]
 
 Serving: a real model (logistic regression on scikit-learn's breast-cancer data, converted with
-skl2onnx) sealed and served by `veil serve` in its own process, against (a) plain in-process
-onnxruntime on the same batch-1 inputs (the limit) and (b) a minimal aiohttp server around the
-same onnxruntime session (same session options, same OIP v2 JSON request and response, inference
-inline on the event loop, no validation, no metrics, no access log) in its own process. Batch-1
-requests over HTTP/1.1 keep-alive on 127.0.0.1 from one httpx client at the same concurrency for
-both servers; after a warm-up the servers are measured in alternating rounds and the median
-round is reported (latency percentiles pool every request of every round). Each server's CPU
-time per request (from /proc) is reported as well: it is less sensitive to a busy machine.
+skl2onnx) sealed and served by `veil serve` in its own process (validation, metrics on their own
+port and the access log all on, as deployed; on uvloop when it is installed, see
+`server_event_loop`), against (a) plain in-process onnxruntime on the same inputs (the limit)
+and (b) a minimal aiohttp server around the same onnxruntime session (same session options, same
+OIP v2 requests and responses, JSON and binary, inference inline on asyncio's default loop, no
+validation, no metrics, no access log) in its own process. The load generator is `wrk` (native:
+a Python client saturates before either server does), 1 thread and 4 keep-alive connections on
+127.0.0.1, posting one fixed body per run (bench/wrk/post.lua): batch 1 and batch 64, as JSON and
+with the binary tensor data extension. After a warm-up, every (server, body) pair is measured in
+alternating rounds and the median round is reported. Each server's CPU time per request (from
+/proc) is reported as well: it is less sensitive to a busy machine.
 
 Unsealing: Veil's in-memory unseal (`unseal_bytes`, as the runtime calls it: RSA-OAEP-256 key
 unwrap, chunked AES-256-GCM with the STREAM bindings, the plaintext as one `bytes`, which is what
@@ -26,11 +29,12 @@ Prints and writes bench/results/inference.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -47,6 +51,7 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -59,32 +64,40 @@ from veil.runtime.sealing import seal_bytes, unseal_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MODEL_NAME = "cancer"
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
+HEADER_LENGTH = "Inference-Header-Content-Length"
 MIB = 1024 * 1024
 MB = 1_000_000
 RAW_CHUNK_SIZES = (256 * 1024, MIB, 4 * MIB)
+WRK_THREADS = 1
+BATCHES = (1, 64)
+SERVERS = ("server", "minimal_server")
 
 
 @dataclass(frozen=True)
 class Settings:
-    seconds: float  # per server per round
+    seconds: int  # per wrk run (wrk takes whole seconds)
     rounds: int
-    warmup_seconds: float
+    warmup_seconds: int
     concurrency: int
     unseal_mib: int
     unseal_repeats: int
 
 
+# Short runs in many alternating rounds: on a shared machine, both servers then see the same
+# spells of noise, and the median round drops the worst of them.
 FULL = Settings(
-    seconds=3.0, rounds=7, warmup_seconds=2.0, concurrency=4, unseal_mib=64, unseal_repeats=5
+    seconds=3, rounds=7, warmup_seconds=2, concurrency=4, unseal_mib=64, unseal_repeats=5
 )
+INPROCESS_ROUNDS = 3
 QUICK = Settings(
-    seconds=0.3, rounds=1, warmup_seconds=0.2, concurrency=4, unseal_mib=4, unseal_repeats=2
+    seconds=1, rounds=1, warmup_seconds=0, concurrency=4, unseal_mib=4, unseal_repeats=2
 )
 
 
-# --- the model -------------------------------------------------------------------------------
+# --- the model and the request bodies --------------------------------------------------------
 
 
 def build_model() -> tuple[bytes, npt.NDArray[np.float32]]:
@@ -93,60 +106,102 @@ def build_model() -> tuple[bytes, npt.NDArray[np.float32]]:
     return model.onnx_bytes, model.samples
 
 
-def request_bodies(samples: npt.NDArray[np.float32]) -> list[bytes]:
-    """One OIP v2 batch-1 JSON request per sample row."""
-    return [
-        json.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row.tolist()}
-                ]
-            }
-        ).encode()
-        for row in samples
-    ]
+@dataclass(frozen=True)
+class Body:
+    """One request body; `header_length` is set for the binary tensor data extension."""
+
+    content: bytes
+    header_length: int | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.header_length is None:
+            return {"Content-Type": "application/json"}
+        return {
+            "Content-Type": "application/octet-stream",
+            HEADER_LENGTH: str(self.header_length),
+        }
+
+
+def json_body(rows: npt.NDArray[np.float32]) -> Body:
+    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32"}
+    return Body(json.dumps({"inputs": [{**tensor, "data": rows.ravel().tolist()}]}).encode())
+
+
+def binary_body(rows: npt.NDArray[np.float32]) -> Body:
+    """As tritonclient sends it by default: tensors as raw bytes, outputs asked as binary."""
+    data = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32"}
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return Body(header + data, len(header))
+
+
+def bodies(samples: npt.NDArray[np.float32]) -> dict[str, Body]:
+    """Batch 1 and batch 64 (rows repeated as needed), JSON and binary."""
+    out = {}
+    for batch in BATCHES:
+        rows = np.resize(samples, (batch, samples.shape[1])).astype(np.float32)
+        out[f"json_b{batch}"] = json_body(rows)
+        out[f"binary_b{batch}"] = binary_body(rows)
+    return out
 
 
 # --- the minimal server (runs in its own process) ---------------------------------------------
 
 
-def serve_minimal(model_path: Path, port: int) -> None:
+def minimal_app(model: bytes) -> web.Application:
     """The leanest honest OIP v2 infer endpoint: aiohttp around the same onnxruntime session."""
-    from aiohttp import web
-
     from veil.runtime.tensors import V2_TO_NUMPY, numpy_to_v2
 
-    session = OnnxModel.from_bytes(MODEL_NAME, model_path.read_bytes()).session
+    session = OnnxModel.from_bytes(MODEL_NAME, model).session
     output_names = [output.name for output in session.get_outputs()]
 
     async def infer(request: web.Request) -> web.Response:
-        document = json.loads(await request.read())
-        feeds = {
-            tensor["name"]: np.asarray(
-                tensor["data"], dtype=V2_TO_NUMPY[tensor["datatype"]]
-            ).reshape(tensor["shape"])
-            for tensor in document["inputs"]
-        }
+        raw = await request.read()
+        offset = int(request.headers.get(HEADER_LENGTH, len(raw)))  # binary data starts here
+        document = json.loads(raw[:offset])
+        feeds = {}
+        for tensor in document["inputs"]:
+            dtype = V2_TO_NUMPY[tensor["datatype"]]
+            if "parameters" in tensor:  # binary tensor data
+                size = tensor["parameters"]["binary_data_size"]
+                array = np.frombuffer(raw, dtype, size // dtype.itemsize, offset)
+                offset += size
+            else:
+                array = np.asarray(tensor["data"], dtype=dtype)
+            feeds[tensor["name"]] = array.reshape(tensor["shape"])
         results = session.run(output_names, feeds)
+        binary = "parameters" in document  # binary_data_output
+        outputs, chunks = [], []
+        for name, array in zip(output_names, results, strict=True):
+            meta = {"name": name, "datatype": numpy_to_v2(array.dtype), "shape": list(array.shape)}
+            if binary:
+                chunks.append(array.tobytes())
+                outputs.append({**meta, "parameters": {"binary_data_size": len(chunks[-1])}})
+            else:
+                outputs.append({**meta, "data": array.ravel().tolist()})
         payload: dict[str, Any] = {
             "model_name": MODEL_NAME,
             "model_version": "1",
-            "outputs": [
-                {
-                    "name": name,
-                    "datatype": numpy_to_v2(array.dtype),
-                    "shape": list(array.shape),
-                    "data": array.ravel().tolist(),
-                }
-                for name, array in zip(output_names, results, strict=True)
-            ],
+            "outputs": outputs,
         }
-        if "id" in document:
-            payload["id"] = document["id"]
-        return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
+        header = json.dumps(payload).encode()
+        if not binary:
+            return web.Response(body=header, content_type="application/json")
+        headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+        return web.Response(body=b"".join([header, *chunks]), headers=headers)
 
     app = web.Application()
     app.router.add_post(INFER_PATH, infer)
+    return app
+
+
+def serve_minimal(model_path: Path, port: int) -> None:
+    app = minimal_app(model_path.read_bytes())
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -190,7 +245,7 @@ def server_process(command: list[str], port: int, log_path: Path) -> Iterator[Se
 
 
 def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    probe = request_bodies(np.zeros((1, 30), dtype=np.float32))[0]
+    probe = json_body(np.zeros((1, 30), dtype=np.float32)).content
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -217,25 +272,11 @@ def veil_command(scratch: Path, model: bytes, port: int) -> list[str]:
     )
     pem.chmod(0o600)
     return [
-        sys.executable,
-        "-m",
-        "veil.cli",
-        "serve",
-        "--model-name",
-        MODEL_NAME,
-        "--sealed",
-        str(sealed),
-        "--private-key",
-        str(pem),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--drain-seconds",
-        "0",
-        "--shutdown-timeout",
-        "2",
-    ]
+        sys.executable, "-m", "veil.cli", "serve", "--model-name", MODEL_NAME,
+        "--sealed", str(sealed), "--private-key", str(pem), "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", str(free_port()),
+        "--drain-seconds", "0", "--shutdown-timeout", "2",
+    ]  # fmt: skip
 
 
 def minimal_command(scratch: Path, model: bytes, port: int) -> list[str]:
@@ -245,103 +286,137 @@ def minimal_command(scratch: Path, model: bytes, port: int) -> list[str]:
     return [*command, "--port", str(port)]
 
 
+def event_loop() -> str:
+    """The event loop `veil serve` runs on (uvloop when installed)."""
+    try:
+        return f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "asyncio"
+
+
 # --- load generation -------------------------------------------------------------------------
 
 
 @dataclass
 class Series:
-    """Requests per second and server CPU seconds per request of each round; every latency."""
+    """Requests per second, server CPU seconds per request and latency of each round."""
 
     rps: list[float] = field(default_factory=list)
     cpu_per_request: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
+    p50_us: list[int] = field(default_factory=list)
+    p99_us: list[int] = field(default_factory=list)
 
     def median_rps(self) -> float:
-        return statistics.median(self.rps)
+        return round(statistics.median(self.rps), 1)
 
-    def median_cpu_us(self) -> float:
-        return statistics.median(self.cpu_per_request) * 1e6
+    def median_cpu_us(self) -> int:
+        return round(statistics.median(self.cpu_per_request) * 1e6)
 
-    def percentile_ms(self, q: float) -> float:
-        return float(np.percentile(np.asarray(self.latencies), q)) * 1000
+    def p50_ms(self) -> float:
+        return round(statistics.median(self.p50_us) / 1000, 3)
+
+    def p99_ms(self) -> float:
+        return round(statistics.median(self.p99_us) / 1000, 3)
 
 
-async def drive(
-    client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], concurrency: int, seconds: float
-) -> tuple[float, list[float]]:
-    """`concurrency` workers posting batch-1 requests back to back for `seconds`."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    headers = {"Content-Type": "application/json"}
+def wrk(url: str, body_file: Path, body: Body, seconds: int, connections: int) -> dict[str, int]:
+    """One wrk run posting `body`; the figures bench/wrk/post.lua prints."""
+    env = {**os.environ, "WRK_BODY_FILE": str(body_file)}
+    if body.header_length is not None:
+        env["WRK_INFERENCE_HEADER_LENGTH"] = str(body.header_length)
+    command = [
+        "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", str(WRK_SCRIPT), url + INFER_PATH,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    figures: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = {
+        key: figures[key]
+        for key in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        if figures[key]
+    }
+    if failures or not figures["requests"]:
+        raise RuntimeError(f"wrk against {url} with {body_file.name}: {failures or 'no requests'}")
+    return figures
 
-    async def worker(offset: int) -> None:
-        index = offset
-        while time.perf_counter() < deadline:
-            body = bodies[index % len(bodies)]
-            index += concurrency
-            sent = time.perf_counter()
-            response = await client.post(url, content=body, headers=headers)
-            latencies.append(time.perf_counter() - sent)
+
+def measure(
+    server: Server, body_file: Path, body: Body, settings: Settings, series: Series
+) -> None:
+    cpu = server.cpu_seconds()
+    figures = wrk(server.url, body_file, body, settings.seconds, settings.concurrency)
+    series.cpu_per_request.append((server.cpu_seconds() - cpu) / figures["requests"])
+    series.rps.append(figures["requests"] / figures["duration_us"] * 1e6)
+    series.p50_us.append(figures["p50_us"])
+    series.p99_us.append(figures["p99_us"])
+
+
+def check_answers(servers: dict[str, Server], requests: dict[str, Body]) -> None:
+    """Both servers give the same answer to every body (binary ones decoded by header)."""
+    for kind, body in requests.items():
+        answers = []
+        for server in servers.values():
+            response = httpx.post(
+                server.url + INFER_PATH, content=body.content, headers=body.headers(), timeout=30
+            )
             if response.status_code != 200:
-                raise RuntimeError(f"{url} answered {response.status_code}: {response.text}")
+                raise RuntimeError(f"{server.url} answered {kind} with {response.status_code}")
+            length = int(response.headers.get(HEADER_LENGTH, len(response.content)))
+            answers.append((json.loads(response.content[:length]), response.content[length:]))
+        if any(answer != answers[0] for answer in answers):
+            raise RuntimeError(f"the servers answer {kind} differently: {answers}")
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return len(latencies) / (time.perf_counter() - started), latencies
 
-
-def inprocess_rps(session: Any, samples: npt.NDArray[np.float32], seconds: float) -> float:
-    """Back-to-back `session.run` on the same batch-1 inputs."""
+def inprocess_rps(session: Any, rows: npt.NDArray[np.float32], seconds: float) -> float:
+    """Back-to-back `session.run` on the same inputs."""
     names = [output.name for output in session.get_outputs()]
-    feeds = [{"input": row.reshape(1, 30)} for row in samples]
+    feeds = {"input": rows}
     count = 0
     started = time.perf_counter()
     deadline = started + seconds
     while time.perf_counter() < deadline:
-        session.run(names, feeds[count % len(feeds)])
+        session.run(names, feeds)
         count += 1
     return count / (time.perf_counter() - started)
 
 
-async def serving(
+def serving(
     servers: dict[str, Server],
     model: bytes,
     samples: npt.NDArray[np.float32],
     settings: Settings,
+    scratch: Path,
 ) -> dict[str, Series]:
-    """Warm up, check both servers answer alike, then alternate rounds: each server, in-process."""
-    bodies = request_bodies(samples)
-    concurrency = settings.concurrency
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    series = {name: Series() for name in [*servers, "inprocess"]}
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        answers = [
-            await client.post(s.url + INFER_PATH, content=bodies[0]) for s in servers.values()
-        ]
-        if len({json.dumps(answer.json(), sort_keys=True) for answer in answers}) != 1:
-            raise RuntimeError(f"the servers answer differently: {[a.text for a in answers]}")
-        for server in servers.values():
-            await drive(
-                client, server.url + INFER_PATH, bodies, concurrency, settings.warmup_seconds
-            )
-        session = OnnxModel.from_bytes(MODEL_NAME, model).session  # Veil's session options
-        inprocess_rps(session, samples, settings.warmup_seconds)
-        for round_ in range(settings.rounds):
-            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+    """Check both servers answer alike, warm up, then alternate rounds; in-process last."""
+    requests = bodies(samples)
+    check_answers(servers, requests)
+    files = {}
+    for kind, body in requests.items():
+        files[kind] = scratch / f"{kind}.body"
+        files[kind].write_bytes(body.content)
+    for server in servers.values():
+        for kind, body in requests.items():
+            if settings.warmup_seconds:
+                wrk(server.url, files[kind], body, settings.warmup_seconds, settings.concurrency)
+    series = {f"{name}:{kind}": Series() for name in servers for kind in requests}
+    for round_ in range(settings.rounds):
+        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+        for kind, body in requests.items():
             for name in order:
-                server = servers[name]
-                cpu = server.cpu_seconds()
-                rps, latencies = await drive(
-                    client, server.url + INFER_PATH, bodies, concurrency, settings.seconds
-                )
-                series[name].rps.append(rps)
-                series[name].cpu_per_request.append((server.cpu_seconds() - cpu) / len(latencies))
-                series[name].latencies.extend(latencies)
-            series["inprocess"].rps.append(inprocess_rps(session, samples, settings.seconds))
+                measure(servers[name], files[kind], body, settings, series[f"{name}:{kind}"])
+    session = OnnxModel.from_bytes(MODEL_NAME, model).session  # Veil's session options
+    for batch in BATCHES:
+        rows = np.resize(samples, (batch, samples.shape[1])).astype(np.float32)
+        inprocess_rps(session, rows, settings.warmup_seconds)
+        measured = series[f"inprocess:b{batch}"] = Series()
+        for _ in range(min(settings.rounds, INPROCESS_ROUNDS)):
+            measured.rps.append(inprocess_rps(session, rows, settings.seconds))
     return series
 
 
 def serving_figures(settings: Settings) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("the load generator wrk is not installed (hack/setup.sh installs it)")
     model, samples = build_model()
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
         scratch = Path(tmp)
@@ -357,25 +432,55 @@ def serving_figures(settings: Settings) -> dict[str, Any]:
             ) as minimal,
         ):
             servers = {"server": veil, "minimal_server": minimal}
-            series = asyncio.run(serving(servers, model, samples, settings))
-    server_rps = round(series["server"].median_rps(), 1)
-    minimal_rps = round(series["minimal_server"].median_rps(), 1)
-    inprocess = round(series["inprocess"].median_rps(), 1)
-    return {
+            series = serving(servers, model, samples, settings, scratch)
+    return figures(series, settings)
+
+
+def figures(series: dict[str, Series], settings: Settings) -> dict[str, Any]:
+    """The published keys: batch-1 JSON under the historical names, the rest by suffix."""
+    rps = {key: measured.median_rps() for key, measured in series.items()}
+    server, minimal, inprocess = (
+        rps["server:json_b1"],
+        rps["minimal_server:json_b1"],
+        rps["inprocess:b1"],
+    )
+    out: dict[str, Any] = {
+        "load_generator": "wrk",
+        "wrk_threads": WRK_THREADS,
+        "wrk_seconds_per_round": settings.seconds,
+        "rounds": settings.rounds,
+        "server_event_loop": event_loop(),
         "batch_size": 1,
         "concurrency": settings.concurrency,
-        "server_rps": server_rps,
-        "minimal_server_rps": minimal_rps,
+        "server_rps": server,
+        "minimal_server_rps": minimal,
         "inprocess_rps": inprocess,
-        "server_p50_ms": round(series["server"].percentile_ms(50), 3),
-        "server_p99_ms": round(series["server"].percentile_ms(99), 3),
-        "minimal_server_p50_ms": round(series["minimal_server"].percentile_ms(50), 3),
-        "minimal_server_p99_ms": round(series["minimal_server"].percentile_ms(99), 3),
-        "server_vs_minimal_ratio": round(server_rps / minimal_rps, 4),
-        "server_vs_inprocess_ratio": round(server_rps / inprocess, 4),
-        "server_cpu_us_per_request": round(series["server"].median_cpu_us()),
-        "minimal_server_cpu_us_per_request": round(series["minimal_server"].median_cpu_us()),
     }
+    for name in SERVERS:
+        out[f"{name}_p50_ms"] = series[f"{name}:json_b1"].p50_ms()
+        out[f"{name}_p99_ms"] = series[f"{name}:json_b1"].p99_ms()
+    out["server_vs_minimal_ratio"] = round(server / minimal, 4)
+    out["server_vs_inprocess_ratio"] = round(server / inprocess, 4)
+    for name in SERVERS:
+        out[f"{name}_cpu_us_per_request"] = series[f"{name}:json_b1"].median_cpu_us()
+    out["server_binary_rps"] = rps["server:binary_b1"]
+    out["minimal_server_binary_rps"] = rps["minimal_server:binary_b1"]
+    out["batch64_rps"] = rps["server:json_b64"]
+    out["minimal_server_batch64_rps"] = rps["minimal_server:json_b64"]
+    out["batch64_binary_rps"] = rps["server:binary_b64"]
+    out["minimal_server_batch64_binary_rps"] = rps["minimal_server:binary_b64"]
+    out["inprocess_batch64_rps"] = rps["inprocess:b64"]
+    out["server_binary_vs_minimal_ratio"] = round(
+        out["server_binary_rps"] / out["minimal_server_binary_rps"], 4
+    )
+    out["batch64_vs_minimal_ratio"] = round(
+        out["batch64_rps"] / out["minimal_server_batch64_rps"], 4
+    )
+    for name in SERVERS:
+        for kind in ("binary_b1", "json_b64", "binary_b64"):
+            out[f"{name}_{kind}_cpu_us_per_request"] = series[f"{name}:{kind}"].median_cpu_us()
+            out[f"{name}_{kind}_p50_ms"] = series[f"{name}:{kind}"].p50_ms()
+    return out
 
 
 # --- unsealing -------------------------------------------------------------------------------
@@ -456,7 +561,7 @@ def unseal_figures(settings: Settings) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny durations and sizes (smoke)")
-    parser.add_argument("--seconds", type=float, help="per server per round")
+    parser.add_argument("--seconds", type=int, help="per wrk run (whole seconds)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--unseal-mib", type=int)

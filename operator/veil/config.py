@@ -77,6 +77,9 @@ class OperatorConfig:
     # The config (entrypoint, cmd, env, working dir) of each image Veil runs: on Confidential
     # Containers the agent policy pins what the image contributes (VEIL_IMAGE_CONFIGS).
     image_configs: Mapping[str, ImageConfig] = field(default_factory=dict)
+    # The namespace whose Prometheus may scrape the model pods' metrics port
+    # (VEIL_METRICS_SCRAPER_NAMESPACE).
+    metrics_scraper_namespace: str | None = None
     # Development only: accept images by tag (VEIL_ALLOW_IMAGE_TAGS).
     allow_image_tags: bool = False
 
@@ -101,6 +104,7 @@ class OperatorConfig:
             key_release_port=int(os.environ.get("VEIL_SKR_PORT", "8080")),
             allow_image_tags=os.environ.get("VEIL_ALLOW_IMAGE_TAGS", "").lower() == "true",
             image_configs=image_configs(os.environ.get("VEIL_IMAGE_CONFIGS", "")),
+            metrics_scraper_namespace=os.environ.get("VEIL_METRICS_SCRAPER_NAMESPACE") or None,
             node_agent=NodeAgentSettings(
                 url=os.environ.get("VEIL_NODE_AGENT_URL", NodeAgentSettings.url),
                 namespace=os.environ.get("VEIL_NODE_AGENT_NAMESPACE", NodeAgentSettings.namespace),

@@ -228,7 +228,9 @@ def test_chart_installs_and_its_rbac_is_what_the_operator_uses(
     pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "name").split()
     assert len(pods) == deployment["spec"]["replicas"]
 
-    account = next(d for d in installed if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    account = next(
+        d for d in installed if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "veil"
+    )["metadata"]["name"]
     kubeconfig = token_kubeconfig(cluster, account, tmp_path / "kubeconfig-sa")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["run", "--peering=veil"]
@@ -344,7 +346,8 @@ def test_user_roles_never_write_status_audit_trail_or_spending_records(
     roles = {
         d["metadata"]["name"].removeprefix(f"{RELEASE}-"): d
         for d in helm_template()
-        if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-operator")
+        if d["kind"] == "ClusterRole"
+        and not d["metadata"]["name"].endswith(("-operator", "-node-agent"))
     }
     assert set(roles) == set(MAY)
     apply(cluster, list(roles.values()))

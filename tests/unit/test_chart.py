@@ -601,7 +601,8 @@ def test_monitoring_is_off_by_default_and_complete_when_on() -> None:
     assert operator_monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert operator_monitor["spec"]["endpoints"][0]["honorLabels"] is True
     inference = one(docs, "ServiceMonitor", "veil-inference")
-    assert inference["spec"]["endpoints"][0]["port"] == "http"
+    # The runtime's metrics port: its inference port serves only the protocol.
+    assert inference["spec"]["endpoints"][0]["port"] == "metrics"
     rule = one(docs, "PrometheusRule")
     shipped = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())["groups"]
     assert rule["spec"]["groups"][: len(shipped)] == shipped

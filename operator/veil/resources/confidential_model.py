@@ -29,6 +29,8 @@ APP = "veil-model"
 SEALED_DIR = "/var/run/veil/sealed"
 SEALED_FILE = f"{SEALED_DIR}/model.onnx.sealed"
 HTTP_PORT_NAME = "http"
+METRICS_PORT_NAME = "metrics"
+METRICS_PORT = 9090
 AGENT_AUDIENCE = "veil-node-agent"
 AGENT_TOKEN_VOLUME = "node-agent-token"
 AGENT_TOKEN_DIR = "/var/run/secrets/veil/node-agent"
@@ -218,8 +220,14 @@ def _runtime(
             "0.0.0.0",
             "--port",
             str(port),
+            # Metrics on a port of their own: the inference port serves only the protocol.
+            "--metrics-port",
+            str(METRICS_PORT),
         ],
-        "ports": [{"name": HTTP_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "ports": [
+            {"name": HTTP_PORT_NAME, "containerPort": port, "protocol": "TCP"},
+            {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         # Ready only once the model is released, unwrapped and loaded in memory.
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {
@@ -333,7 +341,13 @@ def service(owner: Mapping[str, Any], spec: ConfidentialModelSpec) -> dict[str, 
                     "port": spec.serving.port,
                     "targetPort": HTTP_PORT_NAME,
                     "protocol": "TCP",
-                }
+                },
+                {
+                    "name": METRICS_PORT_NAME,
+                    "port": METRICS_PORT,
+                    "targetPort": METRICS_PORT_NAME,
+                    "protocol": "TCP",
+                },
             ],
         },
     }
@@ -402,13 +416,25 @@ def allow_list(
         "policyTypes": ["Ingress", "Egress"],
         "egress": egress,
     }
+    ingress: list[dict[str, Any]] = []
     if spec.network.allow_from:
-        policy_spec["ingress"] = [
+        ingress.append(
             {
                 "from": [_peer(peer) for peer in spec.network.allow_from],
                 "ports": [{"protocol": "TCP", "port": spec.serving.port}],
             }
-        ]
+        )
+    if config.metrics_scraper_namespace:
+        # Request counts and latencies only: nothing computed from a caller's data.
+        scraper = {"kubernetes.io/metadata.name": config.metrics_scraper_namespace}
+        ingress.append(
+            {
+                "from": [{"namespaceSelector": {"matchLabels": scraper}}],
+                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            }
+        )
+    if ingress:
+        policy_spec["ingress"] = ingress
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

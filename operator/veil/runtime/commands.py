@@ -186,7 +186,7 @@ def _model_loader(args: argparse.Namespace) -> ModelLoader | int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from veil.runtime.server import ServeOptions, ServerLimits, serve
+    from veil.runtime.server import ServeOptions, ServerLimits, run, serve
     from veil.runtime.state import ModelSlot
 
     _configure_logging()
@@ -214,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         limits=limits,
     )
-    return asyncio.run(serve(slot, loader, options))
+    return run(serve(slot, loader, options))
 
 
 # --- registration -------------------------------------------------------------------------

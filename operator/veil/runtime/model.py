@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from veil.runtime.tensors import DYNAMIC, ORT_TO_V2, TensorSpec
+from veil.runtime.tensors import DYNAMIC, ORT_TO_V2, Signature, TensorSpec
 
 
 class ModelLoadError(Exception):
@@ -68,6 +67,11 @@ class OnnxModel:
         outputs = tuple(_spec(arg, "output") for arg in session.get_outputs())
         return cls(name=name, version=version, inputs=inputs, outputs=outputs, session=session)
 
+    @cached_property
+    def signature(self) -> Signature:
+        """The inputs and outputs, indexed for request validation."""
+        return Signature(self.inputs, self.outputs)
+
     def metadata(self) -> dict[str, Any]:
         """The v2 model metadata response."""
         return {
@@ -79,13 +83,13 @@ class OnnxModel:
         }
 
     def run(
-        self, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str]
+        self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str]
     ) -> list[npt.NDArray[Any]]:
-        """Run the session (thread-safe; call it off the event loop)."""
+        """Run the session (thread-safe; inline on the event loop only when it is quick)."""
         try:
-            results = self.session.run(list(outputs), dict(inputs))
+            results: list[npt.NDArray[Any]] = self.session.run(outputs, inputs)
         except ort_errors.InvalidArgument as exc:
             raise InferenceError(str(exc), client_error=True) from exc
         except Exception as exc:
             raise InferenceError(str(exc), client_error=False) from exc
-        return [np.asarray(result) for result in results]
+        return results  # numpy arrays: every output is a tensor (checked at load)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from veil.runtime.metrics import RuntimeMetrics
 from veil.runtime.model import OnnxModel
-from veil.runtime.server import ServerLimits, build_app
+from veil.runtime.server import ServerLimits, build_app, build_metrics_app
 from veil.runtime.state import ModelSlot, ModelState
 
 from .doubles import TrainedModel, running
@@ -266,12 +266,18 @@ async def test_failed_load_stays_unready_and_reports(mlp_model: bytes) -> None:
     assert "cannot load model 'mlp'" in str(failures[0])
 
 
-async def test_metrics_are_exposed_and_count(mlp_server: Served) -> None:
+async def test_metrics_are_exposed_and_count_on_their_own_port(mlp_server: Served) -> None:
     client = mlp_server.client
     await client.post("/v2/models/mlp/infer", json=_infer_body())
     await client.post("/v2/models/mlp/infer", json=_infer_body())
     await client.post("/v2/models/mlp/infer", content=b"nope")
-    response = await client.get("/metrics")
+    # the inference port serves only the protocol
+    assert (await client.get("/metrics")).status_code == 404
+    async with (
+        running(build_metrics_app(mlp_server.metrics.registry)) as metrics_url,
+        httpx.AsyncClient(base_url=metrics_url) as metrics_client,
+    ):
+        response = await metrics_client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
@@ -281,12 +287,14 @@ async def test_metrics_are_exposed_and_count(mlp_server: Served) -> None:
         if s.name == "veil_inference_requests_total"
     }
     assert requests == {("mlp", "success"): 2.0, ("mlp", "bad_request"): 1.0}
-    durations = [
-        s.value
+    durations = {
+        s.name.rsplit("_", 1)[1]: s.value
         for s in families["veil_inference_request_duration_seconds"].samples
-        if s.name.endswith("_count")
-    ]
-    assert durations == [3.0]
+        if not s.name.endswith("_bucket") or s.labels["le"] == "+Inf"
+    }
+    assert durations["count"] == 3.0
+    assert durations["bucket"] == 3.0
+    assert 0 < durations["sum"] < 3.0
     assert "veil_key_release" in families
     assert "veil_attestation_failures" in families
 
@@ -325,3 +333,50 @@ async def test_in_flight_request_finishes_during_graceful_shutdown(mlp_model: by
     assert 0.1 < waited < 5
     assert slot.state is ModelState.DRAINING
     assert slot.model is None
+
+
+async def test_server_metadata_lists_the_binary_extension(mlp_server: Served) -> None:
+    metadata = (await mlp_server.client.get("/v2")).json()
+    assert metadata["name"] == "veil"
+    assert "binary_tensor_data" in metadata["extensions"]
+
+
+async def test_model_repository_routes_under_versions(mlp_server: Served) -> None:
+    client = mlp_server.client
+    index = await client.post("/v2/repository/index")
+    assert index.json() == [{"name": "mlp", "version": "1", "state": "READY"}]
+    assert (await client.get("/v2/models/mlp/versions/1")).json()["versions"] == ["1"]
+    assert (await client.get("/v2/models/mlp/versions/1/ready")).json()["ready"] is True
+    answer = await client.post("/v2/models/mlp/versions/1/infer", json=_infer_body())
+    assert answer.status_code == 200
+    assert answer.json()["model_version"] == "1"
+    for path in ("/v2/models/mlp/versions/2", "/v2/models/mlp/versions/2/ready"):
+        assert (await client.get(path)).status_code == 404
+    wrong_version = await client.post("/v2/models/mlp/versions/2/infer", json=_infer_body())
+    assert wrong_version.status_code == 404
+    assert "'mlp' is not served here" in wrong_version.json()["error"]
+
+
+async def test_repository_index_reports_a_failed_load(mlp_model: bytes) -> None:
+    slot = ModelSlot("mlp")
+    slot.set_failed("ModelLoadError: bad bytes")
+    async with (
+        running(build_app(slot, RuntimeMetrics(CollectorRegistry()))) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        index = (await client.post("/v2/repository/index")).json()
+    reason = "ModelLoadError: bad bytes"
+    assert index == [{"name": "mlp", "version": "1", "state": "UNAVAILABLE", "reason": reason}]
+
+
+async def test_unknown_paths_and_methods_are_json(mlp_server: Served) -> None:
+    client = mlp_server.client
+    missing = await client.get("/v2/nothing/here")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not found"}
+    wrong = await client.delete("/v2/models/mlp/versions/1/infer")
+    assert wrong.status_code == 405
+    assert wrong.headers["Allow"] == "POST"
+    assert "DELETE is not allowed" in wrong.json()["error"]
+    head = await client.head("/v2/health/live")
+    assert head.status_code == 200
