@@ -31,8 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from veil.runtime.jwk import MIN_RSA_BITS, JwkError, rsa_private_key_from_jwk
 from veil.runtime.key_release import RetryPolicy
-from veil.runtime.loader import ModelLoader, SealedPin, unseal_and_load
-from veil.runtime.model import OnnxModel
+from veil.runtime.loader import ModelLoader, SealedPin, released_key_loader
 from veil.runtime.sealed_key import check_sealed_file
 
 log = logging.getLogger("veil.runtime.cdh")
@@ -192,15 +191,11 @@ def cdh_loader(
     with `pin`, only once the sealed file is the one the spec names (checked first)."""
     resource_path(resource)  # a bad name fails at start-up, not in the background task
 
-    async def load() -> OnnxModel:
+    async def release() -> rsa.RSAPrivateKey:
         if pin is not None:
             await asyncio.to_thread(check_sealed_file, sealed, pin.sha256, pin.max_bytes)
-        key = await client.private_key(resource)
-        try:
-            return await unseal_and_load(
-                sealed, key, name=name, version=version, max_model_bytes=max_model_bytes
-            )
-        finally:
-            del key
+        return await client.private_key(resource)
 
-    return load
+    return released_key_loader(
+        sealed, release, name=name, version=version, max_model_bytes=max_model_bytes
+    )

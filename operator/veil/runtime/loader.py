@@ -88,9 +88,27 @@ def key_release_loader(
     """Production path: the SKR sidecar releases the key version the sealed header names, after
     attesting the TEE, and only for the sealed file the spec pins."""
 
+    async def release() -> rsa.RSAPrivateKey:
+        return await client.release(await verified_release_target(sealed, target, pin))
+
+    return released_key_loader(
+        sealed, release, name=name, version=version, max_model_bytes=max_model_bytes
+    )
+
+
+def released_key_loader(
+    sealed: Path,
+    release: Callable[[], Awaitable[rsa.RSAPrivateKey]],
+    *,
+    name: str,
+    version: str = "1",
+    max_model_bytes: int | None = None,
+) -> ModelLoader:
+    """Release the key (every path checks the sealed file first), unseal with it in memory and
+    load; the key is dropped as soon as the model is in memory."""
+
     async def load() -> OnnxModel:
-        verified = await verified_release_target(sealed, target, pin)
-        key = await client.release(verified)
+        key = await release()
         try:
             return await unseal_and_load(
                 sealed, key, name=name, version=version, max_model_bytes=max_model_bytes

@@ -43,10 +43,9 @@ from veil.runtime.key_release import (
 from veil.runtime.loader import (
     ModelLoader,
     SealedPin,
-    unseal_and_load,
+    released_key_loader,
     verified_release_target,
 )
-from veil.runtime.model import OnnxModel
 from veil.runtime.sealing import SealedModelError
 
 log = logging.getLogger("veil.runtime.node_agent_client")
@@ -214,7 +213,7 @@ def node_agent_loader(
     """Confidential-VM path: the node agent releases the key version the sealed header names
     after attesting the node, and only for the sealed file the spec pins."""
 
-    async def load() -> OnnxModel:
+    async def release() -> rsa.RSAPrivateKey:
         vault_host = urlsplit(target.vault_url).netloc
         named = await verified_release_target(
             sealed, ReleaseTarget(target.maa_endpoint, vault_host, target.key_name), pin
@@ -225,12 +224,8 @@ def node_agent_loader(
                 f"the sealed header of {sealed} names no version of key {key_name!r}: re-seal "
                 f"with veil seal --vault-url {target.vault_url} --key-name {key_name}"
             )
-        key = await client.release(dataclasses.replace(target, key_version=key_version))
-        try:
-            return await unseal_and_load(
-                sealed, key, name=name, version=version, max_model_bytes=max_model_bytes
-            )
-        finally:
-            del key
+        return await client.release(dataclasses.replace(target, key_version=key_version))
 
-    return load
+    return released_key_loader(
+        sealed, release, name=name, version=version, max_model_bytes=max_model_bytes
+    )
