@@ -30,7 +30,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from veil.runtime.jwk import MIN_RSA_BITS, JwkError, rsa_private_key_from_jwk
-from veil.runtime.key_release import RetryPolicy
+from veil.runtime.key_release import (
+    RetriableError,
+    RetriesExhaustedError,
+    RetryPolicy,
+    with_retries,
+)
 from veil.runtime.loader import ModelLoader, SealedPin, released_key_loader
 from veil.runtime.sealed_key import check_sealed_file
 
@@ -99,10 +104,6 @@ def private_key_from_resource(data: bytes) -> rsa.RSAPrivateKey:
         raise CdhResponseError(f"the released resource is no RSA private key: {exc}") from exc
 
 
-class _RetriableError(Exception):
-    pass
-
-
 class CdhClient:
     """Fetches KBS resources through the CDH's REST API."""
 
@@ -128,43 +129,33 @@ class CdhClient:
                 body = await response.content.read(MAX_RESOURCE_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _RetriableError(f"cannot reach the CDH at {url}: {exc!r}") from exc
+            raise RetriableError(f"cannot reach the CDH at {url}: {exc!r}") from exc
         if status == 200:
             if len(body) > MAX_RESOURCE_BYTES:
                 raise CdhResponseError("the released resource is larger than any key")
             return body
         reason = body[:500].decode("utf-8", errors="replace").strip() or "no reason given"
         if status in _RETRIABLE_STATUS:
-            raise _RetriableError(f"the CDH answered HTTP {status}: {reason}")
+            raise RetriableError(f"the CDH answered HTTP {status}: {reason}")
         raise CdhRefusedError(status, reason, resource)
 
     async def resource(self, resource: str) -> bytes:
         """The bytes of `resource`; raises a CdhError subclass (ValueError for a bad name)."""
         path = resource_path(resource)
         url = self._base + "/".join(quote(s, safe="") for s in path.split("/"))
-        delays = self._retry.delays()
-        problem = ""
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
-            for attempt in range(1, self._retry.attempts + 1):
-                try:
-                    return await self._attempt(session, url, path)
-                except _RetriableError as exc:
-                    problem = str(exc)
-                if attempt < self._retry.attempts:
-                    delay = next(delays)
-                    log.warning(
-                        "CDH attempt %d/%d for %s failed, retrying in %.1fs: %s",
-                        attempt,
-                        self._retry.attempts,
-                        path,
-                        delay,
-                        problem,
-                    )
-                    await self._sleep(delay)
-        raise CdhUnavailableError(
-            f"resource {path!r} not released after {self._retry.attempts} attempts; "
-            f"last problem: {problem}"
-        )
+            try:
+                return await with_retries(
+                    lambda: self._attempt(session, url, path),
+                    self._retry,
+                    sleep=self._sleep,
+                    what=f"CDH resource {path}",
+                )
+            except RetriesExhaustedError as exc:
+                raise CdhUnavailableError(
+                    f"resource {path!r} not released after {self._retry.attempts} attempts; "
+                    f"last problem: {exc}"
+                ) from exc
 
     async def private_key(self, resource: str) -> rsa.RSAPrivateKey:
         """The RSA private key `resource` holds."""

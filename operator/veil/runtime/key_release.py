@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,6 +30,7 @@ from veil.runtime.jwk import JwkError, rsa_private_key_from_jwk
 from veil.runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger("veil.runtime.key_release")
+T = TypeVar("T")
 
 MAX_RESPONSE_BYTES = 256 * 1024
 _RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -100,8 +101,43 @@ class RetryPolicy:
             ceiling = min(self.max_delay, ceiling * self.multiplier)
 
 
-class _RetriableError(Exception):
-    pass
+class RetriableError(Exception):
+    """A transient failure (unreachable, 5xx, 429): worth another attempt after a pause."""
+
+
+class RetriesExhaustedError(Exception):
+    """Every attempt failed transiently; the message is the last problem."""
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], Awaitable[None]],
+    what: str,
+) -> T:
+    """Run `attempt` until it returns, raises anything but RetriableError, or the policy's
+    attempts are spent (RetriesExhaustedError). The sidecar, node-agent and CDH clients share
+    this loop; each turns exhaustion into its own error."""
+    delays = policy.delays()
+    problem = ""
+    for number in range(1, policy.attempts + 1):
+        try:
+            return await attempt()
+        except RetriableError as exc:
+            problem = str(exc)
+        if number < policy.attempts:
+            delay = next(delays)
+            log.warning(
+                "%s: attempt %d/%d failed, retrying in %.1fs: %s",
+                what,
+                number,
+                policy.attempts,
+                delay,
+                problem,
+            )
+            await sleep(delay)
+    raise RetriesExhaustedError(problem)
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -178,62 +214,51 @@ class KeyReleaseClient:
                 body = await _read_limited(response, MAX_RESPONSE_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _RetriableError(f"cannot reach the SKR sidecar at {self._url}: {exc!r}") from exc
+            raise RetriableError(f"cannot reach the SKR sidecar at {self._url}: {exc!r}") from exc
         if status == 200:
             return body
         reason = _error_reason(body)
         if status in _RETRIABLE_STATUS:
-            raise _RetriableError(f"the SKR sidecar answered HTTP {status}: {reason}")
+            raise RetriableError(f"the SKR sidecar answered HTTP {status}: {reason}")
         raise KeyReleaseRefusedError(status, reason, target.kid)
 
     async def release(self, target: ReleaseTarget) -> rsa.RSAPrivateKey:
         """Release the key named by `target`; raises a KeyReleaseError subclass on failure."""
-        delays = self._retry.delays()
-        last_problem = ""
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
-            for attempt in range(1, self._retry.attempts + 1):
-                try:
-                    body = await self._attempt(session, target)
-                except _RetriableError as exc:
-                    last_problem = str(exc)
-                    if attempt == self._retry.attempts:
-                        break
-                    delay = next(delays)
-                    log.warning(
-                        "key release attempt %d/%d failed, retrying in %.1fs: %s",
-                        attempt,
-                        self._retry.attempts,
-                        delay,
-                        last_problem,
-                    )
-                    await self._sleep(delay)
-                    continue
-                except KeyReleaseRefusedError as exc:
-                    self._count("refused")
-                    log.error(
-                        "KEY RELEASE REFUSED for key %r (vault %s, attestation %s), HTTP %d: %s",
-                        target.kid,
-                        target.akv_endpoint,
-                        target.maa_endpoint,
-                        exc.status,
-                        exc.reason,
-                    )
-                    raise
-                except KeyReleaseError:
-                    self._count("error")
-                    raise
-                try:
-                    key = _key_from_response(body)
-                except KeyReleaseError:
-                    self._count("error")
-                    raise
-                finally:
-                    del body
-                self._count("released")
-                log.info("key %r released by the SKR sidecar", target.kid)
-                return key
-        self._count("error")
-        raise KeyReleaseUnavailableError(
-            f"key release of {target.kid!r} failed after {self._retry.attempts} attempts; "
-            f"last problem: {last_problem}"
-        )
+            try:
+                body = await with_retries(
+                    lambda: self._attempt(session, target),
+                    self._retry,
+                    sleep=self._sleep,
+                    what=f"key release of {target.kid!r}",
+                )
+            except RetriesExhaustedError as exc:
+                self._count("error")
+                raise KeyReleaseUnavailableError(
+                    f"key release of {target.kid!r} failed after {self._retry.attempts} "
+                    f"attempts; last problem: {exc}"
+                ) from exc
+            except KeyReleaseRefusedError as exc:
+                self._count("refused")
+                log.error(
+                    "KEY RELEASE REFUSED for key %r (vault %s, attestation %s), HTTP %d: %s",
+                    target.kid,
+                    target.akv_endpoint,
+                    target.maa_endpoint,
+                    exc.status,
+                    exc.reason,
+                )
+                raise
+            except KeyReleaseError:
+                self._count("error")
+                raise
+        try:
+            key = _key_from_response(body)
+        except KeyReleaseError:
+            self._count("error")
+            raise
+        finally:
+            del body
+        self._count("released")
+        log.info("key %r released by the SKR sidecar", target.kid)
+        return key

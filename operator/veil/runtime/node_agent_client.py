@@ -38,7 +38,10 @@ from veil.runtime.key_release import (
     KeyReleaseResponseError,
     KeyReleaseUnavailableError,
     ReleaseTarget,
+    RetriableError,
+    RetriesExhaustedError,
     RetryPolicy,
+    with_retries,
 )
 from veil.runtime.loader import (
     ModelLoader,
@@ -68,10 +71,6 @@ class NodeAgentTarget:
     key_name: str
     key_version: str
     maa_endpoint: str
-
-
-class _RetriableError(Exception):
-    pass
 
 
 def _reason(body: bytes) -> str:
@@ -152,11 +151,11 @@ class NodeAgentClient:
                 payload = await response.content.read(MAX_RESPONSE_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _RetriableError(f"cannot reach the node agent at {self._url}: {exc!r}") from exc
+            raise RetriableError(f"cannot reach the node agent at {self._url}: {exc!r}") from exc
         if status == 200:
             return payload
         if status in _RETRIABLE:
-            raise _RetriableError(f"the node agent answered HTTP {status}: {_reason(payload)}")
+            raise RetriableError(f"the node agent answered HTTP {status}: {_reason(payload)}")
         raise KeyReleaseRefusedError(status, _reason(payload), target.key_name)
 
     async def release(self, target: NodeAgentTarget) -> rsa.RSAPrivateKey:
@@ -166,38 +165,26 @@ class NodeAgentClient:
             rsa.generate_private_key, public_exponent=65537, key_size=WRAPPING_KEY_BITS
         )
         jwk = rsa_public_jwk(wrapping.public_key())
-        delays = self._retry.delays()
-        problem = ""
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
-            for attempt in range(1, self._retry.attempts + 1):
-                try:
-                    body = await self._attempt(session, target, jwk)
-                except _RetriableError as exc:
-                    problem = str(exc)
-                    if attempt == self._retry.attempts:
-                        break
-                    delay = next(delays)
-                    log.warning(
-                        "key release attempt %d failed, retrying in %.1fs: %s",
-                        attempt,
-                        delay,
-                        problem,
-                    )
-                    await self._sleep(delay)
-                    continue
-                except KeyReleaseRefusedError as exc:
-                    log.error(
-                        "KEY RELEASE REFUSED by the node agent (HTTP %d): %s",
-                        exc.status,
-                        exc.reason,
-                    )
-                    raise
-                log.info("key %s released by the node agent", target.key_name)
-                return _unwrap(body, wrapping)
-        raise KeyReleaseUnavailableError(
-            f"key release of {target.key_name!r} failed after {self._retry.attempts} attempts; "
-            f"last problem: {problem}"
-        )
+            try:
+                body = await with_retries(
+                    lambda: self._attempt(session, target, jwk),
+                    self._retry,
+                    sleep=self._sleep,
+                    what=f"key release of {target.key_name!r} by the node agent",
+                )
+            except RetriesExhaustedError as exc:
+                raise KeyReleaseUnavailableError(
+                    f"key release of {target.key_name!r} failed after {self._retry.attempts} "
+                    f"attempts; last problem: {exc}"
+                ) from exc
+            except KeyReleaseRefusedError as exc:
+                log.error(
+                    "KEY RELEASE REFUSED by the node agent (HTTP %d): %s", exc.status, exc.reason
+                )
+                raise
+        log.info("key %s released by the node agent", target.key_name)
+        return _unwrap(body, wrapping)
 
 
 def node_agent_loader(
