@@ -298,6 +298,18 @@ def _check_ephemeral_key(tpm_info: Mapping[str, Any], ak: TpmPublic) -> TpmPubli
     return key
 
 
+def _vcek_key(pem: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The EC key of the first PEM block of a VCEK chain (a certificate or a public key)."""
+    try:
+        if b"CERTIFICATE" in pem.split(b"\n", 1)[0]:
+            key = x509.load_pem_x509_certificate(pem).public_key()
+        else:
+            key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        return None
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+
 def _check_isolation(
     isolation: Any, ak: TpmPublic, trust: GuestTrust
 ) -> tuple[dict[str, Any], bool]:
@@ -310,6 +322,7 @@ def _check_isolation(
     try:
         proof = json.loads(b64url_decode(str(evidence.get("Proof", ""))))
         report = b64url_decode(str(proof["SnpReport"]))
+        vcek_pem = b64url_decode(str(proof.get("VcekCertChain", "")))
         runtime_bytes = b64url_decode(str(evidence.get("RunTimeData", "")))
         runtime = json.loads(runtime_bytes)
     except (ValueError, KeyError, TypeError) as exc:
@@ -321,8 +334,13 @@ def _check_isolation(
     s = int.from_bytes(
         report[SNP_SIGNATURE_OFFSET + component : SNP_SIGNATURE_OFFSET + 2 * component], "little"
     )
+    # MAA checks the report with the VCEK the chain holds, and the chain up to AMD's root; here
+    # the trusted "hardware" key stands for both, so the chain must name exactly that key.
+    vcek = _vcek_key(vcek_pem)
+    if vcek is None or vcek.public_numbers() != trust.hardware_key.public_numbers():
+        raise GuestEvidenceError("the VCEK chain is missing or does not lead to a trusted root")
     try:
-        trust.hardware_key.verify(
+        vcek.verify(
             encode_dss_signature(r, s), report[:SNP_SIGNATURE_OFFSET], ec.ECDSA(hashes.SHA384())
         )
     except InvalidSignature as exc:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.keyvault.keys import KeyClient
+from cryptography.hazmat.primitives import serialization
 
 from tests.unit.standins.conftest import release_key
 from veil.azure.credentials import AzureSettings
@@ -106,15 +107,23 @@ def model_key(vault_client: KeyClient, maa: MaaStandIn) -> KeyState:
     return release_key(vault_client, f"veil-{uuid.uuid4().hex[:12]}", maa.issuer)
 
 
-async def _no_vcek() -> bytes:
-    return b""
+def vcek_source(cvm: SoftwareCvm) -> Callable[[], Awaitable[bytes]]:
+    """The host's "VCEK chain" as IMDS would serve it: the stand-in hardware's public key."""
+    pem = cvm.hardware_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    async def fetch() -> bytes:
+        return pem
+
+    return fetch
 
 
 @pytest.fixture
-def attestor(tpm: Tpm, tls: TlsFiles, tmp_path: Path) -> GuestAttestor:
+def attestor(tpm: Tpm, cvm: SoftwareCvm, tls: TlsFiles, tmp_path: Path) -> GuestAttestor:
     log = tmp_path / "tcg.log"
     log.write_bytes(b"\x00" * 32)
-    return GuestAttestor(tpm, _no_vcek, tcg_log=log, ssl_context=tls.client_context())
+    return GuestAttestor(tpm, vcek_source(cvm), tcg_log=log, ssl_context=tls.client_context())
 
 
 @pytest.fixture

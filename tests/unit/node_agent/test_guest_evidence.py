@@ -3,6 +3,7 @@ forgeries it must refuse as MAA does."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
@@ -12,7 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from veil.node_agent.guest_attestation import GuestAttestor, HclReport
@@ -38,7 +39,7 @@ def evidence(attestor: GuestAttestor) -> dict[str, Any]:
     """AttestationInfo as the agent sends it, fresh from the TPM."""
     report, tpm_info, key = attestor._evidence()
     attestor.tpm.discard(key)
-    body = attestor._request(report, tpm_info, b"")
+    body = attestor._request(report, tpm_info, asyncio.run(attestor.vcek_chain()))
     info: dict[str, Any] = json.loads(b64url_decode(body["AttestationInfo"]))
     return info
 
@@ -149,24 +150,40 @@ def test_a_tampered_snp_report_is_refused(info: dict[str, Any], cvm: SoftwareCvm
 def test_a_report_from_other_hardware_naming_an_attackers_ak_is_refused(
     info: dict[str, Any], cvm: SoftwareCvm
 ) -> None:
-    """An attacker's own "CVM": a report signed by other hardware, binding its own AK."""
-    forged = HclReport.parse(
-        hcl_report(ROGUE.public_key(), ec.generate_private_key(ec.SECP384R1()))
-    )
-    info["IsolationInfo"]["Evidence"] = {
-        "Proof": b64url(json.dumps({"SnpReport": b64url(forged.hardware_report)}).encode()),
-        "RunTimeData": b64url(forged.runtime_data),
-    }
+    """An attacker's own "CVM": a report signed by other hardware, binding its own AK, sent with
+    the genuine VCEK chain, then with its own hardware's."""
+    rogue_hardware = ec.generate_private_key(ec.SECP384R1())
+    forged = HclReport.parse(hcl_report(ROGUE.public_key(), rogue_hardware))
+    info["IsolationInfo"]["Evidence"] = _evidence(info, forged)
     _refused(info, cvm, "not signed by the trusted hardware key")
+    rogue_chain = rogue_hardware.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    info["IsolationInfo"]["Evidence"] = _evidence(info, forged, rogue_chain)
+    _refused(info, cvm, "does not lead to a trusted root")
+    info["IsolationInfo"]["Evidence"] = _evidence(info, forged, b"")
+    _refused(info, cvm, "VCEK chain is missing")
+
+
+def _evidence(info: dict[str, Any], report: HclReport, chain: bytes | None = None) -> Any:
+    """Isolation evidence for `report`, with the VCEK chain the genuine request sent unless
+    `chain` is given."""
+    proof = json.loads(b64url_decode(info["IsolationInfo"]["Evidence"]["Proof"]))
+    vcek = proof["VcekCertChain"] if chain is None else b64url(chain)
+    return {
+        "Proof": b64url(
+            json.dumps(
+                {"SnpReport": b64url(report.hardware_report), "VcekCertChain": vcek}
+            ).encode()
+        ),
+        "RunTimeData": b64url(report.runtime_data),
+    }
 
 
 def test_runtime_data_naming_another_ak_is_refused(info: dict[str, Any], cvm: SoftwareCvm) -> None:
     """Genuine hardware, but the report binds a different AK than the one that quoted."""
     other = HclReport.parse(hcl_report(ROGUE.public_key(), cvm.hardware_key))
-    info["IsolationInfo"]["Evidence"] = {
-        "Proof": b64url(json.dumps({"SnpReport": b64url(other.hardware_report)}).encode()),
-        "RunTimeData": b64url(other.runtime_data),
-    }
+    info["IsolationInfo"]["Evidence"] = _evidence(info, other)
     _refused(info, cvm, "does not name this AK")
 
 
