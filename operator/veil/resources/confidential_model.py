@@ -38,11 +38,11 @@ AGENT_TOKEN_DIR = "/var/run/secrets/veil/node-agent"
 
 @dataclass(frozen=True)
 class KeyRef:
-    """The Key Vault key version the pods release: its full id, as Key Vault names it."""
+    """The Key Vault key version that carries the release policy in force: its full id, as Key
+    Vault names it, and the version (the pods release the one their sealed header names)."""
 
     kid: str
     version: str
-    policy_digest: str
 
 
 @dataclass(frozen=True)
