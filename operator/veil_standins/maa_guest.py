@@ -300,6 +300,7 @@ def _check_ephemeral_key(tpm_info: Mapping[str, Any], ak: TpmPublic) -> TpmPubli
 
 def _vcek_key(pem: bytes) -> ec.EllipticCurvePublicKey | None:
     """The EC key of the first PEM block of a VCEK chain (a certificate or a public key)."""
+    key: object
     try:
         if b"CERTIFICATE" in pem.split(b"\n", 1)[0]:
             key = x509.load_pem_x509_certificate(pem).public_key()
