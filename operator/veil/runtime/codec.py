@@ -11,7 +11,7 @@ from typing import Any
 import numpy.typing as npt
 
 from veil.runtime.protocol import InferRequest, RequestError
-from veil.runtime.tensors import encode_binary_tensor, encode_tensor, numpy_to_v2
+from veil.runtime.tensors import NUMPY_TO_V2, encode_binary_tensor, encode_tensor, numpy_to_v2
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -69,7 +69,7 @@ def encode_response(
         outputs = [
             {
                 "name": name,
-                "datatype": numpy_to_v2(array.dtype),
+                "datatype": NUMPY_TO_V2.get(array.dtype) or numpy_to_v2(array.dtype),
                 "shape": list(array.shape),
                 "data": array.ravel().tolist(),
             }

@@ -117,6 +117,9 @@ class _BinarySection:
             )
 
 
+_NO_BINARY = _BinarySection(None)  # shared: take() refuses before it changes anything
+
+
 def _decode_with_parameters(
     name: str,
     entry: dict[str, Any],
@@ -186,7 +189,7 @@ def parse_infer_request(
     binary_default = "parameters" in body and _flag(
         _parameters(body, "the request"), "binary_data_output", "the request", False
     )
-    section = _BinarySection(binary)
+    section = _NO_BINARY if binary is None else _BinarySection(binary)
     by_name = signature.input_by_name
     decoded: dict[str, npt.NDArray[Any]] = {}
     try:
@@ -220,5 +223,9 @@ def parse_infer_request(
     if len(decoded) != len(by_name):
         missing = next(spec.name for spec in signature.inputs if spec.name not in decoded)
         raise RequestError(f"the model needs input {missing!r}, which the request lacks")
-    names, binary_outputs = _outputs(body, signature, binary_default)
+    names, binary_outputs = (
+        (signature.output_names, _NONE)  # all outputs, as JSON: the common case, without a call
+        if "outputs" not in body and not binary_default
+        else _outputs(body, signature, binary_default)
+    )
     return InferRequest(request_id, decoded, names, binary_outputs)

@@ -51,7 +51,8 @@ ORT_TO_V2: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
-_NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+# numpy dtype → Open Inference Protocol datatype, for the dtypes that map one to one (not BYTES).
+NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
 
 # The binary extension's byte order, whatever the host's.
 _WIRE_DTYPES = {name: dtype.newbyteorder("<") for name, dtype in V2_TO_NUMPY.items()}
@@ -123,7 +124,7 @@ def numpy_to_v2(dtype: np.dtype[Any]) -> str:
     if dtype.kind in "OUS":
         return "BYTES"
     try:
-        return _NUMPY_TO_V2[dtype]
+        return NUMPY_TO_V2[dtype]
     except KeyError:
         raise TensorError(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
 
