@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,19 +65,44 @@ class ApplyReport:
         return len(self.created) + len(self.updated) + len(self.deleted)
 
 
+# Kinds found by discovery. A search of the dynamic client's discovery (and the rewrite of its
+# cache file that may follow) cost a quarter of the operator's CPU when done per child per
+# reconcile; a kind it does not find makes it fetch the whole discovery again. So found kinds
+# are kept, and a kind not served (e.g. Cilium's, before Cilium is installed) is searched for
+# again only after MISSING_KIND_SECONDS.
+MISSING_KIND_SECONDS = 30.0
+_resources: dict[tuple[str, str], Any] = {}
+_missing: dict[tuple[str, str], float] = {}
+
+
 def _resource(dyn: DynamicClient, api_version: str, kind: str) -> Any:
+    key = (api_version, kind)
+    found = _resources.get(key)
+    if found is not None:
+        return found
+    problem = f"{kind}.{api_version} is not served by this cluster"
+    if time.monotonic() < _missing.get(key, 0.0):
+        raise KindNotInstalledError(problem)
     try:
         with _discovery_lock:
-            return dyn.resources.get(api_version=api_version, kind=kind)
+            found = dyn.resources.get(api_version=api_version, kind=kind)
     except ResourceNotFoundError as missing:
-        raise KindNotInstalledError(
-            f"{kind}.{api_version} is not served by this cluster"
-        ) from missing
+        _missing[key] = time.monotonic() + MISSING_KIND_SECONDS
+        raise KindNotInstalledError(problem) from missing
+    _resources[key] = found
+    _missing.pop(key, None)
+    return found
+
+
+def _plain(_: DynamicClient, document: dict[str, Any]) -> dict[str, Any]:
+    """The decoded JSON as it is (the dynamic client's ResourceInstance costs a deep copy into
+    attribute objects and another back into dicts)."""
+    return document
 
 
 def _get(resource: Any, name: str, namespace: str) -> dict[str, Any] | None:
     try:
-        found: dict[str, Any] = resource.get(name=name, namespace=namespace).to_dict()
+        found: dict[str, Any] = resource.get(name=name, namespace=namespace, serializer=_plain)
     except NotFoundError:
         return None
     return found
@@ -102,6 +128,7 @@ def ensure(manifests: Iterable[dict[str, Any]], report: ApplyReport | None = Non
             namespace=meta["namespace"],
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
+            serialize=False,  # the answer is not read
         )
         (report.created if live is None else report.updated).append(label)
     return report
@@ -172,5 +199,5 @@ def list_objects(
 ) -> list[dict[str, Any]]:
     resource = _resource(dynamic_client(), api_version, kind)
     label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-    found = resource.get(namespace=namespace, label_selector=label_selector).to_dict()
+    found = resource.get(namespace=namespace, label_selector=label_selector, serializer=_plain)
     return list(found.get("items") or [])
