@@ -86,9 +86,9 @@ def azure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureDoubles]:
 
 
 # Everywhere but the namespaces of tests that run an operator of their own: the chart's (with
-# the chart's RBAC) and the one killed mid-burst. One pattern: kopf matches each --namespace on
-# its own, so a separate "*" would undo the exclusions.
-SESSION_NAMESPACES = "*,!veil-chart-*,!veil-crash-*"
+# the chart's RBAC), the one killed mid-burst, and the two sharded ones. One pattern: kopf
+# matches each --namespace on its own, so a separate "*" would undo the exclusions.
+SESSION_NAMESPACES = "*,!veil-chart-*,!veil-crash-*,!veil-shard-*"
 
 
 class OperatorProcess:
