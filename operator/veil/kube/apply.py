@@ -14,6 +14,7 @@ from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
+from veil.kube.cache import ABSENT, ChildCache, key_of
 from veil.kube.drift import contains, first_difference
 from veil.labels import FIELD_MANAGER
 
@@ -108,28 +109,46 @@ def _get(resource: Any, name: str, namespace: str) -> dict[str, Any] | None:
     return found
 
 
-def ensure(manifests: Iterable[dict[str, Any]], report: ApplyReport | None = None) -> ApplyReport:
-    """Apply each manifest that is missing or differs from the live object; skip the rest."""
+def _live(
+    resource: Any, manifest: dict[str, Any], cache: ChildCache | None
+) -> dict[str, Any] | None:
+    """The live child as the cache last saw it, else as a GET answers (None: absent)."""
+    meta = manifest["metadata"]
+    seen = cache.lookup(key_of(manifest)) if cache is not None else None
+    if seen is None:
+        return _get(resource, meta["name"], meta["namespace"])
+    return None if seen is ABSENT else seen
+
+
+def ensure(
+    manifests: Iterable[dict[str, Any]],
+    report: ApplyReport | None = None,
+    cache: ChildCache | None = None,
+) -> ApplyReport:
+    """Apply each manifest that is missing or differs from the live object; skip the rest.
+    With a `cache` of the children's watches, the live object is read from it when known."""
     dyn = dynamic_client()
     report = report or ApplyReport()
     for manifest in manifests:
         meta = manifest["metadata"]
         label = f"{manifest['kind']}/{meta['name']}"
         resource = _resource(dyn, manifest["apiVersion"], manifest["kind"])
-        live = _get(resource, meta["name"], meta["namespace"])
+        live = _live(resource, manifest, cache)
         if live is not None and contains(live, manifest):
             report.unchanged.append(label)
             continue
         if live is not None:
             log.info("correcting %s at %s", label, first_difference(live, manifest))
-        resource.server_side_apply(
+        applied = resource.server_side_apply(
             body=manifest,
             name=meta["name"],
             namespace=meta["namespace"],
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
-            serialize=False,  # the answer is not read
+            serializer=_plain,
         )
+        if cache is not None and isinstance(applied, dict):
+            cache.observe(applied)  # fresher than the watch event still on its way
         (report.created if live is None else report.updated).append(label)
     return report
 
@@ -161,7 +180,13 @@ def ensure_absent(
     return report
 
 
-def get_object(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+def get_object(
+    api_version: str, kind: str, name: str, namespace: str, cache: ChildCache | None = None
+) -> dict[str, Any] | None:
+    """The object, or None when it does not exist; from `cache` when it saw the object."""
+    seen = cache.lookup((api_version, kind, namespace, name)) if cache is not None else None
+    if seen is not None:
+        return None if seen is ABSENT else seen
     return _get(_resource(dynamic_client(), api_version, kind), name, namespace)
 
 
