@@ -63,7 +63,7 @@ MUST_USE = {
 }
 
 
-def share_ledger_key(cluster: LocalCluster) -> None:
+def share_ledger_key(cluster: LocalCluster, namespace: str = NAMESPACE) -> None:
     """The chart's operator works cluster-wide beside the session's operator, so it must seal
     ledgers with the same key, as replicas sharing one release namespace do: the session's
     key (created here if no test made it yet) is copied into the release namespace."""
@@ -71,7 +71,7 @@ def share_ledger_key(cluster: LocalCluster) -> None:
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "veil-ledger-key", "namespace": NAMESPACE},
+        "metadata": {"name": "veil-ledger-key", "namespace": namespace},
         "immutable": True,
         "data": {"key": base64.b64encode(key).decode()},
     }
@@ -116,8 +116,10 @@ def apply(cluster: LocalCluster, docs: list[dict[str, Any]]) -> None:
     )
 
 
-def token_kubeconfig(cluster: LocalCluster, account: str, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", account, "-n", NAMESPACE, "--duration=1h").strip()
+def token_kubeconfig(
+    cluster: LocalCluster, account: str, path: Path, namespace: str = NAMESPACE
+) -> Path:
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").strip()
     admin = json.loads(cluster.kubeconfig.read_text())
     admin["users"] = [{"name": account, "user": {"token": token}}]
     admin["contexts"][0]["context"]["user"] = account
@@ -151,10 +153,10 @@ def granted_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-def reconciled(cluster: LocalCluster, name: str) -> dict[str, Any] | None:
-    raw = cluster.kubectl(
-        "get", "privacybudget", name, "-n", EXAMPLE_NAMESPACE, "-o", "json", check=False
-    )
+def reconciled(
+    cluster: LocalCluster, name: str, namespace: str = EXAMPLE_NAMESPACE
+) -> dict[str, Any] | None:
+    raw = cluster.kubectl("get", "privacybudget", name, "-n", namespace, "-o", "json", check=False)
     if not raw:
         return None
     status = json.loads(raw).get("status") or {}
@@ -375,3 +377,230 @@ def test_user_roles_never_write_status_audit_trail_or_spending_records(
         cluster.kubectl("delete", "namespace", ROLES_NAMESPACE, "--wait=false", check=False)
         for manifest in roles.values():
             cluster.kubectl("delete", "clusterrole", manifest["metadata"]["name"], check=False)
+
+
+# --- installed with `helm install`, the CRDs managed outside the chart ---------------------------
+#
+# What a platform team does when its GitOps tool owns the CRDs: apply Veil's (crds/, the session
+# did) and kopf's peering CRDs (crds/kopf/) itself, then `helm install --set crds.enabled=false`.
+# A real `helm install`: the chart sees the live cluster's kinds (its peering check), and the
+# peering object is created by the post-install hook.
+
+KOPF_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
+PLATFORM_TEAM = "platform-team"
+
+
+def helm_cli(cluster: LocalCluster, *args: str, check: bool = True) -> str:
+    completed = subprocess.run(
+        [str(tools() / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and completed.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{completed.stderr}{completed.stdout}")
+    return completed.stdout + completed.stderr
+
+
+@contextlib.contextmanager
+def kopf_crds_outside(cluster: LocalCluster) -> Iterator[None]:
+    """kopf's peering CRDs applied from crds/kopf/ by the platform team, not by Helm."""
+    # Another test's teardown may still be deleting them.
+    for name in KOPF_CRDS:
+        cluster.kubectl("wait", "--for=delete", f"crd/{name}", "--timeout=60s", check=False)
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        f"--field-manager={PLATFORM_TEAM}",
+        "-f",
+        str(REPO / "crds" / "kopf"),
+    )
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in KOPF_CRDS)
+    )
+    try:
+        yield
+    finally:
+        for name in KOPF_CRDS:
+            cluster.kubectl("delete", "crd", name, "--ignore-not-found", check=False)
+
+
+@contextlib.contextmanager
+def helm_installed(
+    cluster: LocalCluster, release: str, namespace: str, *sets: str
+) -> Iterator[list[dict[str, Any]]]:
+    """`helm install` with the CRDs left out; yields the release's objects (hooks included)."""
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input_text=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": namespace,
+                    "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+                },
+            }
+        ),
+    )
+    args = ["install", release, str(CHART), "-n", namespace]
+    for item in ("crds.enabled=false", f"image.digest={PINNED_RUNTIME_IMAGE.split('@')[1]}", *sets):
+        args += ["--set", item]
+    try:
+        helm_cli(cluster, *args)
+        manifest = helm_cli(cluster, "get", "manifest", release, "-n", namespace)
+        hooks = helm_cli(cluster, "get", "hooks", release, "-n", namespace)
+        yield load_all(manifest) + load_all(hooks)
+    finally:
+        helm_cli(cluster, "uninstall", release, "-n", namespace, check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def run_chart_operator(
+    cluster: LocalCluster,
+    docs: list[dict[str, Any]],
+    namespace: str,
+    budget_namespace: str,
+    tmp_path: Path,
+    *,
+    peering: tuple[str, str, str | None],
+) -> tuple[str, dict[str, Any]]:
+    """The Deployment's operator, as its ServiceAccount, reconciling (then deleting) a copy of
+    the example budget in `budget_namespace` (which must exist), and announcing itself in the
+    `peering` object (kind, name, namespace) while it runs: kopf pauses a replica whose
+    peering CRD is missing. Returns the user name and the budget's status."""
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    kubeconfig = token_kubeconfig(cluster, account, tmp_path / "kubeconfig-sa", namespace)
+    share_ledger_key(cluster, namespace)
+    budget = yaml.safe_load(EXAMPLE.read_text())
+    budget["metadata"]["namespace"] = budget_namespace
+    budget["spec"]["spenders"] = [{"namespace": budget_namespace, "kind": "SyntheticDataset"}]
+    budget["spec"]["dataset"]["uri"] = f"file:///data/{budget_namespace}/diabetes.csv"
+    operator = OperatorProcess(
+        cluster,
+        tmp_path / "operator.log",
+        kubeconfig,
+        {"POD_ID": namespace, "VEIL_NAMESPACE": namespace},
+        args=pod["containers"][0]["args"],
+    )
+    try:
+        operator.wait_healthy()
+        apply(cluster, [budget])
+        status = wait_for(
+            lambda: reconciled(cluster, budget["metadata"]["name"], budget_namespace),
+            timeout=45,
+            what=f"PrivacyBudget reconciled as {account}:\n"
+            + operator.log_path.read_text()[-3000:],
+        )
+        # kopf's keep-alive: the replica's identity (POD_ID) in the peering object's status
+        # (kopf removes it again when the replica stops).
+        wait_for(
+            lambda: namespace in peers(cluster, *peering),
+            timeout=20,
+            what=f"{namespace} in {peering}",
+        )
+        cluster.kubectl(
+            "delete", "-n", budget_namespace, "privacybudget", budget["metadata"]["name"]
+        )
+    finally:
+        operator.stop()
+    return f"system:serviceaccount:{namespace}:{account}", status
+
+
+def peers(cluster: LocalCluster, kind: str, name: str, namespace: str | None = None) -> set[str]:
+    where = ["-n", namespace] if namespace else []
+    raw = cluster.kubectl("get", kind, name, *where, "-o", "json")
+    return set(json.loads(raw).get("status") or {})
+
+
+def test_chart_installs_with_crds_managed_outside_the_chart(
+    crds: LocalCluster, tmp_path: Path
+) -> None:
+    cluster = crds
+    release, namespace = "veil-outside", "veil-chart-outside"
+    with (
+        kopf_crds_outside(cluster),
+        helm_installed(cluster, release, namespace, f"peering.name={release}") as docs,
+    ):
+        assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+        # The post-install hook created the peering object, on the CRD the platform team owns.
+        peering = next(d for d in docs if d["kind"] == "ClusterKopfPeering")
+        assert peering["metadata"]["name"] == release
+        cluster.kubectl("get", "clusterkopfpeering", release)
+        managers = json.loads(
+            cluster.kubectl("get", "crd", KOPF_CRDS[0], "-o", "json", "--show-managed-fields")
+        )["metadata"]["managedFields"]
+        assert PLATFORM_TEAM in {m["manager"] for m in managers}
+
+        budgets = "veil-chart-outside-budgets"
+        cluster.kubectl("create", "namespace", budgets)
+        try:
+            user, status = run_chart_operator(
+                cluster,
+                docs,
+                namespace,
+                budgets,
+                tmp_path,
+                peering=("clusterkopfpeering", release, None),
+            )
+        finally:
+            cluster.kubectl("delete", "namespace", budgets, "--wait=false", check=False)
+        assert status["conditions"][0]["type"] == "Ready"
+        _, refused = used_by(cluster, user)
+        assert not refused, "requests the API server refused:\n" + "\n".join(refused)
+
+
+def test_chart_watching_namespaces_works_with_roles_in_those_namespaces(
+    crds: LocalCluster, tmp_path: Path
+) -> None:
+    """watchNamespaces: the operator's namespaced permissions are Roles in the watched
+    namespace; it reconciles there, under namespaced kopf peering, and the API server refuses
+    nothing it asks for."""
+    cluster = crds
+    release, namespace, team = "veil-scoped", "veil-chart-scoped", "veil-chart-scoped-team"
+    cluster.kubectl("create", "namespace", team)  # a watched namespace must exist
+    try:
+        with (
+            kopf_crds_outside(cluster),
+            helm_installed(cluster, release, namespace, f"watchNamespaces={{{team}}}") as docs,
+        ):
+            roles = {
+                (d["kind"], d["metadata"].get("namespace")): d
+                for d in docs
+                if d["kind"] in ("Role", "ClusterRole")
+                and d["metadata"]["name"].endswith("-operator")
+            }
+            assert set(roles) == {("ClusterRole", None), ("Role", team)}
+            assert (
+                next(d for d in docs if d["kind"] == "KopfPeering")["metadata"]["namespace"] == team
+            )
+
+            user, status = run_chart_operator(
+                cluster, docs, namespace, team, tmp_path, peering=("kopfpeering", "veil", team)
+            )
+            assert status["conditions"][0]["type"] == "Ready"
+
+            used, refused = used_by(cluster, user)
+            assert not refused, "requests the API server refused:\n" + "\n".join(refused)
+            ledger_key = next(
+                d
+                for d in docs
+                if d["kind"] == "Role" and d["metadata"]["name"].endswith("-ledger-key")
+            )
+            cluster_wide = granted_set(roles[("ClusterRole", None)]["rules"])
+            in_team = granted_set(roles[("Role", team)]["rules"])
+            assert used <= cluster_wide | in_team | granted_set(ledger_key["rules"])
+            # Outside the watched namespace it only lists (budgets and spending records, to
+            # keep one budget per dataset) and reads its ledger key.
+            elsewhere = {
+                (e["objectRef"].get("apiGroup", ""), e["objectRef"]["resource"], e["verb"])
+                for e in cluster.audit_events(user=user)
+                if e.get("objectRef", {}).get("namespace") not in (None, team)
+            }
+            assert elsewhere <= {("", "secrets", "get"), ("", "secrets", "create")}, elsewhere
+    finally:
+        cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)

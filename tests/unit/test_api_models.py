@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 
 from tests.data.invalid_resources import CASES, Case
 from veil.api import KINDS, ConfidentialModel, PrivacyBudget, SyntheticDataset
+from veil.api.confidential_model import SealedArtifact
+from veil.artifacts import ArtifactError, fetch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BY_KIND = {kind.kind_name: kind for kind in KINDS}
@@ -70,3 +73,33 @@ def test_cross_field_error_names_the_field() -> None:
     manifest = next(c for c in CASES if c.id == "sd-preprocessor-eps").manifest()
     with pytest.raises(ValidationError, match="preprocessorEpsilon must be smaller"):
         SyntheticDataset.model_validate(manifest)
+
+
+def _with_model_uri(uri: str) -> dict[str, Any]:
+    manifest = next(c for c in CASES if c.id == "cm-uri-scheme").manifest()
+    manifest["spec"]["model"]["uri"] = uri
+    return manifest
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "az://veildemo/models/classifier.onnx.sealed",
+        "https://models.example/classifier.onnx.sealed",
+        "file:///models/classifier.onnx.sealed",
+    ],
+)
+def test_model_uri_accepts_what_the_fetcher_reads(uri: str) -> None:
+    ConfidentialModel.model_validate(_with_model_uri(uri))
+    assert f"{urlparse(uri).scheme}://" in str(SealedArtifact.model_fields["uri"].description)
+
+
+@pytest.mark.parametrize("uri", ["oci://registry.example/models/classifier:1", "ftp://x/y"])
+def test_model_uri_refuses_what_the_fetcher_cannot_read(uri: str, tmp_path: Path) -> None:
+    """`veil fetch` (the pods' first step) reads file, https and az only: anything else is
+    refused at admission, not in a crash-looping pod."""
+    with pytest.raises(ArtifactError, match="unsupported URI scheme"):
+        fetch(uri, tmp_path / "model")
+    with pytest.raises(ValidationError, match=r"spec\.model\.uri"):
+        ConfidentialModel.model_validate(_with_model_uri(uri))
+    assert f"{urlparse(uri).scheme}://" not in str(SealedArtifact.model_fields["uri"].description)

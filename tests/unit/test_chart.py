@@ -86,15 +86,20 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 TEST_DIGEST = "sha256:" + "5" * 64
 
 
+def template(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with the test digest, plus `args` (--set, -f, ...)."""
+    base = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", kube_version()]
+    return helm(*base, "--set", f"image.digest={TEST_DIGEST}", *args, check=check)
+
+
 @functools.cache
 def render_text(values: Path | None = None, *sets: str) -> str:
-    args = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", kube_version()]
-    args += ["--set", f"image.digest={TEST_DIGEST}"]
+    args: list[str] = []
     if values is not None:
         args += ["-f", str(values)]
     for item in sets:
         args += ["--set", item]
-    return helm(*args).stdout
+    return template(*args).stdout
 
 
 class KubeYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -336,11 +341,64 @@ def test_rendered_crds_equal_generated_crds_plus_keep() -> None:
     assert rendered["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
 
 
+def test_chart_kopf_crd_files_are_the_repository_kopf_crds() -> None:
+    """charts/veil/files/kopf/ is a copy of crds/kopf/, which is what a platform team applies
+    when it manages the CRDs outside the chart."""
+    ours = {p.name: p.read_bytes() for p in (CHART / "files" / "kopf").glob("*.yaml")}
+    repository = {p.name: p.read_bytes() for p in (CRDS / "kopf").glob("*.yaml")}
+    assert ours == repository, "refresh it: cp crds/kopf/*.yaml charts/veil/files/kopf/"
+    names = {yaml.safe_load(text)["metadata"]["name"] for text in repository.values()}
+    assert names == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
 def test_crd_switches() -> None:
-    assert not find(render(None, "crds.enabled=false"), "CustomResourceDefinition")
     unkept = find(render(None, "crds.keep=false"), "CustomResourceDefinition")
     assert len(unkept) == 5
     assert all("annotations" not in c["metadata"] for c in unkept)
+
+
+CLUSTER_PEERING_API = "kopf.dev/v1/ClusterKopfPeering"
+NAMESPACED_PEERING_API = "kopf.dev/v1/KopfPeering"
+
+
+def test_crds_managed_outside_render_the_peering_hook_only_where_kopf_crds_are_served(
+    tmp_path: Path,
+) -> None:
+    """crds.enabled=false: no CRD is rendered, and the peering hook only if the cluster serves
+    kopf's peering kind (as helm install sees it, or Argo CD's --api-versions); otherwise the
+    chart fails saying what to apply, instead of a hook that fails or replicas that pause."""
+    outside = ("--set", "crds.enabled=false")
+    refused = template(*outside, check=False)
+    assert refused.returncode != 0
+    assert "does not serve kopf.dev/v1 ClusterKopfPeering" in refused.stderr
+    assert "kubectl apply --server-side -f crds/ -f crds/kopf/" in refused.stderr
+
+    served = template(*outside, "--api-versions", CLUSTER_PEERING_API).stdout
+    docs = load_all(served)
+    assert not find(docs, "CustomResourceDefinition")
+    peering = one(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=veil" in args
+    # Every object is valid against the CRDs the platform team applies (crds/, crds/kopf/).
+    applied = [yaml.safe_load(p.read_text()) for p in [*CRDS.glob("*.yaml"), *CRDS.glob("kopf/*")]]
+    results = kubeconform(served, applied, tmp_path)
+    assert {r["status"] for r in results if r["kind"] not in UNVALIDATED_KINDS} == {"statusValid"}
+
+    # Namespaced peering asks for its own kind.
+    team = ("--set", "watchNamespaces={team-a}")
+    refused = template(*outside, *team, "--api-versions", CLUSTER_PEERING_API, check=False)
+    assert "does not serve kopf.dev/v1 KopfPeering" in refused.stderr
+    namespaced = load_all(
+        template(*outside, *team, "--api-versions", NAMESPACED_PEERING_API).stdout
+    )
+    assert one(namespaced, "KopfPeering")["metadata"]["namespace"] == "team-a"
+
+    # Without the hook (the peering object created elsewhere) or without peering: no check.
+    for sets in (("peering.create=false",), ("peering.enabled=false", "replicaCount=1")):
+        docs = render(None, "crds.enabled=false", *sets)
+        assert not find(docs, "CustomResourceDefinition")
+        assert not find(docs, "ClusterKopfPeering")
 
 
 # --- lint and schema validation ----------------------------------------------------------------
@@ -496,11 +554,22 @@ def granted(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+RULE_LISTS = ("rules", "clusterPeering", "cluster", "crossNamespace")
+
+
+def rules_lists() -> dict[str, list[dict[str, Any]]]:
+    """files/rbac-rules.yaml: namespaced rules, and the cluster-wide lists beside them."""
+    lists: dict[str, list[dict[str, Any]]] = yaml.safe_load(
+        (CHART / "files" / "rbac-rules.yaml").read_text()
+    )
+    assert set(lists) == set(RULE_LISTS)
+    return lists
+
+
 def rules_file() -> list[dict[str, Any]]:
-    rules: list[dict[str, Any]] = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())[
-        "rules"
-    ]
-    return rules
+    """Every rule of the file, whichever setting grants it."""
+    lists = rules_lists()
+    return [rule for name in RULE_LISTS for rule in lists[name]]
 
 
 def test_cluster_role_is_the_rules_file_without_wildcards() -> None:
@@ -512,8 +581,10 @@ def test_cluster_role_is_the_rules_file_without_wildcards() -> None:
     ]
     assert len(operator_roles) == 1
     role = operator_roles[0]
-    assert role["rules"] == rules_file()
-    for rule in role["rules"]:
+    lists = rules_lists()
+    assert role["rules"] == lists["rules"] + lists["clusterPeering"] + lists["cluster"]
+    assert not find(docs, "Role", "veil-operator")
+    for rule in rules_file():
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
         for field in ("apiGroups", "resources", "verbs"):
             assert not any("*" in item for item in rule[field]), rule
@@ -535,9 +606,86 @@ def test_rbac_grants_what_the_operator_needs_and_nothing_more() -> None:
     assert ("", "secrets") not in have
 
 
-def test_extra_rules_are_appended() -> None:
-    role = one(render(ALL_FEATURES), "ClusterRole", "veil-operator")
-    assert role["rules"][-1] == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+SECRETS_GET = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+
+
+def test_extra_rules_are_appended(tmp_path: Path) -> None:
+    values = tmp_path / "extra-rules.yaml"
+    values.write_text(yaml.safe_dump({"rbac": {"extraRules": [SECRETS_GET]}}))
+    cluster_role = one(load_all(template("-f", str(values)).stdout), "ClusterRole", "veil-operator")
+    assert cluster_role["rules"][-1] == SECRETS_GET
+    # With watchNamespaces they go to each watched namespace's Role.
+    featured = render(ALL_FEATURES)
+    for role in find(featured, "Role", "veil-operator"):
+        assert role["rules"][-1] == SECRETS_GET
+    assert SECRETS_GET not in one(featured, "ClusterRole", "veil-operator")["rules"]
+
+
+def resources_of(rules: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def test_watch_namespaces_grant_roles_per_namespace_not_cluster_wide() -> None:
+    """With watchNamespaces the operator may touch namespaced resources only in the watched
+    namespaces; cluster-wide it keeps cluster-scoped kinds and the two cross-namespace lists
+    that binding a budget to its dataset needs."""
+    docs = render(ALL_FEATURES)
+    lists = rules_lists()
+    account = {"kind": "ServiceAccount", "name": "veil-controller", "namespace": NAMESPACE}
+
+    cluster_role = one(docs, "ClusterRole", "veil-operator")
+    assert cluster_role["rules"] == lists["cluster"] + lists["crossNamespace"]
+    cluster_wide = granted(cluster_role["rules"])
+    assert cluster_wide == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+        ("", "namespaces"): {"list", "watch"},
+        ("veil.dev", "privacybudgets"): {"list"},
+        ("", "configmaps"): {"list"},
+    }
+    assert one(docs, "ClusterRoleBinding", "veil-operator")["subjects"] == [account]
+
+    roles = find(docs, "Role", "veil-operator")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert role["rules"] == [*lists["rules"], SECRETS_GET]
+        binding = next(
+            b
+            for b in find(docs, "RoleBinding", "veil-operator")
+            if b["metadata"]["namespace"] == role["metadata"]["namespace"]
+        )
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "veil-operator",
+        }
+        assert binding["subjects"] == [account]
+        in_namespace = granted(role["rules"])
+        # Namespaced peering: the KopfPeering, never the ClusterKopfPeering.
+        assert ("kopf.dev", "kopfpeerings") in in_namespace
+        assert ("kopf.dev", "clusterkopfpeerings") not in in_namespace | cluster_wide
+        # Together they grant what the operator needs, bar the cluster-wide peering.
+        together = {**in_namespace}
+        for key, verbs in cluster_wide.items():
+            together[key] = together.get(key, set()) | verbs
+        needed = {k: v for k, v in REQUIRED.items() if k[1] != "clusterkopfpeerings"}
+        assert not {
+            k: v - together.get(k, set()) for k, v in needed.items() if v - together.get(k, set())
+        }
+
+    # The node agent: TokenReview cluster-wide, what it reads about model pods per namespace.
+    agent = one(docs, "ClusterRole", "veil-node-agent")["rules"]
+    assert resources_of(agent) == {("authentication.k8s.io", "tokenreviews")}
+    agent_roles = find(docs, "Role", "veil-node-agent")
+    assert sorted(r["metadata"]["namespace"] for r in agent_roles) == ["team-a", "team-b"]
+    for role in agent_roles:
+        assert resources_of(role["rules"]) == {
+            ("", "pods"),
+            ("apps", "replicasets"),
+            ("apps", "deployments"),
+            ("veil.dev", "confidentialmodels"),
+        }
+        assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get"}
+    assert len(find(docs, "RoleBinding", "veil-node-agent")) == 2
 
 
 # --- peering, PDB, monitoring ---------------------------------------------------------------------
@@ -614,6 +762,84 @@ def test_monitoring_is_off_by_default_and_complete_when_on() -> None:
     assert config["kind"] == "CustomResourceStateMetrics"
 
 
+def _model_children(scraper_namespace: str | None) -> dict[str, list[dict[str, Any]]]:
+    """The children the operator builds for the example confidential-VM model, as it would with
+    the chart's VEIL_METRICS_SCRAPER_NAMESPACE."""
+    from veil.api.confidential_model import ConfidentialModel
+    from veil.config import OperatorConfig
+    from veil.resources import confidential_model as build
+
+    owner = yaml.safe_load(
+        (REPO / "examples" / "confidential-model-cvm" / "model.yaml").read_text()
+    )
+    owner["metadata"]["uid"] = "00000000-1111-2222-3333-444444444444"
+    spec = ConfidentialModel.model_validate(owner).spec
+    config = OperatorConfig(metrics_scraper_namespace=scraper_namespace)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for manifest in build.children(owner, spec, config).apply:
+        out.setdefault(manifest["kind"], []).append(manifest)
+    return out
+
+
+def _scrapeable_from(children: dict[str, list[dict[str, Any]]], port_name: str) -> set[str]:
+    """Namespaces whose pods the model's NetworkPolicies admit to the container port behind the
+    Service port `port_name` (NetworkPolicies match the pod's port, not the Service's)."""
+    (service,) = children["Service"]
+    target = next(p for p in service["spec"]["ports"] if p["name"] == port_name)["targetPort"]
+    pod = children["Deployment"][0]["spec"]["template"]["spec"]
+    number = next(
+        p["containerPort"] for c in pod["containers"] for p in c["ports"] if p["name"] == target
+    )
+    admitted: set[str] = set()
+    for policy in children["NetworkPolicy"]:
+        for rule in policy["spec"].get("ingress", []):
+            if any(p.get("port") in (number, target) for p in rule.get("ports", [])):
+                for peer in rule.get("from") or [{}]:  # no `from`: every source
+                    labels = peer.get("namespaceSelector", {}).get("matchLabels", {})
+                    admitted.add(labels.get("kubernetes.io/metadata.name", "*"))
+    return admitted
+
+
+def test_inference_monitor_scrapes_only_what_the_model_network_policy_admits() -> None:
+    """The inference ServiceMonitor's targets sit behind each model's default-deny
+    NetworkPolicy: the chart refuses to scrape them unless it names Prometheus's namespace,
+    which it passes to the operator, whose allow policy then admits exactly that namespace to
+    the port the ServiceMonitor scrapes."""
+    refused = template("--set", "serviceMonitor.enabled=true", check=False)
+    assert refused.returncode != 0
+    assert "serviceMonitor.prometheusNamespace" in refused.stderr
+    # Nothing is scraped behind the policy: no namespace needed.
+    operator_only = render(None, "serviceMonitor.enabled=true", "serviceMonitor.inference=false")
+    assert [m["metadata"]["name"] for m in find(operator_only, "ServiceMonitor")] == [
+        "veil-operator"
+    ]
+
+    docs = render(
+        None, "serviceMonitor.enabled=true", "serviceMonitor.prometheusNamespace=monitoring"
+    )
+    monitor = one(docs, "ServiceMonitor", "veil-inference")
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    scraper = env["VEIL_METRICS_SCRAPER_NAMESPACE"]
+    assert scraper == "monitoring"
+    assert _scrapeable_from(_model_children(scraper), endpoint["port"]) == {"monitoring"}
+    # What the ServiceMonitor would hit without the value: a port nothing may reach.
+    assert _scrapeable_from(_model_children(None), endpoint["port"]) == set()
+
+    # Watching namespaces, the monitor looks in those only.
+    featured = one(render(ALL_FEATURES), "ServiceMonitor", "veil-inference")
+    assert featured["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_log_format_reaches_the_operator() -> None:
+    for values, expected in ((None, "text"), (ALL_FEATURES, "json")):
+        container = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VEIL_LOG_FORMAT"] == expected
+
+
 # --- values: schema and README ------------------------------------------------------------------
 
 
@@ -642,7 +868,14 @@ def test_schema_refuses_unknown_and_mistyped_values() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"])
-    for bad in ("bogus=1", "replicaCount=two", "image.pullPolicy=Sometimes", "metrics.port=0"):
+    for bad in (
+        "bogus=1",
+        "replicaCount=two",
+        "image.pullPolicy=Sometimes",
+        "metrics.port=0",
+        "logging.format=xml",
+        "serviceMonitor.prometheusNamespace=Not_A_Namespace",
+    ):
         failed = helm(
             "template",
             RELEASE,

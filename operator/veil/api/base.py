@@ -91,14 +91,35 @@ QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
 class Condition(WireModel):
-    """The shape of metav1.Condition."""
+    """One aspect of the object's state (metav1.Condition): Ready says whether it does its job."""
 
-    type: str = Field(max_length=316, pattern=r"^([a-zA-Z0-9.-]+/)?[A-Za-z0-9_.-]+$")
-    status: ConditionStatus
-    observed_generation: int | None = Field(default=None, ge=0)
-    last_transition_time: str = Field(max_length=64)
-    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    message: str = Field(default="", max_length=32768)
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-zA-Z0-9.-]+/)?[A-Za-z0-9_.-]+$",
+        description="Ready (whether the object does its job), Reconciling (the operator is "
+        "still acting on it) or Stalled (it cannot progress without a change from you).",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None,
+        ge=0,
+        description="The metadata.generation the condition was set from: older than the "
+        "object's generation means the operator has not yet acted on the latest spec.",
+    )
+    last_transition_time: str = Field(
+        max_length=64, description="When the status last changed (RFC 3339)."
+    )
+    reason: str = Field(
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="Why, in one CamelCase word (e.g. ModelServing, BudgetAvailable): stable, "
+        "for alerts and automation.",
+    )
+    message: str = Field(
+        default="",
+        max_length=32768,
+        description="Why, for people: what happened, on which resource, and what to do.",
+    )
 
 
 def conditions_field() -> Any:
@@ -106,16 +127,37 @@ def conditions_field() -> Any:
     return Field(
         default_factory=list,
         max_length=16,
+        description="The object's state, one condition a type: Ready always, Reconciling and "
+        "Stalled when they apply (`kubectl wait --for=condition=Ready` waits on it).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+def observed_generation_field() -> Any:
+    """`status.observedGeneration`, as Kubernetes API conventions ask."""
+    return Field(
+        default=None,
+        ge=0,
+        description="The metadata.generation this status describes: older than the object's "
+        "generation means the operator has not yet acted on the latest spec.",
     )
 
 
 class ObjectReference(WireModel):
     """A reference to a namespaced object; the namespace defaults to the referrer's."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_NAME_PATTERN)
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS_NAME_PATTERN,
+        description="Name of the referenced object.",
+    )
     namespace: str | None = Field(
-        default=None, min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+        description="Its namespace; absent means the referring object's own.",
     )
 
 
@@ -126,22 +168,36 @@ ResourceName = Annotated[str, StringConstraints(max_length=253, pattern=r"^[a-z0
 class ResourceRequirements(WireModel):
     """CPU and memory, as a container's `resources` takes them."""
 
-    requests: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=8)
-    limits: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=8)
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="What the scheduler reserves, by resource name (cpu, memory), as "
+        "Kubernetes quantities (e.g. 500m, 1Gi).",
+    )
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="The most the container may use, by resource name (cpu, memory), as "
+        "Kubernetes quantities.",
+    )
 
 
 class LabelSelector(WireModel):
     """The matchLabels half of metav1.LabelSelector, which is all allow-lists need."""
 
-    match_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Labels an object must all carry to match; empty matches every object.",
+    )
 
 
 class ColumnBounds(WireModel):
     """Public bounds of a numeric column: reading them off the data would spend privacy."""
 
-    column: str = Field(min_length=1, max_length=256)
-    lower: float
-    upper: float
+    column: str = Field(min_length=1, max_length=256, description="The feature column.")
+    lower: float = Field(description="Public lower bound: smaller values are clipped to it.")
+    upper: float = Field(description="Public upper bound: larger values are clipped to it.")
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

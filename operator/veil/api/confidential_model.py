@@ -21,6 +21,7 @@ from veil.api.base import (
     Rule,
     WireModel,
     conditions_field,
+    observed_generation_field,
 )
 
 Isolation = Literal["confidentialVM", "confidentialACI", "coco"]
@@ -59,19 +60,34 @@ class SealedArtifact(WireModel):
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        pattern=r"^(https|file|az|oci)://\S+$",
-        description="Location of the sealed model (https://, az://container/blob, file://, oci://).",
+        pattern=r"^(https|file|az)://\S+$",
+        description="Where the pods' fetch step downloads the sealed model (`veil seal` "
+        "writes it): az://<storage account>/<container>/<blob> (Azure Blob Storage, read "
+        "with the model's workload identity), https://<host>/<path> (a plain download), or "
+        "file:///<path> (a path inside the fetch container, for development).",
     )
-    sha256: str = Field(pattern=SHA256_PATTERN, description="Hex sha256 of the sealed file.")
-    format: Literal["onnx"] = "onnx"
+    sha256: str = Field(
+        pattern=SHA256_PATTERN,
+        description="Hex sha256 of the sealed file: the pods refuse any other bytes, before "
+        "a key is released.",
+    )
+    format: Literal["onnx"] = Field(
+        default="onnx", description="The model format inside the seal: onnx (the only one)."
+    )
 
 
 class NodePool(WireModel):
     """An AKS node pool of confidential VMs that Veil ensures before scheduling."""
 
-    subscription_id: str = Field(min_length=1, max_length=64)
-    resource_group: str = Field(min_length=1, max_length=90)
-    cluster_name: str = Field(min_length=1, max_length=63)
+    subscription_id: str = Field(
+        min_length=1, max_length=64, description="Azure subscription of the AKS cluster."
+    )
+    resource_group: str = Field(
+        min_length=1, max_length=90, description="Resource group of the AKS cluster."
+    )
+    cluster_name: str = Field(
+        min_length=1, max_length=63, description="Name of the AKS cluster Veil runs in."
+    )
     name: str = Field(
         min_length=1,
         max_length=12,
@@ -83,7 +99,9 @@ class NodePool(WireModel):
         pattern=CONFIDENTIAL_VM_SIZE_PATTERN,
         description="A confidential VM size: DCasv5/ECasv5 (SEV-SNP) or DCesv5/ECesv5 (TDX).",
     )
-    count: int = Field(default=1, ge=0, le=1000)
+    count: int = Field(
+        default=1, ge=0, le=1000, description="Nodes in the pool when Veil creates it."
+    )
 
     cel_rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -99,9 +117,22 @@ def _platform_matches_size(tee: TrustedExecution) -> bool:
 class TrustedExecution(WireModel):
     """The trusted execution environment the model may be decrypted in."""
 
-    isolation: Isolation = Field(description="confidentialVM, confidentialACI or coco.")
-    platform: Platform = Field(default="sevsnp", description="sevsnp (AMD) or tdx (Intel).")
-    node_pool: NodePool | None = None
+    isolation: Isolation = Field(
+        description="confidentialVM: AKS confidential VM nodes, attested by Veil's node agent "
+        "through the vTPM; confidentialACI: Confidential Azure Container Instances (virtual "
+        "nodes), attested per pod by the Secure Key Release sidecar; coco: a Confidential "
+        "Containers runtime class (outside AKS)."
+    )
+    platform: Platform = Field(
+        default="sevsnp",
+        description="The TEE hardware the release policy demands: sevsnp (AMD SEV-SNP) or "
+        "tdx (Intel TDX).",
+    )
+    node_pool: NodePool | None = Field(
+        default=None,
+        description="confidentialVM only: an AKS node pool Veil creates (or checks) before "
+        "scheduling the model; absent: the cluster already has confidential VM nodes.",
+    )
     runtime_class_name: str | None = Field(
         default=None,
         max_length=63,
@@ -160,8 +191,13 @@ class TrustedExecution(WireModel):
 class RequiredClaim(WireModel):
     """An extra attestation claim the release policy demands, e.g. a measurement."""
 
-    claim: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")
-    equals: str | bool = Field(description="The value the claim must equal.")
+    claim: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The attestation token claim, e.g. x-ms-sevsnpvm-launchmeasurement.",
+    )
+    equals: str | bool = Field(description="The value the claim must equal (string or boolean).")
 
 
 class KeyVaultKey(NamedTuple):
@@ -178,13 +214,20 @@ class KeyRelease(WireModel):
     Confidential Containers, a Trustee KBS resource released through the guest's Confidential
     Data Hub (kbsResource)."""
 
-    vault_url: str | None = Field(default=None, max_length=512, pattern=HTTPS_URL_PATTERN)
+    vault_url: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=HTTPS_URL_PATTERN,
+        description="The Azure Key Vault (or Managed HSM) URL, e.g. "
+        "https://veil-kv.vault.azure.net.",
+    )
     key_name: str | None = Field(
         default=None,
         min_length=1,
         max_length=127,
         pattern=r"^[0-9a-zA-Z-]+$",
-        description="Key Vault key names: letters, digits and dashes.",
+        description="Name of the Key Vault key Veil creates (exportable, HSM-backed, with an "
+        "immutable release policy): letters, digits and dashes.",
     )
     attestation_authority: str | None = Field(
         default=None,
@@ -200,7 +243,12 @@ class KeyRelease(WireModel):
         "the model's private key, released by the guest's Confidential Data Hub after KBS "
         "attests the TEE. Veil then manages no Key Vault key.",
     )
-    required_claims: list[RequiredClaim] = Field(default_factory=list, max_length=16)
+    required_claims: list[RequiredClaim] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Claims the release policy demands beside those Veil derives from tee "
+        "(e.g. a launch measurement).",
+    )
     workload_identity_client_id: str | None = Field(
         default=None,
         pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$",
@@ -242,16 +290,30 @@ class KeyRelease(WireModel):
 class Serving(WireModel):
     """How the inference runtime is run."""
 
-    replicas: int = Field(default=1, ge=0, le=100)
-    port: int = Field(default=8000, ge=1024, le=65535)
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    replicas: int = Field(default=1, ge=0, le=100, description="Inference pods to run.")
+    port: int = Field(
+        default=8000,
+        ge=1024,
+        le=65535,
+        description="Port of the Open Inference Protocol (HTTP) on the pods and the Service.",
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="CPU and memory of the inference runtime container.",
+    )
 
 
 class NetworkPeer(WireModel):
-    """Callers allowed in: pods matching both selectors (an absent selector matches all)."""
+    """Callers allowed in, as a NetworkPolicy peer: pods matching both selectors."""
 
-    namespace_selector: LabelSelector | None = None
-    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces the callers may run in; absent: the model's own namespace.",
+    )
+    pod_selector: LabelSelector | None = Field(
+        default=None,
+        description="Pods that may call; absent: every pod of the selected namespaces.",
+    )
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -266,7 +328,12 @@ class NetworkPeer(WireModel):
 class Network(WireModel):
     """Who may call the model; everything else is denied."""
 
-    allow_from: list[NetworkPeer] = Field(default_factory=list, max_length=32)
+    allow_from: list[NetworkPeer] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Who may reach the inference port; empty: no one (the model's "
+        "NetworkPolicy denies all other ingress).",
+    )
     egress_cidrs: list[Cidr] = Field(
         default_factory=list,
         max_length=32,
@@ -297,9 +364,19 @@ class Training(WireModel):
     # The data's domain is declared here (classes, bounds), never read off the rows. The
     # claim is ε (+ δ as declared) for the fit and, beside it, evaluationEpsilon.
 
-    budget_ref: ObjectReference
-    dataset_uri: str = Field(min_length=1, max_length=2048)
-    target_column: str = Field(min_length=1, max_length=256)
+    budget_ref: ObjectReference = Field(
+        description="The PrivacyBudget of the training dataset: the fit and the evaluation "
+        "are paid from it."
+    )
+    dataset_uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="The training data (file://, az://<account>/<container>/<blob> or "
+        "https://): exactly the dataset.uri of the budget named by budgetRef.",
+    )
+    target_column: str = Field(
+        min_length=1, max_length=256, description="The column holding the label to predict."
+    )
     classes: Annotated[list[ClassLabel], AfterValidator(_unique_classes)] = Field(
         min_length=2,
         max_length=256,
@@ -307,7 +384,11 @@ class Training(WireModel):
         "strings. Rows with any other label are dropped.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    family: Literal["logisticRegression", "gaussianNB", "randomForest"] = "logisticRegression"
+    family: Literal["logisticRegression", "gaussianNB", "randomForest"] = Field(
+        default="logisticRegression",
+        description="The DP model family (diffprivlib): logisticRegression, gaussianNB or "
+        "randomForest.",
+    )
     epsilon: float = Field(gt=0, le=100, description="ε of the fit (pure DP).")
     delta: float = Field(
         default=0.0, ge=0, lt=1, description="Charged as declared; the models use none."
@@ -326,7 +407,12 @@ class Training(WireModel):
         description="Expected share of rows held out for the evaluation (each row by a "
         "keyed hash of its content); unused when evaluationEpsilon is 0.",
     )
-    features: list[str] = Field(default_factory=list, max_length=512)
+    features: list[str] = Field(
+        default_factory=list,
+        max_length=512,
+        description="The feature columns (numeric), in order; empty: every column but "
+        "targetColumn. Each needs its bounds.",
+    )
     bounds: list[ColumnBounds] = Field(
         default_factory=list,
         max_length=512,
@@ -348,12 +434,30 @@ class Training(WireModel):
 
 
 class ConfidentialModelSpec(WireModel):
-    model: SealedArtifact | None = None
-    tee: TrustedExecution
-    key_release: KeyRelease
-    serving: Serving = Field(default_factory=Serving)
-    network: Network = Field(default_factory=Network)
-    training: Training | None = None
+    """The sealed model (or how to train one), where it may run, and who may call it."""
+
+    model: SealedArtifact | None = Field(
+        default=None,
+        description="A sealed ONNX model to serve; set this or training.",
+    )
+    tee: TrustedExecution = Field(
+        description="The trusted execution environment the model may be decrypted in."
+    )
+    key_release: KeyRelease = Field(
+        description="The key that wraps the model's data key, and the attestation that releases it."
+    )
+    serving: Serving = Field(
+        default_factory=Serving, description="Replicas, port and resources of the runtime."
+    )
+    network: Network = Field(
+        default_factory=Network,
+        description="Who may call the model and what the pods may reach; all else is denied.",
+    )
+    training: Training | None = Field(
+        default=None,
+        description="Train the model with differential privacy (a Job paid from a "
+        "PrivacyBudget) instead of bringing a sealed one; set this or model.",
+    )
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -380,9 +484,15 @@ class ConfidentialModelSpec(WireModel):
 
 
 class ConfidentialModelStatus(WireModel):
-    observed_generation: int | None = Field(default=None, ge=0)
+    """What Veil made of the spec: written by the operator only."""
+
+    observed_generation: int | None = observed_generation_field()
     conditions: list[Condition] = conditions_field()
-    key_id: str | None = Field(default=None, max_length=1024)
+    key_id: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="The id (kid URL) of the Key Vault key that wraps the model's data key.",
+    )
     key_version: str | None = Field(
         default=None,
         max_length=128,
@@ -400,12 +510,33 @@ class ConfidentialModelStatus(WireModel):
         description="The key version for which every other version was disabled, once "
         "nothing served from them.",
     )
-    ready_replicas: int | None = Field(default=None, ge=0)
-    node_pool_state: str | None = Field(default=None, max_length=64)
-    service_name: str | None = Field(default=None, max_length=253, pattern=DNS_NAME_PATTERN)
-    trained_model: SealedArtifact | None = None
-    claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = None
-    training_job: str | None = Field(default=None, max_length=63)
+    ready_replicas: int | None = Field(
+        default=None, ge=0, description="Inference pods that have the model loaded and serve."
+    )
+    node_pool_state: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Provisioning state of spec.tee.nodePool in AKS (e.g. Succeeded, Creating).",
+    )
+    service_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_NAME_PATTERN,
+        description="The Service in front of the inference pods.",
+    )
+    trained_model: SealedArtifact | None = Field(
+        default=None,
+        description="The sealed model the training Job wrote (spec.training), which the pods "
+        "serve.",
+    )
+    claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = Field(
+        default=None,
+        description="The training's claim on its PrivacyBudget: Pending, Granted, Denied, "
+        "Consumed (the Job ran: the ε is spent) or Released (returned unspent).",
+    )
+    training_job: str | None = Field(
+        default=None, max_length=63, description="The Job that trains the model."
+    )
     training_run: str | None = Field(
         default=None, max_length=16, description="Digest of the spec.training that was trained."
     )
@@ -415,9 +546,13 @@ class ConfidentialModelStatus(WireModel):
 
 
 class ConfidentialModel(CustomResource):
+    """A sealed ONNX model, decrypted and served only inside attested confidential capacity:
+    Veil creates its key with an attestation-bound release policy, and the Deployment, Service,
+    NetworkPolicies and PodDisruptionBudget that serve it."""
+
     kind_name: ClassVar[str] = "ConfidentialModel"
     plural: ClassVar[str] = "confidentialmodels"
-    short_names: ClassVar[tuple[str, ...]] = ("cmodel", "cm-veil")
+    short_names: ClassVar[tuple[str, ...]] = ("cmodel",)
     key_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Isolation", "type": "string", "jsonPath": ".spec.tee.isolation"},
         {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},

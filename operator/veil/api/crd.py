@@ -9,6 +9,8 @@ unknown fields.
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 from veil import API_GROUP, API_VERSION
@@ -72,12 +74,21 @@ def _union(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     # A union of scalars (e.g. str | bool): let the API server keep either.
     out: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
     if "description" in merged:
-        out["description"] = merged["description"]
+        out["description"] = prose(merged["description"])
     return out
+
+
+def prose(text: str) -> str:
+    """A docstring or description as `kubectl explain` should show it: lines of a paragraph
+    joined, paragraphs kept apart."""
+    paragraphs = re.split(r"\n\s*\n", inspect.cleandoc(text))
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
 
 def _keywords(node: dict[str, Any]) -> dict[str, Any]:
     out = {key: value for key, value in node.items() if key in _PASSTHROUGH}
+    if "description" in out:
+        out["description"] = prose(out["description"])
     if "const" in node:
         out["enum"] = [node["const"]]
     if "exclusiveMinimum" in node:
@@ -118,6 +129,31 @@ def _object(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What the API server documents for these on every kind (as controller-gen writes them).
+# `metadata` carries no description: a CRD may say nothing about it but name rules, and the
+# API server documents it as ObjectMeta.
+API_VERSION_DESCRIPTION = (
+    "APIVersion defines the versioned schema of this representation of an object. Servers "
+    "should convert recognized schemas to the latest internal value, and may reject "
+    "unrecognized values. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources"
+)
+KIND_DESCRIPTION = (
+    "Kind is a string value representing the REST resource this object represents. Servers "
+    "may infer this from the endpoint the client submits requests to. Cannot be updated. In "
+    "CamelCase. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"
+)
+
+
+def kind_description(kind: type[CustomResource]) -> str:
+    """The kind's own docstring (not CustomResource's), as `kubectl explain <kind>` shows it."""
+    doc = kind.__dict__.get("__doc__")
+    if not doc:
+        raise TypeError(f"{kind.__name__} needs a docstring: it is the kind's description")
+    return prose(doc)
+
+
 def schema_of(kind: type[CustomResource]) -> dict[str, Any]:
     spec_type = kind.model_fields["spec"].annotation
     status_type = kind.model_fields["status"].annotation
@@ -131,11 +167,12 @@ def schema_of(kind: type[CustomResource]) -> dict[str, Any]:
     status_schema = schemas["status"]
     spec_schema.pop("title", None)
     schema: dict[str, Any] = {
+        "description": kind_description(kind),
         "type": "object",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": {"type": "string", "description": API_VERSION_DESCRIPTION},
+            "kind": {"type": "string", "description": KIND_DESCRIPTION},
             "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,

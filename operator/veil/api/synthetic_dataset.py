@@ -20,6 +20,7 @@ from veil.api.base import (
     Rule,
     WireModel,
     conditions_field,
+    observed_generation_field,
 )
 from veil.api.confidential_model import Cidr
 
@@ -59,7 +60,9 @@ def _infers_bounds(column: Column) -> bool:
 class Column(WireModel):
     """One column of the source and its public domain."""
 
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(
+        min_length=1, max_length=256, description="The column's name in the source header."
+    )
     type: Literal["categorical", "numeric"] = Field(
         description="categorical: one code per value; numeric: equal-width bins, values clipped."
     )
@@ -148,8 +151,18 @@ class Column(WireModel):
 
 
 class Source(WireModel):
-    uri: str = Field(min_length=1, max_length=2048, pattern=DATA_URI_PATTERN)
-    format: Literal["csv", "parquet"] = "csv"
+    """The dataset to synthesize from."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=DATA_URI_PATTERN,
+        description="Where the source lives (file://, az://<account>/<container>/<blob> or "
+        "https://): exactly the dataset.uri of the budget named by budgetRef.",
+    )
+    format: Literal["csv", "parquet"] = Field(
+        default="csv", description="csv (with a header row) or parquet."
+    )
 
 
 class Synthesizer(WireModel):
@@ -248,17 +261,33 @@ class Synthesizer(WireModel):
 
 
 class Output(WireModel):
-    uri: str = Field(min_length=1, max_length=2048, pattern=DATA_URI_PATTERN)
+    """Where the synthetic copy goes."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=DATA_URI_PATTERN,
+        description="Where the Job writes the synthetic table (file:// or "
+        "az://<account>/<container>/<blob>): parquet for a .parquet or .pq name, csv for "
+        ".csv, else the source's format. It must differ from source.uri.",
+    )
 
 
 class SyntheticDatasetSpec(WireModel):
-    source: Source
-    synthesizer: Synthesizer
+    """The source, the synthesizer and what it may spend, the budget that pays, the output."""
+
+    source: Source = Field(description="The dataset to synthesize from.")
+    synthesizer: Synthesizer = Field(
+        description="The DP synthesizer, its total (ε, δ) and every column's public domain."
+    )
     budget_ref: ObjectReference = Field(
         description="The PrivacyBudget of the source dataset: every run is paid for."
     )
-    output: Output
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    output: Output = Field(description="Where the synthetic copy goes.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="CPU and memory of the synthesizer Job's container.",
+    )
     confidential: bool = Field(default=False, description="Run the Job on confidential VM nodes.")
     storage_cidrs: list[Cidr] = Field(
         default_factory=list,
@@ -266,7 +295,13 @@ class SyntheticDatasetSpec(WireModel):
         description="CIDRs of the storage endpoint the Job may reach on 443; empty: public "
         "addresses only (no in-cluster or private ranges).",
     )
-    active_deadline_seconds: int = Field(default=21600, ge=60, le=604800)
+    active_deadline_seconds: int = Field(
+        default=21600,
+        ge=60,
+        le=604800,
+        description="The Job's activeDeadlineSeconds: a run that takes longer is stopped "
+        "(and its claim, already consumed, stays spent).",
+    )
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -281,16 +316,24 @@ class SyntheticDatasetSpec(WireModel):
 class SyntheticDatasetStatus(WireModel):
     """Only public facts and DP figures: nothing here was computed from the data for free."""
 
-    observed_generation: int | None = Field(default=None, ge=0)
+    observed_generation: int | None = observed_generation_field()
     conditions: list[Condition] = conditions_field()
-    claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = None
+    claim_state: Literal["Pending", "Granted", "Denied", "Consumed", "Released"] | None = Field(
+        default=None,
+        description="This run's claim on its PrivacyBudget: Pending, Granted, Denied, "
+        "Consumed (the Job read the data: the ε is spent) or Released (returned unspent).",
+    )
     job_name: str | None = Field(
         default=None,
         max_length=63,
         description="Set as the Job is created: a Job of this name is never created again.",
     )
-    output_uri: str | None = Field(default=None, max_length=2048)
-    rows: int | None = Field(default=None, ge=0, description="Synthetic rows (spec.rows).")
+    output_uri: str | None = Field(
+        default=None, max_length=2048, description="Where the synthetic copy was written."
+    )
+    rows: int | None = Field(
+        default=None, ge=0, description="Synthetic rows written (spec.synthesizer.rows)."
+    )
     quality: dict[str, Any] | None = Field(
         default=None,
         description="The DP quality estimate (reportEpsilon > 0), else absent.",
@@ -298,6 +341,10 @@ class SyntheticDatasetStatus(WireModel):
 
 
 class SyntheticDataset(CustomResource):
+    """A differentially-private synthetic copy of a dataset: Veil claims the run's (ε, δ) from
+    the dataset's PrivacyBudget, runs the synthesizer as a hardened Job, and reports the output
+    and a quality estimate."""
+
     kind_name: ClassVar[str] = "SyntheticDataset"
     plural: ClassVar[str] = "syntheticdatasets"
     object_rules: ClassVar[tuple[Rule, ...]] = (
@@ -310,7 +357,7 @@ class SyntheticDataset(CustomResource):
             reason="FieldValueForbidden",
         ),
     )
-    short_names: ClassVar[tuple[str, ...]] = ("synth", "sds")
+    short_names: ClassVar[tuple[str, ...]] = ("synthds", "synth", "sds")
     key_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Method", "type": "string", "jsonPath": ".spec.synthesizer.method"},
         {"name": "Epsilon", "type": "number", "jsonPath": ".spec.synthesizer.epsilon"},
