@@ -122,6 +122,17 @@ CASES: list[Case] = [
         "spec.tee.runtimeClassName",
     ),
     Case("cm-aci-needs-policy", "aci", {"spec.tee.ccePolicy": DELETE}, "spec.tee.ccePolicy"),
+    Case("cm-channel-enum", "cvm", {"spec.serving.channel": "tls"}, "spec.serving.channel"),
+    Case(
+        "cm-coco-channel-not-encrypted",
+        "cvm",
+        {
+            "spec.tee.isolation": "coco",
+            "spec.tee.runtimeClassName": "kata-qemu-snp",
+            "spec.serving.channel": "encrypted",
+        },
+        "serving.channel encrypted needs a channel key bound into an attestation token",
+    ),
     Case("cm-aci-not-tdx", "aci", {"spec.tee.platform": "tdx"}, "spec.tee.platform"),
     Case(
         "cm-nodepool-needs-cvm",

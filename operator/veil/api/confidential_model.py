@@ -26,6 +26,7 @@ from veil.api.base import (
 
 Isolation = Literal["confidentialVM", "confidentialACI", "coco"]
 Platform = Literal["sevsnp", "tdx"]
+Channel = Literal["encrypted", "plaintext"]
 
 # Azure confidential VM families: DCasv5/ECasv5 (AMD SEV-SNP), DCesv5/ECesv5 (Intel TDX),
 # and their v6 successors. Sizes look like Standard_DC4as_v5 or Standard_EC8es_v5.
@@ -301,6 +302,22 @@ class Serving(WireModel):
         default_factory=ResourceRequirements,
         description="CPU and memory of the inference runtime container.",
     )
+    channel: Channel | None = Field(
+        default=None,
+        description="How callers' requests travel. encrypted: the runtime makes a key in the "
+        "TEE, binds it into its attestation (GET /v2/evidence), and answers only requests "
+        "HPKE-encrypted to it, so the host and the network see ciphertext (`veil infer` and "
+        "veil.client verify the evidence first); plaintext inference is refused. plaintext: "
+        "plain Open Inference Protocol requests are accepted too. Absent: encrypted on "
+        "confidentialACI and confidentialVM, plaintext on coco (whose attestation agent gives "
+        "no token Veil can bind the key to yet).",
+    )
+
+    def channel_for(self, isolation: Isolation) -> Channel:
+        """The channel in force: the spec's, else the placement's default."""
+        if self.channel is not None:
+            return self.channel
+        return "plaintext" if isolation == "coco" else "encrypted"
 
 
 class NetworkPeer(WireModel):
@@ -472,6 +489,14 @@ class ConfidentialModelSpec(WireModel):
             "Hub releases it)",
             check=lambda s: s.key_release.kbs_resource is None or s.tee.isolation == "coco",
             field_path=".keyRelease.kbsResource",
+        ),
+        Rule(
+            cel="self.tee.isolation != 'coco' || !has(self.serving) || "
+            "!has(self.serving.channel) || self.serving.channel != 'encrypted'",
+            message="serving.channel encrypted needs a channel key bound into an attestation "
+            "token, which Veil does on confidentialACI and confidentialVM; on coco use plaintext",
+            check=lambda s: s.tee.isolation != "coco" or s.serving.channel != "encrypted",
+            field_path=".serving.channel",
         ),
         Rule(
             cel="!has(self.keyRelease.kbsResource) || has(self.model)",
