@@ -15,6 +15,13 @@ with the binary tensor data extension. After a warm-up, every (server, body) pai
 alternating rounds and the median round is reported. Each server's CPU time per request (from
 /proc) is reported as well: it is less sensitive to a busy machine.
 
+Encrypted requests: the same `veil serve` (its channel accepts both) answers the batch-1 JSON
+request encrypted to its channel key (HPKE, runtime/channel.py; POST .../infer/encrypted), in
+the same rounds and with the same load generator: `encrypted_rps`, its latency and CPU per
+request, and `encrypted_vs_plaintext_ratio` (target >= 0.8). wrk replays one encrypted body, so
+each request costs the server what a fresh one does: HPKE open (an X25519 agreement, HKDF,
+AES-GCM) and the AES-GCM sealed answer.
+
 Unsealing: Veil's in-memory unseal (`unseal_bytes`, as the runtime calls it: RSA-OAEP-256 key
 unwrap, chunked AES-256-GCM with the STREAM bindings, the plaintext as one `bytes`, which is what
 onnxruntime loads) of random bytes sealed in 1 MiB chunks, against raw AES-GCM decryption with
@@ -58,6 +65,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.unit.runtime.doubles import train_breast_cancer_model
 
 from bench.report import publish
+from veil.runtime.channel import (
+    EVIDENCE_PATH,
+    REQUEST_MEDIA_TYPE,
+    ChannelPublicKey,
+    SealedRequest,
+    seal_request,
+)
 from veil.runtime.keywrap import RsaPublicKeyWrapper
 from veil.runtime.model import OnnxModel
 from veil.runtime.sealing import seal_bytes, unseal_bytes
@@ -67,6 +81,8 @@ RESULTS = REPO / "bench" / "results"
 WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MODEL_NAME = "cancer"
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
+ENCRYPTED_PATH = f"{INFER_PATH}/encrypted"
+ENCRYPTED = "encrypted_b1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MIB = 1024 * 1024
 MB = 1_000_000
@@ -275,7 +291,7 @@ def veil_command(scratch: Path, model: bytes, port: int) -> list[str]:
         sys.executable, "-m", "veil.cli", "serve", "--model-name", MODEL_NAME,
         "--sealed", str(sealed), "--private-key", str(pem), "--host", "127.0.0.1",
         "--port", str(port), "--metrics-port", str(free_port()),
-        "--drain-seconds", "0", "--shutdown-timeout", "2",
+        "--drain-seconds", "0", "--shutdown-timeout", "2", "--channel", "plaintext",
     ]  # fmt: skip
 
 
@@ -319,14 +335,23 @@ class Series:
         return round(statistics.median(self.p99_us) / 1000, 3)
 
 
-def wrk(url: str, body_file: Path, body: Body, seconds: int, connections: int) -> dict[str, int]:
-    """One wrk run posting `body`; the figures bench/wrk/post.lua prints."""
+def wrk(
+    url: str,
+    body_file: Path,
+    body: Body,
+    seconds: int,
+    connections: int,
+    *,
+    path: str = INFER_PATH,
+    script: Path = WRK_SCRIPT,
+) -> dict[str, int]:
+    """One wrk run posting `body` to `path`; the figures bench/wrk/post.lua prints."""
     env = {**os.environ, "WRK_BODY_FILE": str(body_file)}
     if body.header_length is not None:
         env["WRK_INFERENCE_HEADER_LENGTH"] = str(body.header_length)
     command = [
         "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-        "-s", str(WRK_SCRIPT), url + INFER_PATH,
+        "-s", str(script), url + path,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     figures: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -341,10 +366,15 @@ def wrk(url: str, body_file: Path, body: Body, seconds: int, connections: int) -
 
 
 def measure(
-    server: Server, body_file: Path, body: Body, settings: Settings, series: Series
+    server: Server,
+    body_file: Path,
+    body: Body,
+    settings: Settings,
+    series: Series,
+    **target: Any,
 ) -> None:
     cpu = server.cpu_seconds()
-    figures = wrk(server.url, body_file, body, settings.seconds, settings.concurrency)
+    figures = wrk(server.url, body_file, body, settings.seconds, settings.concurrency, **target)
     series.cpu_per_request.append((server.cpu_seconds() - cpu) / figures["requests"])
     series.rps.append(figures["requests"] / figures["duration_us"] * 1e6)
     series.p50_us.append(figures["p50_us"])
@@ -365,6 +395,53 @@ def check_answers(servers: dict[str, Server], requests: dict[str, Body]) -> None
             answers.append((json.loads(response.content[:length]), response.content[length:]))
         if any(answer != answers[0] for answer in answers):
             raise RuntimeError(f"the servers answer {kind} differently: {answers}")
+
+
+@dataclass(frozen=True)
+class Encrypted:
+    """The batch-1 JSON request encrypted to the veil server's channel key, and how wrk posts
+    it: post.lua with the channel's media type, to the encrypted infer path."""
+
+    sealed: SealedRequest
+    body_file: Path
+    script: Path
+
+    @property
+    def body(self) -> Body:
+        return Body(self.sealed.body)
+
+
+def encrypted_request(server: Server, plain: Body, scratch: Path) -> Encrypted:
+    """Fetch the server's channel key (its evidence), encrypt `plain` to it, and check the
+    encrypted answer opens to the plaintext answer."""
+    evidence = httpx.get(server.url + EVIDENCE_PATH, timeout=30)
+    evidence.raise_for_status()
+    sealed = seal_request(ChannelPublicKey.from_jwk(evidence.json()["key"]), plain.content)
+    headers = {"Content-Type": REQUEST_MEDIA_TYPE}
+    answer = httpx.post(
+        server.url + ENCRYPTED_PATH, content=sealed.body, headers=headers, timeout=30
+    )
+    expected = httpx.post(
+        server.url + INFER_PATH, content=plain.content, headers=plain.headers(), timeout=30
+    )
+    if answer.status_code != 200 or sealed.open_response(answer.content) != (
+        200,
+        None,
+        expected.content,
+    ):
+        raise RuntimeError(f"the encrypted answer differs from the plaintext one: {answer}")
+    lua = WRK_SCRIPT.read_text(encoding="utf-8")
+    plain_type = 'wrk.headers["Content-Type"] = "application/json"'
+    if plain_type not in lua:
+        raise RuntimeError(f"{WRK_SCRIPT} no longer sets the JSON content type as expected")
+    script = scratch / "post-encrypted.lua"
+    script.write_text(
+        lua.replace(plain_type, f'wrk.headers["Content-Type"] = "{REQUEST_MEDIA_TYPE}"'),
+        encoding="utf-8",
+    )
+    body_file = scratch / f"{ENCRYPTED}.body"
+    body_file.write_bytes(sealed.body)
+    return Encrypted(sealed, body_file, script)
 
 
 def inprocess_rps(session: Any, rows: npt.NDArray[np.float32], seconds: float) -> float:
@@ -394,16 +471,38 @@ def serving(
     for kind, body in requests.items():
         files[kind] = scratch / f"{kind}.body"
         files[kind].write_bytes(body.content)
+    veil = servers["server"]
+    encrypted = encrypted_request(veil, requests["json_b1"], scratch)
+    sealed_target: dict[str, Any] = {"path": ENCRYPTED_PATH, "script": encrypted.script}
     for server in servers.values():
         for kind, body in requests.items():
             if settings.warmup_seconds:
                 wrk(server.url, files[kind], body, settings.warmup_seconds, settings.concurrency)
+    if settings.warmup_seconds:
+        wrk(
+            veil.url,
+            encrypted.body_file,
+            encrypted.body,
+            settings.warmup_seconds,
+            settings.concurrency,
+            **sealed_target,
+        )
     series = {f"{name}:{kind}": Series() for name in servers for kind in requests}
+    series[f"server:{ENCRYPTED}"] = Series()
     for round_ in range(settings.rounds):
         order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
         for kind, body in requests.items():
             for name in order:
                 measure(servers[name], files[kind], body, settings, series[f"{name}:{kind}"])
+            if kind == "json_b1":  # encrypted beside its plaintext twin, in every round
+                measure(
+                    veil,
+                    encrypted.body_file,
+                    encrypted.body,
+                    settings,
+                    series[f"server:{ENCRYPTED}"],
+                    **sealed_target,
+                )
     session = OnnxModel.from_bytes(MODEL_NAME, model).session  # Veil's session options
     for batch in BATCHES:
         rows = np.resize(samples, (batch, samples.shape[1])).astype(np.float32)
@@ -460,6 +559,12 @@ def figures(series: dict[str, Series], settings: Settings) -> dict[str, Any]:
         out[f"{name}_p50_ms"] = series[f"{name}:json_b1"].p50_ms()
         out[f"{name}_p99_ms"] = series[f"{name}:json_b1"].p99_ms()
     out["server_vs_minimal_ratio"] = round(server / minimal, 4)
+    encrypted = series[f"server:{ENCRYPTED}"]
+    out["encrypted_rps"] = rps[f"server:{ENCRYPTED}"]
+    out["encrypted_p50_ms"] = encrypted.p50_ms()
+    out["encrypted_p99_ms"] = encrypted.p99_ms()
+    out["encrypted_cpu_us_per_request"] = encrypted.median_cpu_us()
+    out["encrypted_vs_plaintext_ratio"] = round(out["encrypted_rps"] / server, 4)
     out["server_vs_inprocess_ratio"] = round(server / inprocess, 4)
     for name in SERVERS:
         out[f"{name}_cpu_us_per_request"] = series[f"{name}:json_b1"].median_cpu_us()

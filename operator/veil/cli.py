@@ -36,6 +36,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         peering=args.peering,
         standalone=args.standalone,
+        log_format=args.log_format,
     )
 
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(func=_fetch)
 
+    from veil.client.commands import register as register_client
     from veil.node_agent.main import register as register_node_agent
     from veil.runtime.commands import register as register_runtime
     from veil.synthesis.commands import register as register_synthesis
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     # synthesize, train: the programs the budget-gated Jobs run.
     register_synthesis(sub)
     register_training(sub)
+    # infer: the caller's side, verify the TEE then send encrypted.
+    register_client(sub)
 
     run = sub.add_parser("run", help="run the operator")
     scope = run.add_mutually_exclusive_group()
@@ -149,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--standalone",
         action="store_true",
         help="no peering even if --peering is given (local development)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="text or json lines, for the operator and the pods it runs "
+        "(default: $VEIL_LOG_FORMAT, else text)",
     )
     run.set_defaults(func=_run_operator)
     return parser

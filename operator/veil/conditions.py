@@ -32,6 +32,8 @@ class Outcome:
     message: str
     reconciling: bool = False
     stalled: bool = False
+    # A failure or a dead end (a Warning event), not progress (a Normal one).
+    warning: bool = False
 
     @classmethod
     def done(cls, reason: str = "Succeeded", message: str = "") -> Outcome:
@@ -43,12 +45,12 @@ class Outcome:
 
     @classmethod
     def stalled_with(cls, reason: str, message: str) -> Outcome:
-        return cls("False", reason, message, stalled=True)
+        return cls("False", reason, message, stalled=True, warning=True)
 
     @classmethod
     def failed(cls, reason: str, message: str) -> Outcome:
         """A failure Veil will retry: Ready False, still reconciling."""
-        return cls("False", reason, message, reconciling=True)
+        return cls("False", reason, message, reconciling=True, warning=True)
 
 
 def set_condition(

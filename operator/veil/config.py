@@ -48,6 +48,8 @@ class PodSettings:
     # A ConfigMap with `ca.crt`, the CA bundle TLS clients in the pods trust instead of the
     # image's own.
     trust_bundle: str | None = None
+    # text or json: the log format of the runtime, synthesizer and trainer (VEIL_LOG_FORMAT).
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class OperatorConfig:
             pods=PodSettings(
                 env_secret=os.environ.get("VEIL_POD_ENV_SECRET") or None,
                 trust_bundle=os.environ.get("VEIL_POD_TRUST_BUNDLE") or None,
+                log_format=os.environ.get("VEIL_LOG_FORMAT", "").strip().lower() or "text",
             ),
         )
 

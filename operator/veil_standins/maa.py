@@ -15,8 +15,16 @@ There is no TEE on the machines this runs on, so nothing can be attested. Instea
          {"runtimeData": {"data": base64url(JSON), "dataType": "JSON"}}
       -> {"token": JWT}
 
-a token for a SIMULATED confidential VM (and, when given a `guest_trust`, MAA's own vTPM guest
-attestation `POST /attest/AzureGuest`, which checks real TPM evidence: see maa_guest.py).
+a token for a SIMULATED confidential VM, and likewise
+
+    POST /attest/SimulatedConfidentialContainer?api-version=2020-10-01   (same body)
+
+a token for a SIMULATED Confidential ACI container group, with the claims MAA's
+`/attest/SevSnpVm` gives one at the top level (`simulated_container_tee()`: x-ms-attestation-type
+"sevsnpvm", x-ms-compliance-status "azure-compliant-uvm", x-ms-sevsnpvm-is-debuggable false,
+x-ms-sevsnpvm-hostdata `container_hostdata`, the sha256 of the group's CCE policy), the runtime
+data as `x-ms-runtime` and `x-veil-simulated` (and, when given a `guest_trust`, MAA's own vTPM
+guest attestation `POST /attest/AzureGuest`, which checks real TPM evidence: see maa_guest.py).
 The simulated VM's claims:
 
   SIMULATED (no hardware report stands behind them; `simulated_cvm_tee()`):
@@ -36,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import json
 import time
 import uuid
@@ -56,6 +65,9 @@ from veil_standins.maa_guest import GUEST_ATTEST_PATH, GuestTrust, guest_attest_
 THIM_PATH = "/metadata/THIM/amd/certification"
 
 SIMULATED_ATTEST_PATH = "/attest/SimulatedConfidentialVm"
+SIMULATED_CONTAINER_ATTEST_PATH = "/attest/SimulatedConfidentialContainer"
+# The stand-in's container group "runs" this CCE policy; its hostdata is the policy's sha256.
+STANDIN_CCE_POLICY = b"package policy\n# veil stand-in: a SIMULATED container group\n"
 # MAA's own tokens are valid for eight hours.
 TOKEN_LIFETIME_SECONDS = 8 * 3600
 
@@ -66,6 +78,16 @@ def simulated_cvm_tee() -> dict[str, Any]:
         "x-ms-attestation-type": "sevsnpvm",
         "x-ms-compliance-status": "azure-compliant-cvm",
         "x-ms-sevsnpvm-is-debuggable": False,
+    }
+
+
+def simulated_container_tee(hostdata: str) -> dict[str, Any]:
+    """The top-level TEE claims of the simulated Confidential ACI group, not debuggable."""
+    return {
+        "x-ms-attestation-type": "sevsnpvm",
+        "x-ms-compliance-status": "azure-compliant-uvm",
+        "x-ms-sevsnpvm-is-debuggable": False,
+        "x-ms-sevsnpvm-hostdata": hostdata,
     }
 
 
@@ -118,6 +140,9 @@ class MaaStandIn:
     signing_keys: dict[str, rsa.RSAPrivateKey] = field(default_factory=_new_signing_key)
     issuer: str = ""
     tee_claims: dict[str, Any] = field(default_factory=simulated_cvm_tee)
+    container_hostdata: str = field(
+        default_factory=lambda: hashlib.sha256(STANDIN_CCE_POLICY).hexdigest()
+    )
     # The vTPM AK CA and "hardware" report key guest attestation trusts; None turns it off.
     guest_trust: GuestTrust | None = None
     _certificates: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -170,6 +195,15 @@ class MaaStandIn:
             "x-veil-simulated": True,
         }
 
+    def simulated_container_claims(self, runtime: Mapping[str, Any]) -> dict[str, Any]:
+        """The claims of a token for the simulated Confidential ACI container group."""
+        return {
+            **simulated_container_tee(self.container_hostdata),
+            "x-ms-runtime": dict(runtime),
+            "x-ms-ver": "1.0",
+            "x-veil-simulated": True,
+        }
+
     async def _openid_configuration(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -191,6 +225,10 @@ class MaaStandIn:
             runtime = _runtime_data(await request.json())
         except (ValueError, binascii.Error) as exc:
             return _error(400, "InvalidParameter", f"bad attest request: {exc}")
+        if request.path == SIMULATED_CONTAINER_ATTEST_PATH:
+            return web.json_response(
+                {"token": self.token(self.simulated_container_claims(runtime))}
+            )
         return web.json_response({"token": self.token(self.simulated_claims(runtime))})
 
     async def _thim_certification(self, request: web.Request) -> web.Response:
@@ -210,6 +248,7 @@ class MaaStandIn:
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
         app.router.add_get("/certs", self._certs)
         app.router.add_post(SIMULATED_ATTEST_PATH, self._attest)
+        app.router.add_post(SIMULATED_CONTAINER_ATTEST_PATH, self._attest)
         app.router.add_post(
             GUEST_ATTEST_PATH,
             guest_attest_handler(lambda: self.guest_trust, self.token),

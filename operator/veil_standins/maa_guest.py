@@ -363,6 +363,19 @@ def _check_isolation(
     return dict(runtime), bool(policy & SNP_POLICY_DEBUG)
 
 
+def _client_payload(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The ClientPayload (base64 of a JSON object, or empty), as MAA passes it through."""
+    encoded = info.get("ClientPayload") or ""
+    try:
+        raw = base64.b64decode(str(encoded), validate=True)
+        payload = json.loads(raw) if raw else {}
+    except (ValueError, binascii.Error) as exc:
+        raise GuestEvidenceError(f"ClientPayload is not base64 JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise GuestEvidenceError("ClientPayload is not a JSON object")
+    return payload
+
+
 def verify_guest_evidence(info: Mapping[str, Any], trust: GuestTrust) -> dict[str, Any]:
     """The claims MAA issues for verified guest evidence; GuestEvidenceError otherwise."""
     tpm_info = info.get("TpmInfo")
@@ -386,7 +399,7 @@ def verify_guest_evidence(info: Mapping[str, Any], trust: GuestTrust) -> dict[st
             "x-ms-sevsnpvm-is-debuggable": debuggable,
             "x-ms-runtime": runtime,
         },
-        "x-ms-runtime": {"keys": [runtime_key], "client-payload": {}},
+        "x-ms-runtime": {"keys": [runtime_key], "client-payload": _client_payload(info)},
         "x-ms-ver": "1.0",
         "x-veil-simulated": True,
     }

@@ -7,6 +7,10 @@ ephemeral key or the key it releases, and its attestation is the MAA stand-in's 
 HTTP API, as the real sidecar's (cmd/skr):
 
     GET  /status        200 {"message": "Status OK"}
+    POST /attest/maa    {"maa_endpoint", "runtime_data": standard base64 of a JSON document}
+      200 {"token": <the MAA token; the runtime data JSON is its `x-ms-runtime` claims>}
+      400 {"error": ...}   a member missing, or runtime_data not standard base64
+      403 {"error": ...}   MAA unreachable or refusing (e.g. runtime data that is not JSON)
     POST /key/release   {"maa_endpoint", "akv_endpoint", "kid", "access_token"?}
       200 {"key": <the released private key as a JWK, in a JSON string>}
       400 {"error": ...}   "invalid request format": a required member missing (gin's binding)
@@ -62,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from veil_standins.jose import b64url, rsa_private_jwk, rsa_public_jwk
 from veil_standins.key_transfer import DEFAULT_ENC, KeyTransferError, unwrap_key_hsm
-from veil_standins.maa import SIMULATED_ATTEST_PATH
+from veil_standins.maa import SIMULATED_ATTEST_PATH, SIMULATED_CONTAINER_ATTEST_PATH
 from veil_standins.trust import Trust, UntrustedChainError
 
 log = logging.getLogger("veil_standins.skr")
@@ -116,8 +120,8 @@ def release_url(akv_endpoint: str, kid: str) -> str:
     return url
 
 
-def attest_url(maa_endpoint: str) -> str:
-    url = f"https://{maa_endpoint}{SIMULATED_ATTEST_PATH}?api-version={MAA_API_VERSION}"
+def attest_url(maa_endpoint: str, path: str = SIMULATED_ATTEST_PATH) -> str:
+    url = f"https://{maa_endpoint}{path}?api-version={MAA_API_VERSION}"
     if not _HOST.fullmatch(urlsplit(url).netloc):
         raise SkrError(403, f"attestation failed: {url} is not an MAA endpoint (a bare host)")
     return url
@@ -130,7 +134,9 @@ def _upstream_error(service: str, status: int, body: Any) -> SkrError:
 
 
 class SkrStandIn:
-    """The sidecar: `trust` says which CAs to believe."""
+    """The sidecar: `trust` says which CAs to believe; `attest_path` which simulated TEE the
+    MAA stand-in attests (a confidential VM by default, or SIMULATED_CONTAINER_ATTEST_PATH for
+    a Confidential ACI group, as the real sidecar runs in)."""
 
     def __init__(
         self,
@@ -138,7 +144,9 @@ class SkrStandIn:
         trust: Trust | None = None,
         static_token: str | None = None,
         timeout_seconds: float = 30.0,
+        attest_path: str = SIMULATED_ATTEST_PATH,
     ) -> None:
+        self._attest_path = attest_path
         self._trust = trust or Trust.from_env()
         self._static_token = static_token
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
@@ -174,12 +182,18 @@ class SkrStandIn:
     ) -> str:
         public = rsa_public_jwk(key.public_key())
         jwk: dict[str, Any] = {**public, "kid": _thumbprint(public), "key_ops": ["encrypt"]}
-        runtime_data = b64url(json.dumps({"keys": [jwk]}).encode())
+        return await self._maa_token(session, maa_endpoint, json.dumps({"keys": [jwk]}).encode())
+
+    async def _maa_token(
+        self, session: aiohttp.ClientSession, maa_endpoint: str, runtime_data: bytes
+    ) -> str:
+        """MAA's token for this TEE with `runtime_data` (JSON bytes) as its runtime claims, as
+        the sidecar's common.MAA.Attest sends it: base64url, dataType JSON."""
         answer = await self._post(
             session,
             "MAA",
-            attest_url(maa_endpoint),
-            {"runtimeData": {"data": runtime_data, "dataType": "JSON"}},
+            attest_url(maa_endpoint, self._attest_path),
+            {"runtimeData": {"data": b64url(runtime_data), "dataType": "JSON"}},
         )
         if not isinstance(answer.get("token"), str):
             raise SkrError(403, "MAA answered without a token")
@@ -261,6 +275,38 @@ class SkrStandIn:
         log.info("key %s released", body.get("kid"))
         return web.json_response({"key": json.dumps(jwk)})
 
+    async def attest_maa(self, request: Mapping[str, Any]) -> str:
+        """`POST /attest/maa`: a token whose runtime claims are the request's runtime data."""
+        missing = [
+            k
+            for k in ("maa_endpoint", "runtime_data")
+            if not isinstance(request.get(k), str) or not request[k]
+        ]
+        if missing:
+            raise SkrError(400, f"invalid request format: {', '.join(missing)} required")
+        try:
+            runtime_data = base64.b64decode(str(request["runtime_data"]), validate=True)
+        except binascii.Error as exc:
+            raise SkrError(
+                400, f"decoding base64-encoded runtime data of request failed: {exc}"
+            ) from exc
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            return await self._maa_token(session, str(request["maa_endpoint"]), runtime_data)
+
+    async def _attest_maa_handler(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        try:
+            if not isinstance(body, dict):
+                raise SkrError(400, "invalid request format: the body is not a JSON object")
+            token = await self.attest_maa(body)
+        except SkrError as exc:
+            log.warning("attestation refused (HTTP %d): %s", exc.status, exc)
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.json_response({"token": token})
+
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response({"message": "Status OK"})
 
@@ -268,6 +314,7 @@ class SkrStandIn:
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_post("/key/release", self._release_handler)
+        app.router.add_post("/attest/maa", self._attest_maa_handler)
         return app
 
 
@@ -287,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("Port") or 8080),  # noqa: SIM112
         help="default: env Port, else 8080",
     )
+    parser.add_argument(
+        "--tee",
+        choices=("cvm", "aci"),
+        default="cvm",
+        help="which SIMULATED TEE the MAA stand-in attests: a confidential VM (default) or a "
+        "Confidential ACI container group (top-level claims with hostdata)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -295,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"veil_standins.skr: {exc}", file=sys.stderr)
         return 2
     log.warning("LOCAL STAND-IN of the SKR sidecar: attestation is SIMULATED, keys are not safe")
-    sidecar = SkrStandIn(static_token=os.environ.get("VEIL_AZURE_STATIC_TOKEN") or None)
+    sidecar = SkrStandIn(
+        static_token=os.environ.get("VEIL_AZURE_STATIC_TOKEN") or None,
+        attest_path=SIMULATED_CONTAINER_ATTEST_PATH if args.tee == "aci" else SIMULATED_ATTEST_PATH,
+    )
     web.run_app(sidecar.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 

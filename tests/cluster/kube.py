@@ -170,6 +170,51 @@ while True:
         time.sleep(1)
 """
 
+# The caller's side of the encrypted channel: veil.client fetches the runtime's evidence,
+# verifies it against the ConfidentialModel's own expectations (its attestation authority,
+# isolation, claims), then sends the request encrypted to the attested key.
+INFER_ENCRYPTED = """
+import json, sys, time
+from veil.client import Client, Expectations, InferenceError
+url, model, body = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+expectations = Expectations.from_confidential_model(model)
+deadline = time.monotonic() + 30
+while True:
+    client = Client(url, model["metadata"]["name"], expectations)
+    try:
+        client.verify()
+        answer = {"status": 200, "body": client.infer(body)}
+    except InferenceError as error:
+        answer = {"status": error.status, "body": str(error)}
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(1)
+        continue
+    finally:
+        client.close()
+    print(json.dumps(answer))
+    break
+"""
+
+
+def _channel(model: dict[str, Any]) -> str:
+    """The model's serving channel as the operator resolves it (see Serving.channel_for)."""
+    spec = model["spec"]
+    channel = spec.get("serving", {}).get("channel")
+    if channel is None:
+        channel = "plaintext" if spec["tee"]["isolation"] == "coco" else "encrypted"
+    return str(channel)
+
+
+def _trusting(pod: dict[str, Any], configmap: str) -> dict[str, Any]:
+    """`pod` trusting the CAs of `configmap` (the stand-ins' HTTPS) as the model pods do."""
+    pod["spec"]["volumes"] = [{"name": "trust", "configMap": {"name": configmap}}]
+    container = pod["spec"]["containers"][0]
+    container["volumeMounts"] = [{"name": "trust", "mountPath": "/etc/veil/trust"}]
+    container["env"] = [{"name": "SSL_CERT_FILE", "value": "/etc/veil/trust/ca.crt"}]
+    return pod
+
 
 def infer_from_pod(
     cluster: LocalCluster,
@@ -179,9 +224,12 @@ def infer_from_pod(
     *,
     model: dict[str, Any],
     sample: Any,
+    trust_configmap: str = "veil-trust",
 ) -> dict[str, Any]:
     """An OIP infer request for `sample` (a float32 array, the model's input "X") sent from a
-    one-shot pod in `ns` to the model's Service: {"status", "body"}."""
+    one-shot pod in `ns` to the model's Service: {"status", "body"}. To a model whose channel
+    is encrypted, the request goes through veil.client (verified, then encrypted); the pod
+    trusts `trust_configmap`'s CAs for the attestation authority's HTTPS."""
     name, model_ns = model["metadata"]["name"], model["metadata"]["namespace"]
     port = model["spec"].get("serving", {}).get("port", 8000)
     url = f"http://{name}.{model_ns}.svc.cluster.local:{port}/v2/models/{name}/infer"
@@ -195,8 +243,13 @@ def infer_from_pod(
             }
         ]
     }
-    command = ["python", "-c", INFER, url, json.dumps(body)]
-    phase, logs = run_pod(cluster, restricted_pod(pod_name, ns, image, command))
+    if _channel(model) == "encrypted":
+        base = f"http://{name}.{model_ns}.svc.cluster.local:{port}"
+        command = ["python", "-c", INFER_ENCRYPTED, base, json.dumps(model), json.dumps(body)]
+        pod = _trusting(restricted_pod(pod_name, ns, image, command), trust_configmap)
+    else:
+        pod = restricted_pod(pod_name, ns, image, ["python", "-c", INFER, url, json.dumps(body)])
+    phase, logs = run_pod(cluster, pod)
     if phase != "Succeeded":
         raise AssertionError(f"the inference pod failed:\n{logs}")
     return dict(json.loads(logs.strip().splitlines()[-1]))

@@ -1,9 +1,11 @@
-"""A stand-alone claimant process: claims keys [start, stop) from one budget, one at a time,
-printing each decision. Tests kill it mid-burst to check that nothing is granted twice."""
+"""A stand-alone claimant process: claims keys [start, stop) from one budget, printing each
+decision, one at a time or from `threads` threads at once (so that claims share group commits).
+Tests kill it mid-burst to check that nothing is granted twice."""
 
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import config
 
@@ -27,10 +29,15 @@ def request(index: int, namespace: str, budget: str) -> ClaimRequest:
 
 def main() -> None:
     kubeconfig, namespace, budget, start, stop = sys.argv[1:6]
+    threads = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     store = BudgetStore(config.new_client_from_config(config_file=kubeconfig))
-    for index in range(int(start), int(stop)):
+
+    def claim(index: int) -> None:
         decision = store.claim(BudgetRef(namespace, budget), request(index, namespace, budget))
         print(decision.key, decision.state, flush=True)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(claim, range(int(start), int(stop))))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,40 @@ def test_64_concurrent_claimants_never_overspend(
     assert status["epsilonSpent"] == pytest.approx(spent, rel=1e-6)
 
 
+def test_concurrent_claims_are_group_committed_in_order(
+    store: BudgetStore, api: client.ApiClient
+) -> None:
+    """64 claimants through one store (as in one operator): few writes, and the same ledger
+    as deciding the claims one at a time in the order the budget recorded them."""
+    ref = _budget(api, "grouped", epsilon=3.0)
+    requests = {r.key: r for r in (request(i, NAMESPACE, "grouped") for i in range(64))}
+    grouped = BudgetStore(api)
+    write = grouped.objects.patch_namespaced_custom_object_status
+    writes = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        writes.append(1)
+        return write(*args, **kwargs)
+
+    grouped.objects.patch_namespaced_custom_object_status = counted  # type: ignore[method-assign]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        decisions = list(pool.map(lambda r: grouped.claim(ref, r), requests.values()))
+    assert [d.key for d in decisions] == list(requests), "each claimant gets its own answer"
+    assert len(writes) < 64 / 4, f"{len(writes)} status writes for 64 claims"
+    ledger = _ledger(store, ref)
+    assert {d.key: d.state for d in decisions} == {k: c.state for k, c in ledger.claims.items()}
+    terms = BudgetTerms(epsilon=3.0, delta=1e-5, accountant="rdp")
+    serial = Ledger()
+    for claim in sorted(ledger.claims.values(), key=lambda c: c.seq):
+        serial, _ = decide(serial, requests[claim.key], terms, claim.requested_at)
+    assert {k: c.state for k, c in serial.claims.items()} == {
+        k: c.state for k, c in ledger.claims.items()
+    }
+    granted = [m for c in ledger.claims.values() if c.state == "Granted" for m in c.mechanisms]
+    assert 0 < len(granted) < 64
+    assert epsilon_spent(granted, 1e-5, "rdp") <= 3.0
+
+
 def test_repeated_claim_is_the_same_claim(store: BudgetStore, api: client.ApiClient) -> None:
     ref = _budget(api, "idempotent", epsilon=10.0)
     first = store.claim(ref, request(1, NAMESPACE, "idempotent"))
@@ -133,6 +167,36 @@ def test_killed_claimant_neither_double_grants_nor_loses(
     ledger = _ledger(store, ref)
     assert sorted(ledger.claims) == sorted(f"claimant-{i:04d}" for i in range(40))
     assert ledger.totals.requested == 40, "a retried claim is never a second request"
+    granted = [m for c in ledger.claims.values() if c.state == "Granted" for m in c.mechanisms]
+    assert epsilon_spent(granted, 1e-5, "rdp") <= 3.0
+
+
+def test_claimant_killed_mid_group_commit_neither_double_grants_nor_loses(
+    store: BudgetStore, api: client.ApiClient, crds: LocalCluster
+) -> None:
+    ref = _budget(api, "crashes-grouped", epsilon=3.0)
+    args = [
+        sys.executable,
+        "-m",
+        "tests.integration.claimant",
+        str(crds.kubeconfig),
+        NAMESPACE,
+        ref.name,
+        "0",
+        "96",
+        "16",
+    ]
+    burst = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert burst.stdout is not None
+    for _ in range(5):
+        burst.stdout.readline()  # some answers out, more claims queued or in a write
+    burst.kill()
+    burst.wait()
+    assert 5 <= len(_ledger(store, ref).claims) < 96
+    subprocess.run(args, check=True, capture_output=True)
+    ledger = _ledger(store, ref)
+    assert sorted(ledger.claims) == sorted(f"claimant-{i:04d}" for i in range(96))
+    assert ledger.totals.requested == 96, "a retried claim is never a second request"
     granted = [m for c in ledger.claims.values() if c.state == "Granted" for m in c.mechanisms]
     assert epsilon_spent(granted, 1e-5, "rdp") <= 3.0
 

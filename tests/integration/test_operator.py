@@ -90,5 +90,6 @@ def test_settled_resource_is_not_rewritten(objects: Any) -> None:
 def test_metrics_count_reconciles(objects: Any, operator: OperatorProcess) -> None:
     wait_for(lambda: _settled(objects, "privacybudgets", "new-budget"), what="a reconcile")
     metrics = operator.metrics()
-    assert 'veil_reconcile_total{kind="PrivacyBudget",result="success"}' in metrics
-    assert "veil_reconcile_duration_seconds_bucket" in metrics
+    success = 'controller_runtime_reconcile_total{controller="privacybudget",result="success"}'
+    assert success in metrics
+    assert "controller_runtime_reconcile_time_seconds_bucket" in metrics

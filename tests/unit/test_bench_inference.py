@@ -27,6 +27,11 @@ KEYS = (
     "unseal_mb_s",
     "raw_aesgcm_mb_s",
     "unseal_vs_raw_ratio",
+    "encrypted_rps",
+    "encrypted_p50_ms",
+    "encrypted_p99_ms",
+    "encrypted_cpu_us_per_request",
+    "encrypted_vs_plaintext_ratio",
 )
 RATIOS = {
     "server_vs_minimal_ratio": ("server_rps", "minimal_server_rps"),
@@ -35,6 +40,7 @@ RATIOS = {
     "batch64_vs_minimal_ratio": ("batch64_rps", "minimal_server_batch64_rps"),
     "unseal_vs_raw_ratio": ("unseal_mb_s", "raw_aesgcm_mb_s"),
     "unseal_vs_dropped_ratio": ("unseal_mb_s", "raw_aesgcm_dropped_mb_s"),
+    "encrypted_vs_plaintext_ratio": ("encrypted_rps", "server_rps"),
 }
 
 

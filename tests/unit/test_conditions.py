@@ -98,5 +98,5 @@ def test_an_unexpected_failure_leaves_one_line_and_points_to_the_log() -> None:
     assert "Traceback" not in message
     assert "Content:" not in message
     assert message.startswith("Reconcile failed and will be retried (RuntimeError: Operation")
-    assert message.endswith("Details are in the operator's log.")
+    assert message.endswith("Details are in the operator's log and the object's events.")
     assert len(failure_message(RuntimeError("y" * 5000))) < 300

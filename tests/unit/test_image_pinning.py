@@ -42,7 +42,7 @@ def test_a_tag_is_a_problem_unless_development_allows_it() -> None:
 
 
 def test_the_operator_refuses_to_start_with_a_tag(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("VEIL_RUNTIME_IMAGE", "ghcr.io/veil-dev/veil:latest")
     monkeypatch.delenv("VEIL_ALLOW_IMAGE_TAGS", raising=False)
@@ -55,4 +55,5 @@ def test_the_operator_refuses_to_start_with_a_tag(
         standalone=True,
     )
     assert code == 2
-    assert "pinned by digest" in caplog.text
+    # The operator's own log handler (veil.logs) writes to stderr.
+    assert "pinned by digest" in capsys.readouterr().err

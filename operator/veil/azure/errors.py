@@ -11,7 +11,9 @@ RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class AzureOperationError(Exception):
-    """An Azure operation failed; `str(error)` is the plain-words reason."""
+    """An Azure operation failed. `str(error)` is the plain-words reason, one or two sentences
+    fit for a status condition; `detail` is the service's or the SDK's whole text (a
+    credential chain's runs to dozens of lines), for the log and the object's events."""
 
     def __init__(
         self,
@@ -20,11 +22,22 @@ class AzureOperationError(Exception):
         status: int | None = None,
         code: str | None = None,
         retriable: bool = False,
+        detail: str = "",
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.retriable = retriable
+        self.detail = detail
+
+
+def brief(text: str, limit: int = 160) -> str:
+    """The first line of a service's or SDK's error text, at most `limit` characters."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else "no details"
+    if len(first) > limit:
+        first = first[: limit - 1] + "…"
+    return first
 
 
 def error_code(error: HttpResponseError) -> str | None:

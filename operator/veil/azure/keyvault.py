@@ -39,7 +39,13 @@ from azure.core.exceptions import (
 from azure.keyvault.keys import KeyClient, KeyOperation, KeyReleasePolicy, KeyType, KeyVaultKey
 
 from veil.azure.credentials import AzureSettings
-from veil.azure.errors import RETRIABLE_STATUS, AzureOperationError, error_code, service_message
+from veil.azure.errors import (
+    RETRIABLE_STATUS,
+    AzureOperationError,
+    brief,
+    error_code,
+    service_message,
+)
 from veil.azure.release_policy import POLICY_CONTENT_TYPE, policies_equivalent, policy_digest
 
 log = logging.getLogger("veil.azure.keyvault")
@@ -86,66 +92,84 @@ def key_client(vault_url: str, settings: AzureSettings) -> KeyClient:
 
 
 def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  # noqa: PLR0911
-    """Turn an azure-core error into a KeyVaultError with a plain-words message."""
+    """Turn an azure-core error into a KeyVaultError: a plain-words message with the first line
+    of the service's answer, and its whole text as `detail`."""
     where = f"{action} in {vault_url}"
     if isinstance(error, ClientAuthenticationError) and error.status_code in (None, 401):
+        # A DefaultAzureCredential failure lists every credential it tried: detail only.
+        text = service_message(error)
         return KeyVaultError(
-            f"Key Vault did not accept the operator's credentials ({where}): check the "
-            "workload identity (ServiceAccount annotation azure.workload.identity/client-id and "
-            f"the federated credential): {service_message(error)}",
+            f"Key Vault did not accept the operator's credentials ({where}). Check the "
+            "workload identity (ServiceAccount annotation azure.workload.identity/client-id "
+            f"and the federated credential); cause: {brief(text)}",
             status=error.status_code,
             code=error_code(error),
+            detail=text,
         )
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
         code = error_code(error)
         detail = service_message(error)
+        short = brief(detail)
         if status == 403:
             return KeyVaultError(
                 "Key Vault refused: the operator's identity lacks the Key Vault Crypto Officer "
                 f"role (or an access policy allowing key get/create/list/delete) on the vault "
-                f"({where}; {code or 'Forbidden'}): {detail}",
+                f"({where}; {code or 'Forbidden'}): {short}",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status == 404:
             return KeyVaultError(
-                f"Key Vault answered not found ({where}): {detail}", status=status, code=code
+                f"Key Vault answered not found ({where}): {short}",
+                status=status,
+                code=code,
+                detail=detail,
             )
         if status == 409:
             return KeyVaultError(
                 f"Key Vault conflict ({where}): a deleted key of this name is probably still in "
                 "the vault's soft-delete retention; recover or purge it, or choose another "
-                f"keyName: {detail}",
+                f"keyName: {short}",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status == 400 and ("hsm" in detail.lower() or "premium" in detail.lower()):
             return KeyVaultError(
                 f"Key Vault cannot create an HSM-protected key ({where}): Secure Key Release "
-                f"needs a Premium vault or a Managed HSM: {detail}",
+                f"needs a Premium vault or a Managed HSM: {short}",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status in RETRIABLE_STATUS:
             return KeyVaultError(
-                f"Key Vault is busy or failing ({where}, HTTP {status}); will retry: {detail}",
+                f"Key Vault is busy or failing ({where}, HTTP {status}); will retry: {short}",
                 status=status,
                 code=code,
                 retriable=True,
+                detail=detail,
             )
         return KeyVaultError(
-            f"Key Vault rejected the request ({where}, HTTP {status}): {detail}",
+            f"Key Vault rejected the request ({where}, HTTP {status}): {short}",
             status=status,
             code=code,
+            detail=detail,
         )
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return KeyVaultError(
             f"Key Vault not reachable ({where}): vault not found or network blocked; check "
-            f"keyRelease.vaultUrl and the operator's egress: {error.message}",
+            f"keyRelease.vaultUrl and the operator's egress: {brief(error.message)}",
             retriable=True,
+            detail=str(error.message),
         )
-    return KeyVaultError(f"Key Vault call failed ({where}): {error}", retriable=True)
+    return KeyVaultError(
+        f"Key Vault call failed ({where}); will retry: {brief(str(error))}",
+        retriable=True,
+        detail=str(error),
+    )
 
 
 def _current_key(client: KeyClient, name: str) -> KeyVaultKey | None:

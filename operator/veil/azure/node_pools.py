@@ -50,7 +50,13 @@ from azure.mgmt.containerservice.models import (
 
 from veil.api.confidential_model import NodePool, Platform
 from veil.azure.credentials import AzureSettings
-from veil.azure.errors import RETRIABLE_STATUS, AzureOperationError, error_code, service_message
+from veil.azure.errors import (
+    RETRIABLE_STATUS,
+    AzureOperationError,
+    brief,
+    error_code,
+    service_message,
+)
 
 log = logging.getLogger("veil.azure.node_pools")
 
@@ -231,20 +237,26 @@ def _is_tdx(pool: NodePool) -> bool:
 def _explain(  # noqa: PLR0911
     error: AzureError, pool: NodePool, action: str
 ) -> NodePoolError:
+    """A plain-words NodePoolError with the first line of Azure's answer; its whole text is
+    the error's `detail`."""
     where = (
         f"{action} node pool {pool.name!r} of cluster {pool.cluster_name!r} "
         f"in resource group {pool.resource_group!r}"
     )
     if isinstance(error, ClientAuthenticationError) and error.status_code in (None, 401):
+        # A DefaultAzureCredential failure lists every credential it tried: detail only.
+        text = str(error.message)
         return NodePoolError(
-            f"Azure Resource Manager did not accept the operator's credentials ({where}): check "
-            f"the workload identity: {error.message}",
+            f"Azure Resource Manager did not accept the operator's credentials ({where}). "
+            f"Check the workload identity; cause: {brief(text)}",
             status=error.status_code,
+            detail=text,
         )
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
         code = error_code(error)
         detail = service_message(error)
+        short = brief(detail)
         if status < 400 and _is_tdx(pool):
             return NodePoolError(
                 f"AKS could not provision the Intel TDX pool {pool.name!r} ({code or 'Failed'}): "
@@ -252,37 +264,42 @@ def _explain(  # noqa: PLR0911
                 "an AMD SEV-SNP size (e.g. Standard_DC4as_v5) until AKS supports TDX pools.",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status < 400:
             # The long-running operation itself ended Failed (the poll answered 200).
             return NodePoolError(
-                f"AKS could not provision the pool ({where}; {code or 'Failed'}): {detail}; "
+                f"AKS could not provision the pool ({where}; {code or 'Failed'}): {short}; "
                 "Veil will try again",
                 status=status,
                 code=code,
                 retriable=True,
+                detail=detail,
             )
         if status == 403:
             return NodePoolError(
                 f"Azure refused ({where}): the operator's identity lacks permission to manage "
                 "the cluster's agent pools (Microsoft.ContainerService/managedClusters/agentPools/"
-                f"write, e.g. the Azure Kubernetes Service Contributor role): {detail}",
+                f"write, e.g. the Azure Kubernetes Service Contributor role): {short}",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status == 404:
             return NodePoolError(
                 f"not found ({where}): check nodePool.subscriptionId, resourceGroup and "
-                f"clusterName: {detail}",
+                f"clusterName: {short}",
                 status=status,
                 code=code,
+                detail=detail,
             )
         if status == 409 or status in RETRIABLE_STATUS:
             return NodePoolError(
-                f"AKS is busy or failing ({where}, HTTP {status}); will retry: {detail}",
+                f"AKS is busy or failing ({where}, HTTP {status}); will retry: {short}",
                 status=status,
                 code=code,
                 retriable=True,
+                detail=detail,
             )
         if status == 400 and _is_tdx(pool):
             return NodePoolError(
@@ -291,20 +308,28 @@ def _explain(  # noqa: PLR0911
                 "AMD SEV-SNP size (e.g. Standard_DC4as_v5) until AKS supports TDX pools.",
                 status=status,
                 code=code,
+                detail=detail,
             )
         hint = ""
         if "quota" in f"{code} {detail}".lower():
             hint = " (the subscription's vCPU quota for this confidential VM family is exhausted)"
         return NodePoolError(
-            f"AKS rejected the pool{hint} ({where}, HTTP {status} {code or ''}): {detail}",
+            f"AKS rejected the pool{hint} ({where}, HTTP {status} {code or ''}): {short}",
             status=status,
             code=code,
+            detail=detail,
         )
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return NodePoolError(
-            f"Azure Resource Manager not reachable ({where}): {error.message}", retriable=True
+            f"Azure Resource Manager not reachable ({where}): {brief(str(error.message))}",
+            retriable=True,
+            detail=str(error.message),
         )
-    return NodePoolError(f"Azure call failed ({where}): {error}", retriable=True)
+    return NodePoolError(
+        f"Azure call failed ({where}); will retry: {brief(str(error))}",
+        retriable=True,
+        detail=str(error),
+    )
 
 
 def _state(agent_pool: AgentPool, pool: NodePool, changed: bool) -> PoolState:

@@ -55,7 +55,7 @@ class AzurePorts:
                 "veil.dev/owner": f"{owner['metadata']['namespace']}/{owner['metadata']['name']}"
             },
         )
-        return KeyRef(kid=state.kid, version=state.version)
+        return KeyRef(kid=state.kid, version=state.version, created=state.created)
 
     def retire_key_versions(self, spec: ConfidentialModelSpec, keep: str) -> list[str]:
         client = self._keys(spec.key_release.key_vault().vault_url)

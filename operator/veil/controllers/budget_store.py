@@ -7,6 +7,15 @@ server refuses a write based on a stale read with 409, and the decision is taken
 fresh object. Claims are keyed by the consumer's UID, so a decision retried after a crash or
 a conflict is the same claim, never a second charge.
 
+Writes are group commits, as a database's log does them: changes (claims, consumptions,
+releases, refreshes) that arrive while a write of the budget is in flight queue up, and the
+next write decides them all, one after the other in arrival order against the same ledger,
+each seeing every grant before it, in one resourceVersion-guarded write. Each caller gets
+its own answer once that write has succeeded (a caller whose change is refused gets its own
+error; the others are unaffected), so an answer is never given for a ledger that was not
+written. The budget the last write returned is the basis of the next one (no read): the
+precondition proves it current, and a 409 means a fresh read and a fresh decision.
+
 What keeps the budget honest beyond that:
 
 - **Sealed ledger.** Every ledger written carries an HMAC seal (`veil.privacy.seal`) under
@@ -22,6 +31,7 @@ What keeps the budget honest beyond that:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,16 +40,15 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from veil import API_GROUP, API_VERSION, labels
+from veil import API_GROUP, API_VERSION, events, labels
 from veil.api.privacy_budget import PrivacyBudgetSpec, Spender
 from veil.conditions import Outcome, Status, apply_outcome, now_rfc3339, set_condition
 from veil.controllers.ledger_key import load_ledger_key
@@ -64,7 +73,7 @@ from veil.privacy import (
 )
 from veil.privacy.accounting import GUARANTEES
 from veil.privacy.audit import audit_batch_digest, parse_audit_batch
-from veil.privacy.ledger import Binding, bind
+from veil.privacy.ledger import Binding, ConsumerRef, bind
 from veil.privacy.mechanisms import MECHANISM, merge
 from veil.privacy.seal import (
     LedgerSeal,
@@ -148,12 +157,102 @@ def budget_outcome(summary: BudgetSummary) -> tuple[Outcome, tuple[Status, str, 
     return Outcome.done("BudgetAvailable", message), ("False", "BudgetAvailable", message)
 
 
+# Changes decided together in one write at most (a write holds the whole ledger anyway).
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """One caller's change, waiting for its budget's next group commit."""
+
+    change: Change[Any]
+    new_claim: bool = False
+    admit: Callable[[PrivacyBudgetSpec], None] | None = None
+    done: bool = False
+    result: Any = None
+    error: Exception | None = None
+    budget: Mapping[str, Any] | None = None  # the budget it was decided on
+
+    def fail(self, error: Exception) -> None:
+        if not self.done:
+            self.error, self.done = error, True
+
+
+@dataclass(eq=False)
+class _Group:
+    """A budget's queue of changes and whether one of its callers is committing."""
+
+    turn: threading.Condition = field(default_factory=threading.Condition)
+    queue: list[_Waiting] = field(default_factory=list)
+    committing: bool = False
+
+
+@dataclass(frozen=True)
+class _Known:
+    """The budget as this store last wrote it: the object the API server returned, and the
+    ledger, seal and ledger wire form in it."""
+
+    budget: dict[str, Any]
+    ledger: Ledger
+    seal: LedgerSeal
+    wire: dict[str, Any]
+
+
+def _deliver(
+    outcomes: list[tuple[_Waiting, Any, Exception | None]], budget: Mapping[str, Any]
+) -> None:
+    for waiting, result, error in outcomes:
+        if error is not None:
+            waiting.fail(error)
+        else:
+            waiting.result, waiting.budget, waiting.done = result, budget, True
+
+
+def _admitted(
+    ref: BudgetRef, batch: list[_Waiting], budget: Mapping[str, Any], spec: PrivacyBudgetSpec
+) -> tuple[list[_Waiting], list[tuple[_Waiting, BudgetUnavailableError]]]:
+    """The changes of `batch` still to decide, and those this budget refuses outright."""
+    deleting = bool(budget["metadata"].get("deletionTimestamp"))
+    live: list[_Waiting] = []
+    refusals: list[tuple[_Waiting, BudgetUnavailableError]] = []
+    for waiting in batch:
+        if waiting.done:
+            continue
+        try:
+            if waiting.admit is not None:
+                waiting.admit(spec)
+            if waiting.new_claim and deleting:
+                raise BudgetGoneError(f"PrivacyBudget {ref.namespace}/{ref.name} is being deleted")
+        except BudgetUnavailableError as refused:
+            refusals.append((waiting, refused))
+        else:
+            live.append(waiting)
+    return live, refusals
+
+
+def _applied(
+    live: list[_Waiting], ledger: Ledger, terms: BudgetTerms, unlocked: float, now: datetime
+) -> tuple[Ledger, list[tuple[_Waiting, Any, Exception | None]]]:
+    """Each change in turn on the ledger the one before it left; one that raises is left out
+    (the ledger functions are pure) and its caller gets the error."""
+    outcomes: list[tuple[_Waiting, Any, Exception | None]] = []
+    for waiting in live:
+        try:
+            ledger, result = waiting.change(ledger, terms, unlocked, now)
+        except Exception as refused:
+            outcomes.append((waiting, None, refused))
+        else:
+            outcomes.append((waiting, result, None))
+    return ledger, outcomes
+
+
 class BudgetStore:
     def __init__(self, api: client.ApiClient, ledger_key: bytes | None = None) -> None:
         self.api = api
         self.objects = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
-        self._lanes: dict[BudgetRef, threading.Lock] = {}
+        self._groups: dict[BudgetRef, _Group] = {}
+        self._known: dict[BudgetRef, _Known] = {}
         self._guard = threading.Lock()
         self._given_key = ledger_key
         self.watermarks = SealWatermarks()
@@ -175,41 +274,94 @@ class BudgetStore:
             raise
         return cast(dict[str, Any], found)
 
-    def _lane(self, ref: BudgetRef) -> threading.Lock:
+    def _group(self, ref: BudgetRef) -> _Group:
         with self._guard:
-            return self._lanes.setdefault(ref, threading.Lock())
+            return self._groups.setdefault(ref, _Group())
 
     def transact(self, ref: BudgetRef, change: Change[T], *, new_claim: bool = False) -> T:
         """Apply `change` to the ledger and write the whole status atomically.
 
-        Within this process a budget's transactions queue on one lock, so the operator's own
-        threads never race; other writers (another replica, a CLI) are caught by the
-        resourceVersion precondition and retried with jittered backoff. `new_claim` changes
-        are refused once the budget is being deleted (its spending record is being written).
+        Group commit: changes that arrive while a write of the same budget is in flight are
+        applied together, one after the other in arrival order, to the same ledger and
+        written in one resourceVersion-guarded write; each caller gets its own result (or its
+        own error, and its change is left out). `new_claim` changes are refused once the
+        budget is being deleted (its spending record is being written).
         """
-        with self._lane(ref):
-            return self._transact(ref, change, new_claim)
+        return cast(T, self._submit(ref, _Waiting(change, new_claim)).result)
 
-    def _transact(self, ref: BudgetRef, change: Change[T], new_claim: bool) -> T:
+    def _submit(self, ref: BudgetRef, waiting: _Waiting) -> _Waiting:
+        """Queue `waiting` behind the budget's write in flight; the first caller to find no
+        write in flight commits everything queued (its own change included) and hands over.
+
+        No thread, pool or loop of its own: the callers' threads (kopf's `asyncio.to_thread`
+        workers in the operator) take turns, so it adds no scheduler beside kopf's.
+        """
+        group = self._group(ref)
+        with group.turn:
+            group.queue.append(waiting)
+            while not waiting.done:
+                if group.committing:
+                    group.turn.wait()
+                    continue
+                group.committing = True
+                batch, group.queue = group.queue[:MAX_BATCH], group.queue[MAX_BATCH:]
+                group.turn.release()
+                try:
+                    self._commit(ref, batch)
+                finally:
+                    group.turn.acquire()
+                    group.committing = False
+                    group.turn.notify_all()
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting
+
+    def _commit(self, ref: BudgetRef, batch: list[_Waiting]) -> None:
+        """Decide `batch` and write it; every member is done afterwards, whatever happens."""
+        try:
+            self._decide_and_write(ref, batch)
+        except Exception as failed:  # handed to each caller, raised in its own thread
+            for waiting in batch:
+                waiting.fail(failed)
+        finally:
+            for waiting in batch:
+                if not waiting.done:
+                    waiting.fail(RuntimeError("the change was neither written nor refused"))
+
+    def _decide_and_write(self, ref: BudgetRef, batch: list[_Waiting]) -> None:
+        # The budget as this store last wrote it saves a read: the write's resourceVersion
+        # precondition proves it is still current, and a conflict falls back to a fresh read.
+        known = self._known.get(ref)
+        trusted = known is not None
         for attempt in range(MAX_ATTEMPTS):
-            budget = self.get(ref)
-            if new_claim and budget["metadata"].get("deletionTimestamp"):
-                raise BudgetGoneError(f"PrivacyBudget {ref.namespace}/{ref.name} is being deleted")
+            budget = known.budget if known is not None and trusted else self.get(ref)
             spec = PrivacyBudgetSpec.model_validate(budget["spec"])
+            live, refusals = _admitted(ref, batch, budget, spec)
+            if refusals and trusted:
+                # A refusal is never written, so no precondition vouches for the remembered
+                # budget (its spec may have changed since): refuse on a fresh read only.
+                trusted = False
+                continue
+            for waiting, refused in refusals:
+                waiting.fail(refused)
+            if not live:
+                return
+            found_seal: LedgerSeal | None
+            try:
+                ledger, found_seal = (
+                    (known.ledger, known.seal)
+                    if known is not None and trusted
+                    else self._bound_ledger(budget, spec)
+                )
+            except (LedgerTamperedError, BindingRefusedError) as refused:
+                for waiting in live:
+                    waiting.fail(refused)
+                return
             terms = BudgetTerms.from_spec(spec)
             now = datetime.now(UTC)
             created = _parse_time(budget["metadata"]["creationTimestamp"])
             unlocked = unlocked_fraction(spec.unlock, created, now)
-            current = budget.get("status") or {}
-            try:
-                ledger, found_seal = self.verified_ledger(budget)
-                before = ledger
-                if ledger.binding is None:
-                    ledger = self._bind(budget, spec, ledger)
-            except (LedgerTamperedError, BindingRefusedError) as refused:
-                self._stall(budget, refused)
-                raise
-            after, result = change(ledger, terms, unlocked, now)
+            after, outcomes = _applied(live, ledger, terms, unlocked, now)
             batches: list[AuditBatch] = []
             if len(after.claims) > COMPACT_ABOVE:
                 after, batches = compact(after, now)
@@ -218,39 +370,94 @@ class BudgetStore:
             # when nothing changes): a settled budget's resync writes nothing.
             next_seal = (
                 seal(wire, budget["metadata"]["uid"], self.ledger_key, found_seal)
-                if found_seal is None or after is not before
+                if found_seal is None or after is not ledger
                 else found_seal
             )
             summary = summarize(after, terms, unlocked)
             desired = self._desired_status(budget, wire, summary, next_seal, terms)
-            patch = status_patch(current, desired)
-            if not patch:
-                PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
-                return result
-            self._write_audit(budget, batches)
-            try:
-                self.objects.patch_namespaced_custom_object_status(
-                    API_GROUP,
-                    API_VERSION,
-                    ref.namespace,
-                    PLURAL,
-                    ref.name,
-                    {
-                        "metadata": {"resourceVersion": budget["metadata"]["resourceVersion"]},
-                        "status": patch,
-                    },
-                )
-            except ApiException as failed:
-                if failed.status == 409:
-                    time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
+            patch = status_patch(budget.get("status") or {}, desired)
+            if not patch and trusted:
+                # Nothing to write, so no precondition vouches for the remembered budget:
+                # answer from a fresh read.
+                trusted = False
+                continue
+            if patch:
+                self._write_audit(budget, batches)
+                if not self._write(ref, budget, patch, _Known(budget, after, next_seal, wire)):
+                    # Someone else wrote (or the budget went): decide again on a fresh read.
+                    # Losing on the remembered budget is expected; back off only after losing
+                    # on a fresh read.
+                    if not trusted:
+                        time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
+                    trusted = False
                     continue
-                raise
-            self.watermarks.advance(budget["metadata"]["uid"], next_seal)
-            self.watermarks.remember(budget["metadata"]["uid"], after, next_seal)
-            self._mark_sealed(budget)
             PRIVACY_METRICS.update(ref.namespace, ref.name, summary)
-            return result
+            _deliver(outcomes, budget)
+            return
         raise RuntimeError(f"PrivacyBudget {ref.namespace}/{ref.name}: too many write conflicts")
+
+    def _bound_ledger(
+        self, budget: Mapping[str, Any], spec: PrivacyBudgetSpec
+    ) -> tuple[Ledger, LedgerSeal | None]:
+        """The verified ledger of a freshly read budget, bound to its dataset; a tampered
+        ledger or a refused binding stalls the budget (and raises)."""
+        try:
+            ledger, found_seal = self.verified_ledger(budget)
+            if ledger.binding is None:
+                ledger = self._bind(budget, spec, ledger)
+        except (LedgerTamperedError, BindingRefusedError) as refused:
+            self._stall(budget, refused)
+            raise
+        return ledger, found_seal
+
+    def _write(
+        self, ref: BudgetRef, budget: Mapping[str, Any], patch: dict[str, Any], basis: _Known
+    ) -> bool:
+        """Write `patch` if the budget is still at the version read, and remember the budget
+        written (`basis`, with what the API server returned) as the basis of the next write;
+        False when another write came first (409) or the budget is gone (404)."""
+        try:
+            written = self.objects.patch_namespaced_custom_object_status(
+                API_GROUP,
+                API_VERSION,
+                ref.namespace,
+                PLURAL,
+                ref.name,
+                {
+                    "metadata": {"resourceVersion": budget["metadata"]["resourceVersion"]},
+                    "status": patch,
+                },
+            )
+        except ApiException as failed:
+            if failed.status in (404, 409):
+                return False
+            raise
+        uid = budget["metadata"]["uid"]
+        self.watermarks.advance(uid, basis.seal)
+        self.watermarks.remember(uid, basis.ledger, basis.seal)
+        written = self._mark_sealed(cast(dict[str, Any], written))
+        with self._guard:
+            self._known[ref] = dataclasses.replace(basis, budget=written)
+        return True
+
+    def _forget_known(self, ref: BudgetRef) -> None:
+        with self._guard:
+            self._known.pop(ref, None)
+
+    def _remembered(self, budget: Mapping[str, Any]) -> Ledger | None:
+        """The ledger this store last wrote, when `budget` still holds exactly that ledger
+        under exactly that seal: known genuine without parsing or MACing it again."""
+        meta = budget["metadata"]
+        known = self._known.get(BudgetRef(meta["namespace"], meta["name"]))
+        status = budget.get("status") or {}
+        if (
+            known is None
+            or known.budget["metadata"]["uid"] != meta["uid"]
+            or (status.get("ledgerSeal") or {}).get("mac") != known.seal.mac
+            or status.get("ledger") != known.wire
+        ):
+            return None
+        return known.ledger
 
     # --- the sealed ledger --------------------------------------------------------
 
@@ -271,6 +478,11 @@ class BudgetStore:
                 )
             self.watermarks.check(meta["uid"], None)
             return Ledger(), None
+        remembered = self._remembered(budget)
+        if remembered is not None:
+            known_seal = LedgerSeal.model_validate(seal_data)
+            self.watermarks.check(meta["uid"], known_seal)
+            return remembered, known_seal
         try:
             ledger = Ledger.from_wire(data)
             found = None if seal_data is None else LedgerSeal.model_validate(seal_data)
@@ -288,12 +500,13 @@ class BudgetStore:
         self.watermarks.check(meta["uid"], found)
         return ledger, found
 
-    def _mark_sealed(self, budget: Mapping[str, Any]) -> None:
+    def _mark_sealed(self, budget: dict[str, Any]) -> dict[str, Any]:
+        """Mark the budget sealed (once); the budget as it is afterwards."""
         meta = budget["metadata"]
         if (meta.get("annotations") or {}).get(LEDGER_ANNOTATION) == "sealed":
-            return
+            return budget
         try:
-            self.objects.patch_namespaced_custom_object(
+            marked = self.objects.patch_namespaced_custom_object(
                 API_GROUP,
                 API_VERSION,
                 meta["namespace"],
@@ -304,6 +517,8 @@ class BudgetStore:
         except ApiException as failed:
             if failed.status != 404:
                 raise
+            return budget
+        return cast(dict[str, Any], marked)
 
     def _stall(self, budget: Mapping[str, Any], refused: Exception) -> None:
         """Say why nothing is granted, in conditions only: the ledger is left as found."""
@@ -448,6 +663,7 @@ class BudgetStore:
             if failed.status != 409:  # written by an earlier try of this deletion
                 raise
         self.watermarks.forget(meta["uid"])
+        self._forget_known(BudgetRef(meta["namespace"], meta["name"]))
         return record
 
     def _desired_status(
@@ -525,31 +741,40 @@ class BudgetStore:
 
     # --- what consumers and the budget's own handler call ----------------------------
 
-    def claim(self, ref: BudgetRef, request: ClaimRequest) -> Decision:
-        budget = self.get(ref)
-        spec = PrivacyBudgetSpec.model_validate(budget["spec"])
+    def claim(self, ref: BudgetRef, request: ClaimRequest, *, consume: bool = False) -> Decision:
+        """Admit, queue or deny `request`, decided in the budget's next group commit.
+
+        `consume`: a grant is recorded Consumed in the same write (for a consumer that reads
+        the data as soon as it may), so paying takes one write, not two.
+        """
         consumer = request.consumer
-        if not may_spend(spec.spenders, ref.namespace, consumer.kind, consumer.namespace):
-            raise BudgetUnavailableError(
-                f"{consumer.kind} {consumer.namespace}/{consumer.name} may not spend "
-                f"PrivacyBudget {ref.namespace}/{ref.name} (see its spec.spenders)"
-            )
-        if request.dataset != spec.dataset.uri:
-            raise DatasetMismatchError(
-                f"{consumer.kind} {consumer.namespace}/{consumer.name} would read "
-                f"{request.dataset or 'an unnamed dataset'}, but PrivacyBudget "
-                f"{ref.namespace}/{ref.name} pays only for {spec.dataset.uri}: use the budget "
-                "of that dataset"
-            )
+
+        def admit(spec: PrivacyBudgetSpec) -> None:
+            if not may_spend(spec.spenders, ref.namespace, consumer.kind, consumer.namespace):
+                raise BudgetUnavailableError(
+                    f"{consumer.kind} {consumer.namespace}/{consumer.name} may not spend "
+                    f"PrivacyBudget {ref.namespace}/{ref.name} (see its spec.spenders)"
+                )
+            if request.dataset != spec.dataset.uri:
+                raise DatasetMismatchError(
+                    f"{consumer.kind} {consumer.namespace}/{consumer.name} would read "
+                    f"{request.dataset or 'an unnamed dataset'}, but PrivacyBudget "
+                    f"{ref.namespace}/{ref.name} pays only for {spec.dataset.uri}: use the "
+                    "budget of that dataset"
+                )
 
         def change(
             ledger: Ledger, terms: BudgetTerms, unlocked: float, now: datetime
         ) -> tuple[Ledger, Decision]:
-            return decide(ledger, request, terms, now, unlocked)
+            after, decision = decide(ledger, request, terms, now, unlocked)
+            if consume and decision.state == "Granted":
+                after = mark_consumed(after, request.key, now)
+            return after, decision
 
-        decision = self.transact(ref, change, new_claim=True)
-        if decision.changed:
-            _event(budget, decision)
+        done = self._submit(ref, _Waiting(change, new_claim=True, admit=admit))
+        decision = cast(Decision, done.result)
+        if decision.changed and done.budget is not None:
+            _event(done.budget, decision, consumer)
         return decision
 
     def consume(self, ref: BudgetRef, key: str) -> None:
@@ -586,14 +811,15 @@ def _first_error(error: ValidationError) -> str:
     return str(first.get("msg", error))
 
 
-def _event(budget: Mapping[str, Any], decision: Decision) -> None:
-    reason = {"Granted": "ClaimGranted", "Denied": "ClaimDenied", "Pending": "ClaimPending"}.get(
-        decision.state, f"Claim{decision.state}"
+def _event(budget: Mapping[str, Any], decision: Decision, consumer: ConsumerRef) -> None:
+    """The decision as an Event on the budget (posted by the claimant's own thread, after the
+    commit; repeats of a reason fold into one series)."""
+    events.claim_decided(
+        budget,
+        events.ClaimDecision(
+            decision.state,
+            decision.reason,
+            f"{consumer.kind} {consumer.namespace}/{consumer.name}",
+            epsilon=decision.epsilon,
+        ),
     )
-    message = json.dumps({"claim": decision.key, "epsilon": round(decision.epsilon, 6)})
-    message = f"{decision.reason} {message}"
-    try:
-        kopf.info(cast(kopf.Body, budget), reason=reason, message=message[:1000])
-    except LookupError:
-        # Outside the operator (tests, CLI) there is no event poster.
-        log.info("%s: %s", reason, message)

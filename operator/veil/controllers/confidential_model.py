@@ -7,23 +7,36 @@ AKS node pools, the Kubernetes API) and reports an outcome; `evaluate` turns it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
-from veil import API_GROUP, API_VERSION, labels
+from veil import API_GROUP, API_VERSION, events, labels, logs
 from veil.api.confidential_model import ConfidentialModelSpec, NodePool
 from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyError
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers import key_lifecycle, model_status
 from veil.controllers import training as training_flow
-from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, forget
+from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, first_line, forget
 from veil.kube import apply
+from veil.kube.cache import CHILDREN
+from veil.metrics import (
+    KEY_VERSIONS,
+    MODEL_READY_REPLICAS,
+    WORKQUEUE_ADDS,
+    WORKQUEUE_DEPTH,
+    WORKQUEUE_QUEUE_DURATION,
+    WORKQUEUE_RETRIES,
+    WORKQUEUE_WORK_DURATION,
+    controller_name,
+)
 from veil.resources import confidential_model as build
 from veil.resources import kata_claims
 from veil.resources.common import selector_labels
@@ -32,6 +45,7 @@ from veil.resources.kata_policy import KataPolicyError
 
 KIND = "ConfidentialModel"
 PLURAL = "confidentialmodels"
+CONTROLLER = controller_name(KIND)
 NODE_POOL_POLL_SECONDS = 30.0
 KEY_FAILURE_REASONS = {KeyVaultError: "KeyVaultRefused", ReleasePolicyError: "InvalidReleasePolicy"}
 # How often a settled model is checked for drift no watch event reported.
@@ -88,10 +102,16 @@ def _rollout_outcome(deployment: Mapping[str, Any] | None, replicas: int) -> tup
 
 @dataclass
 class _Lane:
-    """One model's reconciles run one at a time; events arriving meanwhile fold into one rerun."""
+    """One model's reconciles run one at a time; events arriving meanwhile fold into one rerun.
+
+    Measured as controller-runtime's workqueue (`workqueue_*{name="confidentialmodel"}`): a
+    dirty lane not yet being processed is one item of depth, as a workqueue's dirty set is.
+    """
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     dirty: bool = False
+    # When the lane turned dirty while idle (for workqueue_queue_duration_seconds).
+    queued_at: float | None = None
 
 
 _lanes: dict[tuple[str, str], _Lane] = {}
@@ -107,38 +127,67 @@ def _reconcile_once(namespace: str, name: str, logger: Any) -> Evaluation | None
     """Read the model fresh, converge, and write the status change; under the model's lane.
 
     Reading inside the lane means the status is compared with what the previous pass wrote,
-    so a settled model gets an empty patch and no write.
+    so a settled model gets an empty patch and no write. The transitions' events follow the
+    write.
     """
-    owner = apply.get_object(f"{API_GROUP}/{API_VERSION}", KIND, name, namespace)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return None  # gone or going: garbage collection and the finalizer take over
-    evaluation = evaluate_blocking(
-        kind=KIND,
-        spec_model=ConfidentialModelSpec,
-        body=owner,
-        logger=logger,
-        domain=lambda spec, body, _: _converge(body, spec, PORTS),
-    )
-    if evaluation.status_patch:
-        apply.patch_status(
-            f"{API_GROUP}/{API_VERSION}", KIND, name, namespace, evaluation.status_patch
+    with logs.reconciling(KIND, namespace, name):
+        owner = apply.get_object(f"{API_GROUP}/{API_VERSION}", KIND, name, namespace)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return None  # gone or going: garbage collection and the finalizer take over
+        evaluation = evaluate_blocking(
+            kind=KIND,
+            spec_model=ConfidentialModelSpec,
+            body=owner,
+            logger=logger,
+            domain=lambda spec, body, _: _converge(body, spec, PORTS),
         )
-    return evaluation
+        if evaluation.status_patch:
+            apply.patch_status(
+                f"{API_GROUP}/{API_VERSION}", KIND, name, namespace, evaluation.status_patch
+            )
+        evaluation.record_events(owner)
+        return evaluation
+
+
+def _mark_dirty(lane: _Lane) -> None:
+    WORKQUEUE_ADDS.labels(CONTROLLER, CONTROLLER).inc()
+    if not lane.dirty:
+        lane.dirty = True
+        lane.queued_at = time.monotonic()
+        WORKQUEUE_DEPTH.labels(CONTROLLER, CONTROLLER).inc()
+
+
+def _take(lane: _Lane) -> None:
+    lane.dirty = False
+    WORKQUEUE_DEPTH.labels(CONTROLLER, CONTROLLER).dec()
+    if lane.queued_at is not None:
+        WORKQUEUE_QUEUE_DURATION.labels(CONTROLLER, CONTROLLER).observe(
+            time.monotonic() - lane.queued_at
+        )
+        lane.queued_at = None
 
 
 def refresh(namespace: str, name: str, logger: Any, *, wait: bool) -> Evaluation | None:
     """Reconcile one model. With `wait` False (child events) a reconcile already running is
     asked to run once more instead: a rollout sends dozens of child events."""
     lane = _lane(namespace, name)
-    lane.dirty = True
+    with _lanes_guard:
+        _mark_dirty(lane)
     evaluation: Evaluation | None = None
     while lane.dirty:
         if not lane.lock.acquire(blocking=wait):
             return evaluation  # the holder sees `dirty` and runs again
         try:
             while lane.dirty:
-                lane.dirty = False
-                evaluation = _reconcile_once(namespace, name, logger)
+                with _lanes_guard:
+                    _take(lane)
+                started = time.monotonic()
+                try:
+                    evaluation = _reconcile_once(namespace, name, logger)
+                finally:
+                    WORKQUEUE_WORK_DURATION.labels(CONTROLLER, CONTROLLER).observe(
+                        time.monotonic() - started
+                    )
         finally:
             lane.lock.release()
     return evaluation
@@ -147,7 +196,7 @@ def refresh(namespace: str, name: str, logger: Any, *, wait: bool) -> Evaluation
 def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports) -> Result:
     meta = owner["metadata"]
     status: dict[str, Any] = {}
-    waiting = _await_node_pool(spec, ports, status)
+    waiting = _await_node_pool(owner, spec, ports, status)
     if waiting is not None:
         return waiting
     ensured = _ensure_key(owner, spec, ports, status)
@@ -169,20 +218,22 @@ def _converge(owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Port
     stalled: Outcome | None = None
     for manifest in children.apply:
         try:
-            apply.ensure([manifest], report)
+            apply.ensure([manifest], report, cache=CHILDREN)
         except apply.KindNotInstalledError as missing:
             stalled = Outcome.stalled_with(
                 "CiliumNotInstalled",
                 f"network.fqdnEgress needs Cilium: {missing}; the other policies are applied",
             )
     apply.ensure_absent(children.absent, meta["namespace"], meta["uid"], report)
-    if report.writes:
-        kopf_event(owner, "Applied", _describe(report))
+    record_apply(owner, report)
 
-    deployment = apply.get_object("apps/v1", "Deployment", meta["name"], meta["namespace"])
+    deployment = apply.get_object(
+        "apps/v1", "Deployment", meta["name"], meta["namespace"], cache=CHILDREN
+    )
     pods = apply.list_objects("v1", "Pod", meta["namespace"], selector_labels(owner, build.APP))
     conditions += [model_status.placed(pods, spec.tee.isolation), model_status.key_released(pods)]
     outcome, ready = _rollout_outcome(deployment, spec.serving.replicas)
+    MODEL_READY_REPLICAS.labels(meta["namespace"], meta["name"]).set(ready)
     if conditions[1][1] == "False" and spec.serving.replicas > 0:
         outcome = Outcome.progressing(conditions[1][2], conditions[1][3])
     if key is not None:
@@ -231,14 +282,26 @@ def _ensure_key(
     try:
         key = ports.ensure_key(owner, spec, measured)
     except (KeyVaultError, ReleasePolicyError) as refused:
+        message = first_line(str(refused), 600)
         return Result(
-            Outcome.failed("KeyNotReady", str(refused)),
+            Outcome.failed("KeyNotReady", message),
             status=status,
             requeue_after=60,
-            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], str(refused))],
+            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], message)],
+            detail=getattr(refused, "detail", ""),
         )
     status.update(keyId=key.kid, keyVersion=key.version)
     name = spec.key_release.key_vault().key_name
+    if key.created:
+        meta = owner["metadata"]
+        KEY_VERSIONS.labels(meta["namespace"], meta["name"], "created").inc()
+        events.normal(
+            owner,
+            "KeyVersionCreated",
+            f"Created version {key.version} of Key Vault key {name} with the release policy "
+            "in force (exportable, HSM-protected, immutable policy)",
+            action="CreateKeyVersion",
+        )
     return key, (
         "KeyReady",
         "True",
@@ -259,7 +322,7 @@ def _measured_claims(
 
 
 def _await_node_pool(
-    spec: ConfidentialModelSpec, ports: Ports, status: dict[str, Any]
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, ports: Ports, status: dict[str, Any]
 ) -> Result | None:
     """The node pool's state in status; a Result while it is not ready (None once it is)."""
     if spec.tee.node_pool is None:
@@ -267,10 +330,22 @@ def _await_node_pool(
     try:
         pool = ports.ensure_pool(spec.tee.node_pool, spec)
     except NodePoolError as refused:
+        message = first_line(str(refused), 600)
         if not refused.retriable:
-            return Result(Outcome.stalled_with("NodePoolRefused", str(refused)))
-        return Result(Outcome.failed("NodePoolError", str(refused)), requeue_after=60)
+            return Result(Outcome.stalled_with("NodePoolRefused", message), detail=refused.detail)
+        return Result(
+            Outcome.failed("NodePoolError", message), requeue_after=60, detail=refused.detail
+        )
     status["nodePoolState"] = pool.provisioning_state
+    if pool.changed:
+        events.normal(
+            owner,
+            "NodePoolRequested",
+            f"Asked AKS for confidential node pool {pool.name} ({pool.vm_size}, "
+            f"{pool.count if pool.count is not None else 'autoscaled'} node(s)); provisioning "
+            f"state {pool.provisioning_state}",
+            action="EnsureNodePool",
+        )
     if pool.ready:
         return None
     return Result(
@@ -312,44 +387,69 @@ def _settle_key_versions(
         except KeyVaultError as refused:
             message = f"Could not disable the unused versions of key {name}: {refused}"
             return Result(
-                Outcome.failed("KeyRetirementFailed", message),
+                Outcome.failed("KeyRetirementFailed", first_line(message, 600)),
                 status=status,
                 requeue_after=60,
                 conditions=conditions,
+                detail=refused.detail,
             )
         status["retiredKeyVersionsFor"] = key.version
         if disabled:
-            kopf_event(
+            meta = owner["metadata"]
+            KEY_VERSIONS.labels(meta["namespace"], meta["name"], "disabled").inc(len(disabled))
+            events.normal(
                 owner,
                 "KeyVersionsDisabled",
-                f"nothing serves from {name} version(s) {', '.join(disabled)}: disabled",
+                f"Nothing serves from key {name} version(s) {', '.join(disabled)} any more: "
+                "disabled them (kept for audit and recovery)",
+                action="DisableKeyVersions",
             )
     return assessment.outcome or outcome
 
 
-def _describe(report: apply.ApplyReport) -> str:
-    parts = []
-    for verb, items in (
-        ("created", report.created),
-        ("updated", report.updated),
-        ("deleted", report.deleted),
+def record_apply(owner: Mapping[str, Any], report: apply.ApplyReport) -> None:
+    """Events for the writes of an apply pass. Once the children were applied for the current
+    generation (status names the Service and observedGeneration is current), every write puts
+    back what someone changed: DriftCorrected. Before, they follow the spec: ChildrenCreated,
+    ChildrenUpdated, ChildrenDeleted."""
+    if not report.writes:
+        return
+    status = owner.get("status") or {}
+    current = status.get("observedGeneration") == owner["metadata"].get("generation")
+    if current and status.get("serviceName"):
+        done = [
+            f"{verb} {', '.join(items)}"
+            for verb, items in (
+                ("re-created", report.created),
+                ("restored", report.updated),
+                ("deleted", report.deleted),
+            )
+            if items
+        ]
+        events.normal(
+            owner,
+            "DriftCorrected",
+            f"Children were changed outside the spec: {'; '.join(done)}",
+            action="Apply",
+        )
+        return
+    for reason, verb, items in (
+        ("ChildrenCreated", "Created", report.created),
+        ("ChildrenUpdated", "Updated to the spec", report.updated),
+        ("ChildrenDeleted", "Deleted, no longer wanted:", report.deleted),
     ):
         if items:
-            parts.append(f"{verb} {', '.join(items)}")
-    return "; ".join(parts)
-
-
-def kopf_event(owner: Mapping[str, Any], reason: str, message: str) -> None:
-    # kopf posts events for any mapping with apiVersion, kind and metadata.
-    kopf.info(cast(kopf.Body, owner), reason=reason, message=message)
+            events.normal(owner, reason, f"{verb} {', '.join(items)}", action="Apply")
 
 
 async def _handle(body: kopf.Body, logger: Any, *, retry: bool = True) -> None:
     meta = body["metadata"]
+    logs.start(KIND, meta["namespace"], meta["name"])
     evaluation = await asyncio.to_thread(
         refresh, meta["namespace"], meta["name"], logger, wait=True
     )
     if retry and evaluation is not None and evaluation.retry_in is not None:
+        WORKQUEUE_RETRIES.labels(CONTROLLER, CONTROLLER).inc()
         raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
 
 
@@ -371,10 +471,14 @@ async def resync_model(body: kopf.Body, logger: Any, **_: Any) -> None:
 
 
 async def _on_child_event(event: Mapping[str, Any], logger: Any) -> None:
-    child_meta = (event.get("object") or {}).get("metadata", {})
+    child = event.get("object") or {}
+    if child.get("kind") != "Pod":  # pods are listed fresh: they are not applied
+        CHILDREN.observe(child, deleted=event.get("type") == "DELETED")
+    child_meta = child.get("metadata", {})
     owner_name = (child_meta.get("labels") or {}).get(labels.INSTANCE)
     namespace = child_meta.get("namespace")
     if owner_name and namespace:
+        logs.start(KIND, namespace, owner_name)
         await asyncio.to_thread(refresh, namespace, owner_name, logger, wait=False)
 
 
@@ -397,7 +501,14 @@ async def on_child_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
 async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Children go by garbage collection; the Key Vault key follows spec.deletionPolicy."""
     forget(KIND, body)
-    _lanes.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+    meta = body["metadata"]
+    with _lanes_guard:
+        lane = _lanes.pop((meta["namespace"], meta["name"]), None)
+        if lane is not None and lane.dirty:
+            WORKQUEUE_DEPTH.labels(CONTROLLER, CONTROLLER).dec()
+    for gauge in (MODEL_READY_REPLICAS,):
+        with contextlib.suppress(KeyError):
+            gauge.remove(meta["namespace"], meta["name"])
     try:
         spec = ConfidentialModelSpec.model_validate(dict(body.get("spec") or {}))
     except ValueError:
@@ -409,5 +520,8 @@ async def on_model_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
         outcome = await asyncio.to_thread(PORTS.remove_key, body, spec)
     except KeyVaultError as refused:
         message = f"could not delete the Key Vault key: {refused}"
-        raise kopf.TemporaryError(message, delay=30) from refused
+        logger.warning("%s %s", message, refused.detail)
+        await asyncio.to_thread(events.warning, body, "KeyDeletionFailed", message, "DeleteKey")
+        raise kopf.TemporaryError(first_line(message, 600), delay=30) from refused
     logger.info(outcome)
+    await asyncio.to_thread(events.normal, body, "DeletionPolicyApplied", outcome, "DeleteKey")

@@ -55,9 +55,9 @@ def pay_before_reading(
     `status` gets the claim's state either way and travels with the Result.
     """
     try:
-        decision = store().claim(ref, request)
-        if decision.state == "Granted":
-            store().consume(ref, decision.key)  # before the Job can read the data
+        # A grant is recorded Consumed in the very write that grants it: before the Job can
+        # read the data, and in one group commit with the budget's other claims.
+        decision = store().claim(ref, request, consume=True)
     except (BudgetUnavailableError, LedgerError) as refused:
         return _refusal(refused, status)
     status["claimState"] = decision.state

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from veil import API_GROUP, API_VERSION
+from veil import API_GROUP, API_VERSION, logs
 from veil.api.privacy_budget import PrivacyBudgetSpec
 from veil.conditions import Outcome
 from veil.controllers.budget_store import (
@@ -43,6 +43,7 @@ def _ref(body: kopf.Body) -> BudgetRef:
 
 
 async def _refresh(body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
+    logs.start(KIND, body["metadata"]["namespace"], body["metadata"]["name"])
     try:
         PrivacyBudgetSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError:

@@ -6,6 +6,7 @@ object already has, so a no-op resync issues no write.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -15,8 +16,18 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import BaseModel, ValidationError
 
+from veil import events, logs
 from veil.conditions import Outcome, Status, apply_outcome, now_rfc3339, set_condition
-from veil.metrics import RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL, RESOURCE_READY
+from veil.events import Event
+from veil.metrics import (
+    ACTIVE_WORKERS,
+    RECONCILE_ERRORS,
+    RECONCILE_TIME,
+    RECONCILE_TOTAL,
+    RESOURCE_READY,
+    TERMINAL_RECONCILE_ERRORS,
+    controller_name,
+)
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -33,6 +44,8 @@ class Result:
     requeue_after: float | None = None
     # Kind-specific conditions beside Ready/Reconciling/Stalled: (type, status, reason, message).
     conditions: list[tuple[str, Status, str, str]] = field(default_factory=list)
+    # What the conditions leave out (an SDK's whole error text): for the log and the event.
+    detail: str = ""
 
 
 DomainFn = Callable[[SpecT, Mapping[str, Any], Any], Awaitable[Result]]
@@ -85,6 +98,12 @@ class Evaluation:
     retry_in: float | None = None
     retry_reason: str = ""
     error: Exception | None = None
+    # Condition transitions, to record once the status patch is written.
+    events: list[Event] = field(default_factory=list)
+
+    def record_events(self, obj: Mapping[str, Any]) -> None:
+        """Post the transitions' events on `obj`. Blocking: call from a worker thread."""
+        events.record_all(obj, self.events)
 
 
 BlockingDomainFn = Callable[[SpecT, Mapping[str, Any], Any], Result]
@@ -93,20 +112,34 @@ BlockingDomainFn = Callable[[SpecT, Mapping[str, Any], Any], Result]
 def _failure(kind: str, failure: Exception, logger: Any) -> tuple[Result, Exception | None]:
     """The Result a failed domain call leaves, and the error to retry on (None: don't)."""
     if isinstance(failure, kopf.PermanentError):
-        return Result(Outcome.stalled_with("ReconcileFailed", str(failure))), None
+        stalled = Outcome.stalled_with("ReconcileFailed", first_line(str(failure), 400))
+        return Result(stalled, detail=str(failure)), None
     logger.exception("reconcile of %s failed", kind)
-    return Result(Outcome.failed("ReconcileError", failure_message(failure))), failure
+    return (
+        Result(Outcome.failed("ReconcileError", failure_message(failure)), detail=str(failure)),
+        failure,
+    )
 
 
-def failure_message(failure: Exception, limit: int = 200) -> str:
+def failure_message(failure: Exception, limit: int = 180) -> str:
     """One or two sentences for a condition: what failed, that it is retried, where the rest
     is. Only the first line of the error: SDK errors carry whole responses and tracebacks."""
-    lines = str(failure).strip().splitlines()
+    first = first_line(str(failure), limit)
+    what = f"{type(failure).__name__}: {first}" if first else type(failure).__name__
+    return (
+        f"Reconcile failed and will be retried ({what}). Details are in the operator's log "
+        "and the object's events."
+    )
+
+
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of `text`, at most `limit` characters: what a condition can hold of an
+    error whose whole text (an SDK's, a credential chain's) belongs in logs and events."""
+    lines = text.strip().splitlines()
     first = lines[0].strip() if lines else ""
     if len(first) > limit:
         first = first[: limit - 1] + "…"
-    what = f"{type(failure).__name__}: {first}" if first else type(failure).__name__
-    return f"Reconcile failed and will be retried ({what}). Details are in the operator's log."
+    return first
 
 
 def _invalid(
@@ -132,10 +165,11 @@ async def evaluate(
     spec, result = _invalid(spec_model, body)
     error: Exception | None = None
     if spec is not None:
-        try:
-            result = await domain(spec, body, logger)
-        except Exception as failure:  # every failure is said in status
-            result, error = _failure(kind, failure, logger)
+        with working(kind):
+            try:
+                result = await domain(spec, body, logger)
+            except Exception as failure:  # every failure is said in status
+                result, error = _failure(kind, failure, logger)
     assert result is not None
     return conclude(kind, body, result, error=error, started=started, logger=logger)
 
@@ -153,12 +187,24 @@ def evaluate_blocking(
     spec, result = _invalid(spec_model, body)
     error: Exception | None = None
     if spec is not None:
-        try:
-            result = domain(spec, body, logger)
-        except Exception as failure:  # every failure is said in status
-            result, error = _failure(kind, failure, logger)
+        with working(kind):
+            try:
+                result = domain(spec, body, logger)
+            except Exception as failure:  # every failure is said in status
+                result, error = _failure(kind, failure, logger)
     assert result is not None
     return conclude(kind, body, result, error=error, started=started, logger=logger)
+
+
+@contextlib.contextmanager
+def working(kind: str) -> Iterator[None]:
+    """controller_runtime_active_workers while a domain reconcile runs."""
+    gauge = ACTIVE_WORKERS.labels(controller_name(kind))
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def conclude(
@@ -170,7 +216,7 @@ def conclude(
     started: float,
     logger: Any,
 ) -> Evaluation:
-    """The status patch `result` asks for against `body`'s status, with metrics."""
+    """The status patch `result` asks for against `body`'s status, its events, and metrics."""
     meta = body.get("metadata", {})
     generation = int(meta.get("generation", 0))
     current_status: Mapping[str, Any] = body.get("status") or {}
@@ -179,9 +225,8 @@ def conclude(
     # set_condition keeps an unchanged condition's timestamp, so an unchanged outcome
     # yields an empty patch.
     now = now_rfc3339()
-    conditions = apply_outcome(
-        current_status.get("conditions", []), result.outcome, generation, now
-    )
+    before = current_status.get("conditions", [])
+    conditions = apply_outcome(before, result.outcome, generation, now)
     for type_, status, reason, message in result.conditions:
         conditions = set_condition(
             conditions,
@@ -193,25 +238,39 @@ def conclude(
             now=now,
         )
     desired["conditions"] = conditions
-    RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
+    controller = controller_name(kind)
+    RECONCILE_TIME.labels(controller).observe(time.monotonic() - started)
     RESOURCE_READY.labels(kind, meta.get("namespace", ""), meta.get("name", "")).set(
         1.0 if result.outcome.ready == "True" else 0.0
     )
-    evaluation = Evaluation(status_patch(current_status, desired), error=error)
+    evaluation = Evaluation(
+        status_patch(current_status, desired),
+        error=error,
+        events=events.transitions(
+            before, conditions, ready_warning=result.outcome.warning, detail=result.detail
+        ),
+    )
     if evaluation.status_patch:
         logger.debug("status change of %s %s: %s", kind, meta.get("name"), evaluation.status_patch)
-    result_label = "invalid" if result.outcome.reason == "InvalidSpec" else "success"
+    if result.detail and error is None:
+        # What status leaves out; a failure with a traceback was logged where it was caught.
+        logger.warning("%s %s", result.outcome.message, result.detail)
+    result_label = "success"
     if error is not None:
-        RECONCILE_ERRORS.labels(kind).inc()
+        RECONCILE_ERRORS.labels(controller).inc()
         result_label = "error"
-        evaluation.retry_in, evaluation.retry_reason = 30, str(error)
-    elif result.outcome.reason == "ReconcileFailed":
+        # kopf keeps a retry's reason in the object's annotations: its first line only.
+        evaluation.retry_in, evaluation.retry_reason = 30, first_line(str(error))
+    elif result.outcome.reason in ("InvalidSpec", "ReconcileFailed"):
+        # Nothing to retry until the object changes: controller-runtime's TerminalError.
+        RECONCILE_ERRORS.labels(controller).inc()
+        TERMINAL_RECONCILE_ERRORS.labels(controller).inc()
         result_label = "error"
     elif result.requeue_after is not None:
-        result_label = "requeue"
+        result_label = "requeue_after"
         evaluation.retry_in = result.requeue_after
         evaluation.retry_reason = result.outcome.message or "requeue"
-    RECONCILE_TOTAL.labels(kind, result_label).inc()
+    RECONCILE_TOTAL.labels(controller, result_label).inc()
     return evaluation
 
 
@@ -224,12 +283,17 @@ async def reconcile(
     domain: DomainFn[SpecT],
     logger: Any,
 ) -> None:
-    """The kopf-handler form: status goes into kopf's patch; retries become TemporaryError."""
+    """The kopf-handler form: status goes into kopf's patch; retries become TemporaryError.
+    The transitions' events are posted here, just before kopf writes the patch."""
+    meta = body.get("metadata", {})
+    logs.start(kind, meta.get("namespace", ""), meta.get("name", ""))
     evaluation = await evaluate(
         kind=kind, spec_model=spec_model, body=body, domain=domain, logger=logger
     )
     for key, value in evaluation.status_patch.items():
         patch.status[key] = value
+    if evaluation.events:
+        await asyncio.to_thread(evaluation.record_events, body)
     if evaluation.retry_in is not None:
         raise kopf.TemporaryError(evaluation.retry_reason, delay=evaluation.retry_in)
 
@@ -237,16 +301,18 @@ async def reconcile(
 @contextlib.contextmanager
 def observed(kind: str) -> Iterator[None]:
     """Count and time a reconcile that does not go through `evaluate`."""
+    controller = controller_name(kind)
     started = time.monotonic()
     try:
-        yield
+        with working(kind):
+            yield
     except Exception:
-        RECONCILE_ERRORS.labels(kind).inc()
-        RECONCILE_TOTAL.labels(kind, "error").inc()
+        RECONCILE_ERRORS.labels(controller).inc()
+        RECONCILE_TOTAL.labels(controller, "error").inc()
         raise
     finally:
-        RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
-    RECONCILE_TOTAL.labels(kind, "success").inc()
+        RECONCILE_TIME.labels(controller).observe(time.monotonic() - started)
+    RECONCILE_TOTAL.labels(controller, "success").inc()
 
 
 def forget(kind: str, body: kopf.Body) -> None:

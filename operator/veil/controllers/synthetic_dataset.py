@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from veil import API_GROUP, API_VERSION, labels
+from veil import API_GROUP, API_VERSION, events, labels, logs
 from veil.api.synthetic_dataset import SyntheticDatasetSpec
 from veil.artifacts import ArtifactError, read_bytes
 from veil.conditions import Outcome
@@ -30,7 +30,7 @@ from veil.config import OperatorConfig
 from veil.controllers.budget_store import BudgetRef, BudgetUnavailableError
 from veil.controllers.payment import pay_before_reading
 from veil.controllers.privacy_budget import store
-from veil.controllers.reconcile import Result, evaluate, forget, reconcile
+from veil.controllers.reconcile import Result, evaluate, first_line, forget, reconcile
 from veil.kube import apply
 from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef, LedgerError
@@ -100,10 +100,13 @@ def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
     except (ArtifactError, OSError, ValueError) as missing:
         return Result(
             Outcome.failed(
-                "ReportUnreadable", f"the Job finished but its report is unreadable: {missing}"
+                "ReportUnreadable",
+                f"The synthesis Job finished but its report is unreadable "
+                f"({first_line(str(missing))}); Veil retries every minute.",
             ),
             status=status,
             requeue_after=60,
+            detail=str(missing),
         )
     # Only public facts and the paid DP estimate: the row count is the one asked for.
     quality = report.get("quality")
@@ -147,6 +150,13 @@ def _create_job(owner: Mapping[str, Any], spec: SyntheticDatasetSpec, name: str)
         apply.ensure(build.children(owner, spec, CONFIG, suspended=True))
     _record(meta, {"jobName": name, "claimState": "Consumed"})
     _resume(owner, name)
+    events.normal(
+        owner,
+        "JobCreated",
+        f"Created Job {name} to synthesize {spec.synthesizer.rows} rows at ε "
+        f"{spec.synthesizer.epsilon:g}; its budget claim is consumed",
+        action="StartJob",
+    )
 
 
 def _resume(owner: Mapping[str, Any], name: str) -> None:
@@ -159,7 +169,14 @@ def _converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
     if (owner.get("status") or {}).get("jobName") == name:
         return _started(owner, spec, name)
     status: dict[str, Any] = {}
-    unpaid = pay_before_reading(_budget_ref(owner, spec), _claim(owner, spec), status)
+    ref = _budget_ref(owner, spec)
+    unpaid = pay_before_reading(ref, _claim(owner, spec), status)
+    events.claim_state_changed(
+        owner,
+        (owner.get("status") or {}).get("claimState"),
+        status.get("claimState"),
+        f"{ref.namespace}/{ref.name}",
+    )
     if unpaid is not None:
         return unpaid
     _create_job(owner, spec, name)
@@ -244,6 +261,7 @@ async def on_job_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
     namespace = job_meta.get("namespace")
     if not owner_name or not namespace:
         return
+    logs.start(KIND, namespace, owner_name)
     owner = await asyncio.to_thread(
         apply.get_object, f"{API_GROUP}/{API_VERSION}", KIND, owner_name, namespace
     )
@@ -261,6 +279,8 @@ async def on_job_changed(event: kopf.RawEvent, logger: Any, **_: Any) -> None:
             namespace,
             evaluation.status_patch,
         )
+    if evaluation.events:
+        await asyncio.to_thread(evaluation.record_events, owner)
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)

@@ -12,13 +12,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from veil import events
 from veil.api.confidential_model import ConfidentialModelSpec, SealedArtifact
 from veil.artifacts import ArtifactError, read_bytes
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
 from veil.controllers.budget_store import BudgetRef
 from veil.controllers.payment import pay_before_reading
-from veil.controllers.reconcile import Result
+from veil.controllers.reconcile import Result, first_line
 from veil.kube import apply
 from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef
@@ -46,7 +47,13 @@ def _pay(
         # The budget pays only for its own dataset.
         dataset=training.dataset_uri,
     )
-    return pay_before_reading(ref, request, status)
+    unpaid = pay_before_reading(ref, request, status)
+    previous = owner.get("status") or {}
+    before = previous.get("claimState") if previous.get("trainingRun") == run else None
+    events.claim_state_changed(
+        owner, before, status.get("claimState"), f"{ref.namespace}/{ref.name}"
+    )
+    return unpaid
 
 
 def _remove_other_runs(owner: Mapping[str, Any], current_job: str) -> None:
@@ -98,10 +105,25 @@ def train(
             ),
             status=status,
         )
-    apply.ensure(build.children(owner, spec, config))
+    report = apply.ensure(build.children(owner, spec, config))
+    if f"Job/{job_name}" in report.created:
+        events.normal(
+            owner,
+            "TrainingJobCreated",
+            f"Created Job {job_name} to train the model (run {run}); its budget claim is consumed",
+            action="StartJob",
+        )
     status["trainingJob"] = job_name
     job = job or apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
-    return _trained(job, job_name, spec, status)
+    trained = _trained(job, job_name, spec, status)
+    if isinstance(trained, SealedArtifact):
+        events.normal(
+            owner,
+            "TrainingJobSucceeded",
+            f"Job {job_name} trained and sealed the model (sha256 {trained.sha256})",
+            action="FinishJob",
+        )
+    return trained
 
 
 def _trained(
@@ -129,10 +151,12 @@ def _trained(
         return Result(
             Outcome.failed(
                 "TrainingResultUnreadable",
-                f"the training Job finished but its result is unreadable: {missing}",
+                f"The training Job {job_name} finished but its result is unreadable "
+                f"({first_line(str(missing))}); Veil retries every minute.",
             ),
             status=status,
             requeue_after=60,
+            detail=str(missing),
         )
     sealed = result.get("sealed") or {}
     assert spec.training is not None

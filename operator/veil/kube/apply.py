@@ -190,6 +190,12 @@ def get_object(
     return _get(_resource(dynamic_client(), api_version, kind), name, namespace)
 
 
+def create_object(api_version: str, kind: str, namespace: str, body: dict[str, Any]) -> None:
+    """Create an object (its answer is not read)."""
+    resource = _resource(dynamic_client(), api_version, kind)
+    resource.create(body=body, namespace=namespace, serializer=_plain)
+
+
 def patch_object(
     api_version: str, kind: str, name: str, namespace: str, patch: dict[str, Any]
 ) -> bool:
@@ -201,6 +207,7 @@ def patch_object(
             name=name,
             namespace=namespace,
             content_type="application/merge-patch+json",
+            serializer=_plain,
         )
     except NotFoundError:
         return False

@@ -217,7 +217,13 @@ class GuestAttestor:
             retriable=False,
         )
 
-    def _request(self, report: HclReport, tpm_info: dict[str, Any], vcek: bytes) -> dict[str, str]:
+    def _request(
+        self,
+        report: HclReport,
+        tpm_info: dict[str, Any],
+        vcek: bytes,
+        client_payload: bytes = b"",
+    ) -> dict[str, str]:
         info = {
             "AttestationProtocolVersion": PROTOCOL_VERSION,
             "OSType": _b64(b"Linux"),
@@ -226,7 +232,7 @@ class GuestAttestor:
             "OSVersionMinor": "0",
             "OSBuild": _b64(platform.release().encode()),
             "TcgLogs": _b64(self._tcg_log()),
-            "ClientPayload": _b64(b""),
+            "ClientPayload": _b64(client_payload),
             "TpmInfo": tpm_info,
             "IsolationInfo": self._isolation(report, vcek),
         }
@@ -277,13 +283,17 @@ class GuestAttestor:
         finally:
             del aes_key
 
-    async def attest(self, maa_endpoint: str) -> AttestedToken:
-        """A fresh MAA token for this node, encrypted to (and naming) a new TPM key."""
+    async def attest(
+        self, maa_endpoint: str, client_payload: Mapping[str, Any] | None = None
+    ) -> AttestedToken:
+        """A fresh MAA token for this node, encrypted to (and naming) a new TPM key; with a
+        `client_payload` (a JSON object), the token carries it as `x-ms-runtime.client-payload`."""
         url = f"{maa_base_url(maa_endpoint)}/attest/AzureGuest?api-version={API_VERSION}"
+        payload = b"" if client_payload is None else json.dumps(dict(client_payload)).encode()
         vcek = await self.vcek_chain()
         try:
             report, tpm_info, key = await asyncio.to_thread(self._evidence)
-            body = await asyncio.to_thread(self._request, report, tpm_info, vcek)
+            body = await asyncio.to_thread(self._request, report, tpm_info, vcek, payload)
         except TpmError as exc:
             raise AttestationError(f"the TPM failed: {exc}", retriable=True) from exc
         try:
@@ -301,6 +311,11 @@ class GuestAttestor:
         if not any(k.get("n") == ours["n"] for k in runtime_keys if isinstance(k, dict)):
             self.tpm.discard(key)
             raise AttestationError("MAA's token names another runtime key", retriable=False)
+        if client_payload is not None and (
+            claims.get("x-ms-runtime", {}).get("client-payload") != dict(client_payload)
+        ):
+            self.tpm.discard(key)
+            raise AttestationError("MAA's token does not carry the client payload", retriable=False)
         return AttestedToken(token, key, float(claims.get("exp", time.time())))
 
 
@@ -313,6 +328,14 @@ class TokenCache:
     clock: Callable[[], float] = time.time
     _tokens: dict[str, AttestedToken] = field(default_factory=dict, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    async def fresh(self, maa_endpoint: str, client_payload: Mapping[str, Any]) -> str:
+        """A token of its own carrying `client_payload` (not cached; its TPM key discarded at
+        once, as nothing is released to it), serialized with the cached token's TPM use."""
+        async with self._lock:
+            attested = await self.attestor.attest(maa_base_url(maa_endpoint), client_payload)
+            self.attestor.tpm.discard(attested.key)
+            return attested.token
 
     async def token(self, maa_endpoint: str) -> AttestedToken:
         base = maa_base_url(maa_endpoint)

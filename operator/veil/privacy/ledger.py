@@ -30,11 +30,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
-from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from veil.api.base import WireModel
 from veil.api.privacy_budget import ClaimCounts
@@ -170,6 +180,39 @@ class Binding(WireModel):
     )
 
 
+@dataclass(frozen=True)
+class _Index:
+    """What admission asks of the claims on every decision, kept in step with them: the
+    Pending keys and the count of claims in each state. Never on the wire."""
+
+    claims: Mapping[str, Claim]  # the very dict this index describes
+    pending: frozenset[str]
+    counts: Mapping[ClaimState, int]
+
+    @classmethod
+    def of(cls, claims: Mapping[str, Claim]) -> _Index:
+        counts = dict.fromkeys(CLAIM_STATES, 0)
+        for claim in claims.values():
+            counts[claim.state] += 1
+        pending = frozenset(k for k, c in claims.items() if c.state == "Pending")
+        return cls(claims, pending, MappingProxyType(counts))
+
+    def moved(
+        self, claims: Mapping[str, Claim], key: str, was: ClaimState | None, to: ClaimState
+    ) -> _Index:
+        """The index of `claims`: these claims with `key` moved from `was` (None: new) to `to`."""
+        counts = dict(self.counts)
+        pending = self.pending
+        if was is not None:
+            counts[was] -= 1
+            if was == "Pending":
+                pending = pending - {key}
+        counts[to] += 1
+        if to == "Pending":
+            pending = pending | {key}
+        return _Index(claims, pending, MappingProxyType(counts))
+
+
 class Ledger(WireModel):
     model_config = ConfigDict(frozen=True)
 
@@ -182,6 +225,10 @@ class Ledger(WireModel):
     claims: dict[str, Claim] = Field(default_factory=dict)
     folded: Folded = Field(default_factory=Folded)
     totals: Totals = Field(default_factory=Totals)
+    # Derived from `claims`, so admission never scans thousands of them; rebuilt whenever
+    # `claims` is not the dict it was made for (a ledger read from the wire, or copied
+    # with other claims), kept in step by `transition` and `add_claim` otherwise.
+    _index: _Index | None = PrivateAttr(default=None)
 
     @field_validator("claims", mode="before")
     @classmethod
@@ -220,16 +267,38 @@ class Ledger(WireModel):
         """Read `status.ledger` (None: a budget with no claims yet)."""
         return cls() if data is None else cls.model_validate(data)
 
+    def __eq__(self, other: object) -> bool:
+        # The index is a cache: ledgers with equal fields are equal whatever it holds.
+        if not isinstance(other, Ledger):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # it holds a dict: never hashable
+
+    def index(self) -> _Index:
+        index = self._index
+        if index is None or index.claims is not self.claims:
+            index = self._index = _Index.of(self.claims)
+        return index
+
+    def _with_claims(self, claims: dict[str, Claim], index: _Index, **update: Any) -> Ledger:
+        after = self.model_copy(update={"claims": claims, **update})
+        after._index = index
+        return after
+
+    def pending_keys(self) -> frozenset[str]:
+        """The keys of the Pending claims."""
+        return self.index().pending
+
     def counts(self) -> ClaimCounts:
-        by_state = dict.fromkeys(CLAIM_STATES, 0)
-        for claim in self.claims.values():
-            by_state[claim.state] += 1
+        by_state = dict(self.index().counts)
         for state, n in self.folded.counts.items():
             by_state[state] += n
         return ClaimCounts(**{state.lower(): n for state, n in by_state.items()})
 
     def open_claims(self) -> int:
-        return sum(1 for c in self.claims.values() if c.state in OPEN_STATES)
+        counts = self.index().counts
+        return sum(counts[state] for state in OPEN_STATES)
 
     def has_more_open_claims_than(self, limit: int) -> bool:
         return len(self.claims) > limit and self.open_claims() > limit
@@ -297,12 +366,12 @@ def transition(
     elif was_charged and not is_charged:
         charged = subtract(charged, claim.mechanisms)
     outcome = "requested" if to == "Pending" else to.lower()
-    return ledger.model_copy(
-        update={
-            "claims": {**ledger.claims, key: updated},
-            "charged": charged,
-            "totals": ledger.totals.bump(outcome),
-        }
+    claims = {**ledger.claims, key: updated}
+    return ledger._with_claims(
+        claims,
+        ledger.index().moved(claims, key, claim.state, to),
+        charged=charged,
+        totals=ledger.totals.bump(outcome),
     )
 
 
@@ -322,12 +391,12 @@ def add_claim(ledger: Ledger, claim: Claim) -> Ledger:
         raise ClaimConflictError(f"claim {claim.key!r} already exists")
     if claim.state != "Pending":
         raise IllegalTransitionError("a new claim starts Pending")
-    return ledger.model_copy(
-        update={
-            "claims": {**ledger.claims, claim.key: claim},
-            "next_seq": max(ledger.next_seq, claim.seq + 1),
-            "totals": ledger.totals.bump("requested"),
-        }
+    claims = {**ledger.claims, claim.key: claim}
+    return ledger._with_claims(
+        claims,
+        ledger.index().moved(claims, claim.key, None, "Pending"),
+        next_seq=max(ledger.next_seq, claim.seq + 1),
+        totals=ledger.totals.bump("requested"),
     )
 
 

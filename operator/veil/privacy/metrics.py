@@ -35,6 +35,8 @@ class BudgetSummary(WireModel):
         return {
             "epsilonSpent": self.epsilon_spent,
             "epsilonRemaining": self.epsilon_remaining,
+            # For `kubectl get`'s Remaining column (a printer column cannot round).
+            "epsilonRemainingDisplay": f"{self.epsilon_remaining:.4g}",
             "claims": self.claims.to_wire(),
         }
 

@@ -112,10 +112,11 @@ def schedule_pending(
     policy: Policy = "dpf",
 ) -> Ledger:
     """Grant as many Pending claims as fit in `policy` order; deny those that never can."""
+    waiting = ledger.pending_keys()  # kept in step with the claims: no scan of the ledger
+    if not waiting:
+        return ledger
     limit = budget.epsilon * min(1.0, max(0.0, unlocked_fraction))
-    pending = sorted(
-        (c for c in ledger.claims.values() if c.state == "Pending"), key=_order(policy, budget)
-    )
+    pending = sorted((ledger.claims[k] for k in waiting), key=_order(policy, budget))
     blocked = False
     for claim in pending:
         if not blocked:

@@ -7,6 +7,7 @@ from typing import Any
 
 from veil import labels
 from veil.config import PodSettings
+from veil.logs import ENV as LOG_FORMAT_ENV
 
 TRUST_BUNDLE_DIR = "/etc/veil/trust"
 
@@ -93,6 +94,12 @@ def workload_identity_account(
 def with_pod_settings(pod_spec: dict[str, Any], settings: PodSettings) -> dict[str, Any]:
     """`pod_spec` with the operator's pod settings in every container (see PodSettings)."""
     containers = [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+    # The operator's log format, for the runtime, synthesizer and trainer (veil.logs); text,
+    # their default, is not spelled out.
+    log_format = settings.log_format
+    if log_format != "text":
+        for container in containers:
+            container.setdefault("env", []).append({"name": LOG_FORMAT_ENV, "value": log_format})
     if settings.env_secret:
         for container in containers:
             container.setdefault("envFrom", []).append(

@@ -8,7 +8,7 @@ the canonical forms the API server stores (so comparing them with live objects i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -43,6 +43,8 @@ class KeyRef:
 
     kid: str
     version: str
+    # True when the reconcile that asked for it created this version (a new release policy).
+    created: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ def _runtime(
             # Metrics on a port of their own: the inference port serves only the protocol.
             "--metrics-port",
             str(METRICS_PORT),
+            # encrypted: a key made in the TEE, bound into its attestation (GET /v2/evidence);
+            # plaintext inference is refused.
+            "--channel",
+            spec.serving.channel_for(spec.tee.isolation),
         ],
         "ports": [
             {"name": HTTP_PORT_NAME, "containerPort": port, "protocol": "TCP"},

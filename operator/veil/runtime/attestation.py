@@ -8,6 +8,9 @@ Checks, in order, each failure naming itself (`AttestationFailure`):
   4. `exp` (required) and `nbf` hold, with a bounded leeway;
   5. the TEE claims satisfy the `AttestationPolicy` (type, compliance, not debuggable, hostdata);
   6. when a nonce is expected or required, the token's nonce matches and was not seen before.
+
+The nonce has one place, the attester's runtime data (`runtime_data`): `x-ms-runtime.nonce` on
+Confidential ACI, `x-ms-runtime.client-payload.nonce` on confidential VMs.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
 from veil.runtime.jwks import IssuerKeys, SigningKeyError, normalize_issuer
-from veil.runtime.metrics import RuntimeMetrics
-from veil.runtime.replay import ReplayCache
+from veil.runtime.replay import ReplayCache, ReplayCacheFullError
+
+if TYPE_CHECKING:  # prometheus_client stays out of the client's imports
+    from veil.runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger("veil.runtime.attestation")
 
@@ -59,6 +64,7 @@ class AttestationFailure(StrEnum):
     NOT_YET_VALID = "not_yet_valid"
     CLAIM = "claim"
     DEBUGGABLE = "debuggable"
+    HOSTDATA = "hostdata"
     NONCE = "nonce"
     REPLAY = "replay"
 
@@ -218,33 +224,47 @@ class AttestationPolicy:
         if self.hostdata is not None:
             actual = tee.get(SEVSNP_HOSTDATA)
             if not isinstance(actual, str):
-                raise _claim_error(f"claim {SEVSNP_HOSTDATA} is missing")
+                raise AttestationError(
+                    AttestationFailure.HOSTDATA, f"claim {SEVSNP_HOSTDATA} is missing"
+                )
             if not hmac.compare_digest(actual.lower(), self.hostdata):
-                raise _claim_error(
+                raise AttestationError(
+                    AttestationFailure.HOSTDATA,
                     f"claim {SEVSNP_HOSTDATA} is {actual!r}, expected {self.hostdata!r} "
-                    "(the container security policy differs)"
+                    "(the container security policy differs)",
                 )
         return str(tee_type)
 
 
-def token_nonce(claims: Mapping[str, Any]) -> str | None:
-    """The nonce of a token: `x-ms-runtime.nonce` or `x-ms-runtime.client-payload.nonce`,
-    at the top level or under `x-ms-isolation-tee`."""
-    places: list[Any] = [claims.get(RUNTIME)]
-    tee = claims.get(ISOLATION_TEE)
-    if isinstance(tee, Mapping):
-        places.append(tee.get(RUNTIME))
-    for runtime in places:
-        if not isinstance(runtime, Mapping):
-            continue
-        candidates = [runtime.get("nonce")]
-        payload = runtime.get("client-payload")
-        if isinstance(payload, Mapping):
-            candidates.append(payload.get("nonce"))
-        for candidate in candidates:
-            if isinstance(candidate, str) and candidate:
-                return candidate
-    return None
+NONCE = "nonce"
+CLIENT_PAYLOAD = "client-payload"
+
+
+def runtime_data(claims: Mapping[str, Any], placement: Placement) -> Mapping[str, Any]:
+    """Where a token carries the attester's own data, the one place the nonce and the channel
+    key are read from: on Confidential ACI the SKR sidecar's runtime data (a JSON document MAA
+    turns into the `x-ms-runtime` claims); on confidential VMs the guest attestation's client
+    payload (`x-ms-runtime.client-payload`). Empty when the token carries none."""
+    runtime = claims.get(RUNTIME)
+    if not isinstance(runtime, Mapping):
+        return {}
+    if placement is Placement.CONFIDENTIAL_VM:
+        payload = runtime.get(CLIENT_PAYLOAD)
+        return payload if isinstance(payload, Mapping) else {}
+    return runtime
+
+
+def runtime_data_claim(placement: Placement, member: str) -> str:
+    """The dotted claim name of `member` of the runtime data, for messages and documents."""
+    if placement is Placement.CONFIDENTIAL_VM:
+        return f"{RUNTIME}.{CLIENT_PAYLOAD}.{member}"
+    return f"{RUNTIME}.{member}"
+
+
+def token_nonce(claims: Mapping[str, Any], placement: Placement) -> str | None:
+    """The nonce of a token: `nonce` of its runtime data (see `runtime_data`), nowhere else."""
+    candidate = runtime_data(claims, placement).get(NONCE)
+    return candidate if isinstance(candidate, str) and candidate else None
 
 
 @dataclass(frozen=True)
@@ -299,7 +319,8 @@ class AttestationVerifier:
         self._policy = policy
         self._keys = keys or IssuerKeys()
         self._leeway = leeway_seconds
-        self._replay = replay_cache or ReplayCache(clock=clock)
+        # not `or`: an empty cache is falsy (it has a length)
+        self._replay = replay_cache if replay_cache is not None else ReplayCache(clock=clock)
         self._metrics = metrics
         self._clock = clock
 
@@ -379,13 +400,15 @@ class AttestationVerifier:
     def _check_nonce(
         self, claims: Mapping[str, Any], expected: str | None, expires: float
     ) -> str | None:
+        placement = self._policy.placement
+        nonce = token_nonce(claims, placement)
         if expected is None and not self._policy.require_nonce:
-            return token_nonce(claims)
-        nonce = token_nonce(claims)
+            return nonce
         if nonce is None:
+            claim = runtime_data_claim(placement, NONCE)
             raise AttestationError(
                 AttestationFailure.NONCE,
-                f"the token carries no nonce ({RUNTIME}.nonce), so its freshness is unknown",
+                f"the token carries no nonce ({claim}), so its freshness is unknown",
             )
         if expected is not None and not hmac.compare_digest(
             nonce.encode("utf-8"), expected.encode("utf-8")
@@ -393,7 +416,11 @@ class AttestationVerifier:
             raise AttestationError(
                 AttestationFailure.NONCE, "the token's nonce is not the nonce this verifier issued"
             )
-        if not self._replay.first_use(nonce, expires + self._leeway):
+        try:
+            first = self._replay.first_use(nonce, expires + self._leeway)
+        except ReplayCacheFullError as exc:
+            raise AttestationError(AttestationFailure.REPLAY, str(exc)) from exc
+        if not first:
             raise AttestationError(
                 AttestationFailure.REPLAY,
                 "the token's nonce was already used: this is a replayed token",

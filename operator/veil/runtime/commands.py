@@ -18,6 +18,7 @@ from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from veil.runtime.sealing import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
+    from veil.runtime.evidence import Attester, EvidenceService
     from veil.runtime.keywrap import KeyWrapper
     from veil.runtime.loader import ModelLoader
 
@@ -29,10 +30,11 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 
 
 def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    """Text, or JSON lines in the operator's shape when VEIL_LOG_FORMAT=json (the operator
+    passes its own format on to the pods it renders)."""
+    from veil.logs import configure_program
+
+    configure_program()
 
 
 # --- seal ---------------------------------------------------------------------------------
@@ -185,6 +187,59 @@ def _model_loader(args: argparse.Namespace) -> ModelLoader | int:
     )
 
 
+def _attester(args: argparse.Namespace) -> Attester | None:
+    """Who binds the channel key into an attestation: the SKR sidecar's `/attest/maa` on
+    Confidential ACI, the node agent's `/v1/attest` on confidential VMs; nobody otherwise (a
+    key file, or coco for now), so callers that verify the evidence refuse it."""
+    from veil.runtime.evidence import NodeAgentAttester, SkrAttester
+    from veil.runtime.key_release import RetryPolicy
+    from veil.runtime.node_agent_client import NodeAgentClient, NodeAgentTarget
+
+    if args.sidecar and args.maa_endpoint:
+        return SkrAttester(args.sidecar, args.maa_endpoint, issuer=args.channel_issuer)
+    if args.node_agent and args.maa_endpoint and args.akv_endpoint and args.kid:
+        retry = RetryPolicy(attempts=args.key_release_attempts)
+        client = NodeAgentClient(args.node_agent, args.node_agent_token, retry=retry)
+        key_name = args.kid.split("/", 1)[0]
+        target = NodeAgentTarget(f"https://{args.akv_endpoint}", key_name, "", args.maa_endpoint)
+        return NodeAgentAttester(client, target)
+    return None
+
+
+def _channel(args: argparse.Namespace) -> EvidenceService | int:
+    """The channel key (made here, in memory) and the evidence service that attests it."""
+    from veil.runtime.attestation import AttestationPolicy, AttestationVerifier
+    from veil.runtime.channel import ChannelPrivateKey
+    from veil.runtime.evidence import EvidenceService
+
+    try:
+        attester = _attester(args)
+        verifier = None
+        if attester is not None:
+            policy = (
+                AttestationPolicy.from_file(args.channel_policy)
+                if args.channel_policy is not None
+                else AttestationPolicy(attester.placement)
+            )
+            issuer = args.channel_issuer or attester.issuer
+            verifier = AttestationVerifier([issuer], policy)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if attester is None:
+        log.warning(
+            "the channel key is not attested with this key source: callers that verify the "
+            "evidence (veil infer) will refuse it"
+        )
+    return EvidenceService(
+        ChannelPrivateKey(),
+        model_name=args.model_name,
+        model_version=args.model_version,
+        required=args.channel == "encrypted",
+        attester=attester,
+        verifier=verifier,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from veil.runtime.server import ServeOptions, ServerLimits, run, serve
     from veil.runtime.state import ModelSlot
@@ -214,7 +269,10 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         limits=limits,
     )
-    return run(serve(slot, loader, options))
+    channel = _channel(args)
+    if isinstance(channel, int):
+        return channel
+    return run(serve(slot, loader, options, channel=channel))
 
 
 # --- registration -------------------------------------------------------------------------
@@ -366,6 +424,26 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=_positive_int,
         default=6,
         help="attempts to reach the sidecar before giving up",
+    )
+    serve.add_argument(
+        "--channel",
+        choices=("encrypted", "plaintext"),
+        default="plaintext",
+        help="encrypted: refuse plaintext inference, answer only HPKE-encrypted requests "
+        "(POST .../infer/encrypted, key and attestation at GET /v2/evidence); plaintext "
+        "(default): accept both",
+    )
+    serve.add_argument(
+        "--channel-issuer",
+        help="the issuer of the channel key's attestation token, checked by the runtime "
+        "before it serves the token (default https://<--maa-endpoint>, or --maa-endpoint "
+        "itself when it is a URL)",
+    )
+    serve.add_argument(
+        "--channel-policy",
+        type=Path,
+        help="JSON attestation policy the runtime checks its own token against (as `veil "
+        "verify --policy`; default: the placement's TEE claims)",
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")

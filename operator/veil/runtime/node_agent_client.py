@@ -123,6 +123,7 @@ class NodeAgentClient:
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError(f"node agent URL {agent_url!r} must be an http(s) URL")
         self._url = agent_url.rstrip("/") + "/v1/release"
+        self._attest_url = agent_url.rstrip("/") + "/v1/attest"
         self._token_path = token_path
         self._retry = retry or RetryPolicy()
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
@@ -185,6 +186,49 @@ class NodeAgentClient:
                 raise
         log.info("key %s released by the node agent", target.key_name)
         return _unwrap(body, wrapping)
+
+    async def _attest_attempt(self, session: aiohttp.ClientSession, body: dict[str, Any]) -> str:
+        headers = {"Authorization": f"Bearer {self._token()}"}
+        try:
+            async with session.post(self._attest_url, json=body, headers=headers) as response:
+                payload = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetriableError(
+                f"cannot reach the node agent at {self._attest_url}: {exc!r}"
+            ) from exc
+        if status in _RETRIABLE:
+            raise RetriableError(f"the node agent answered HTTP {status}: {_reason(payload)}")
+        if status != 200:
+            raise KeyReleaseRefusedError(status, _reason(payload), "the channel key")
+        try:
+            token = json.loads(payload)["token"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyReleaseResponseError("the node agent's answer holds no token") from exc
+        return str(token)
+
+    async def attest(self, target: NodeAgentTarget, runtime_data: dict[str, Any]) -> str:
+        """An MAA token of this node carrying `runtime_data` (the channel key, a nonce) in its
+        `x-ms-runtime.client-payload`, with the pod and model the agent vouches for."""
+        body = {
+            "vault_url": target.vault_url,
+            "key_name": target.key_name,
+            "maa_endpoint": target.maa_endpoint,
+            "runtime_data": runtime_data,
+        }
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            try:
+                return await with_retries(
+                    lambda: self._attest_attempt(session, body),
+                    self._retry,
+                    sleep=self._sleep,
+                    what="attestation of the channel key by the node agent",
+                )
+            except RetriesExhaustedError as exc:
+                raise KeyReleaseUnavailableError(
+                    f"attestation by the node agent failed after {self._retry.attempts} "
+                    f"attempts; last problem: {exc}"
+                ) from exc
 
 
 def node_agent_loader(

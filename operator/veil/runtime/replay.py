@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+
+
+class ReplayCacheFullError(Exception):
+    """The cache holds `max_entries` unexpired values: a new one is refused, never an old one
+    forgotten (forgetting it would let that nonce be replayed)."""
 
 
 class ReplayCache:
     """Remembers each value until its expiry, holding at most `max_entries`.
 
-    When full of unexpired values the oldest is forgotten first, so size the cache above the
-    number of tokens accepted per token lifetime; the expected-nonce check is the first defence,
-    this cache the second.
+    A value is never forgotten before it expires: when the cache is full of unexpired values a
+    new value is refused (`ReplayCacheFullError`) until one expires. Size it above the number of
+    tokens accepted per token lifetime. Inserts cost O(log n): expiries are kept in a heap, and
+    each insert drops only the values that have expired (each value is dropped once).
     """
 
     def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
@@ -22,28 +28,36 @@ class ReplayCache:
             raise ValueError("a replay cache needs room for at least one entry")
         self._max = max_entries
         self._clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self._seen: dict[bytes, float] = {}
+        self._expiries: list[tuple[float, bytes]] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._seen)
 
-    def _evict(self, now: float) -> None:
-        expired = [key for key, expiry in self._seen.items() if expiry <= now]
-        for key in expired:
-            del self._seen[key]
-        while len(self._seen) >= self._max:
-            self._seen.popitem(last=False)
+    def _forget_expired(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expiry, key = heapq.heappop(heap)
+            if self._seen.get(key) == expiry:
+                del self._seen[key]
 
     def first_use(self, value: str, expires_at: float) -> bool:
-        """Record `value`; True the first time it is offered before its expiry, False after."""
+        """Record `value`; True the first time it is offered before its expiry, False after.
+        Raises ReplayCacheFullError when it cannot be remembered."""
         key = hashlib.sha256(value.encode("utf-8")).digest()
         now = self._clock()
         with self._lock:
-            expiry = self._seen.get(key)
-            if expiry is not None and expiry > now:
+            self._forget_expired(now)
+            if key in self._seen:
                 return False
-            self._evict(now)
-            self._seen[key] = max(expires_at, now)
+            if len(self._seen) >= self._max:
+                raise ReplayCacheFullError(
+                    f"the replay cache holds {self._max} unexpired nonces and forgets none "
+                    "early: refusing the token until one expires"
+                )
+            expiry = max(expires_at, now)
+            self._seen[key] = expiry
+            heapq.heappush(self._expiries, (expiry, key))
             return True

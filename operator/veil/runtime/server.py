@@ -8,6 +8,14 @@
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer  JSON, or the binary tensor data extension
 
+With a channel (`build_app(channel=...)`, see channel.py and evidence.py):
+
+    GET  /v2/evidence[?nonce=N]                the channel key and the token that attests it
+    POST /v2/models/{name}[/versions/{v}]/infer/encrypted   an HPKE-encrypted infer request;
+         200 with the encrypted answer (its inner status says how it went) once the request
+         opens; 400 when it does not (altered, another key), before anything is decoded
+    and, when encryption is required, POST .../infer answers 403 (no plaintext inference).
+
 Prometheus metrics are served by a separate app (`build_metrics_app`) on its own port, so the
 inference port serves only the protocol.
 
@@ -35,13 +43,21 @@ from veil import __version__
 from veil.runtime.access_log import LOGGER_NAME as ACCESS_LOGGER
 from veil.runtime.access_log import AccessLog
 from veil.runtime.admission import BodyBudget
+from veil.runtime.channel import (
+    EVIDENCE_PATH,
+    REQUEST_MEDIA_TYPE,
+    RESPONSE_MEDIA_TYPE,
+    ChannelError,
+    OpenedRequest,
+)
 from veil.runtime.codec import HEADER_LENGTH, encode_response, load_json, split_body
+from veil.runtime.evidence import EvidenceService, EvidenceUnavailableError
 from veil.runtime.loader import ModelLoader
 from veil.runtime.metrics import RuntimeMetrics
 from veil.runtime.model import InferenceError, OnnxModel
 from veil.runtime.offload import CostModel
 from veil.runtime.protocol import InferRequest, RequestError, parse_infer_request
-from veil.runtime.routes import add_routes, error, plain
+from veil.runtime.routes import Handler, add_routes, error, plain
 from veil.runtime.state import ModelSlot, ModelState
 
 log = logging.getLogger("veil.runtime.server")
@@ -117,8 +133,10 @@ class _Api:
         metrics: RuntimeMetrics,
         limits: ServerLimits,
         access_log: AccessLog | None,
+        channel: EvidenceService | None = None,
     ) -> None:
         self.slot = slot
+        self.channel = channel
         self.limits = limits
         self.access_log = access_log
         self.semaphore = asyncio.Semaphore(limits.max_concurrent_inferences)
@@ -145,6 +163,9 @@ class _Api:
     async def ready(self, _: web.Request) -> web.Response:
         if self.slot.model is None:
             return web.json_response({"ready": False, "state": self.slot.state.value}, status=503)
+        if self.channel is not None and not self.channel.serving:
+            body = {"ready": False, "state": "attesting", "reason": self.channel.last_failure}
+            return web.json_response(body, status=503)
         return web.json_response({"ready": True})
 
     async def repository_index(self, _: web.Request) -> web.Response:
@@ -229,6 +250,128 @@ class _Api:
             self.access_log.add(request, response, seconds)
         return response
 
+    # --- the encrypted channel (beside the plaintext path, which stays as it is) -------------
+
+    async def evidence(self, request: web.Request) -> web.Response:
+        assert self.channel is not None
+        nonce = request.query.get("nonce")
+        try:
+            if nonce is None:
+                document = self.channel.current()
+            else:
+                document = await self.channel.fresh(nonce)
+        except ValueError as exc:
+            return error(400, str(exc))
+        except EvidenceUnavailableError as exc:
+            response = error(exc.status, str(exc))
+            response.headers[hdrs.RETRY_AFTER] = "5"
+            return response
+        response = web.json_response(document)
+        response.headers[hdrs.CACHE_CONTROL] = "no-store"
+        return response
+
+    async def plaintext_refused(self, request: web.Request) -> web.Response:
+        """POST infer when encryption is required: refused before the body is read."""
+        path = request.match_info.get("name", self.slot.name)
+        response = error(
+            403,
+            f"model {path!r} accepts only encrypted requests: fetch GET {EVIDENCE_PATH}, verify "
+            "it, and POST an HPKE-encrypted request to .../infer/encrypted (veil infer does)",
+        )
+        response.force_close()  # the unread body is not waited for
+        self.stats.record("bad_request", 0.0)
+        if self.access_log is not None:
+            self.access_log.add(request, response, 0.0)
+        return response
+
+    async def infer_encrypted(self, request: web.Request) -> web.Response:
+        if self._known(request):
+            return await self.infer_encrypted_served(request)
+        response = self._unknown(request)
+        if self.access_log is not None:
+            self.access_log.add(request, response, 0.0)
+        return response
+
+    async def infer_encrypted_served(self, request: web.Request) -> web.Response:
+        """POST an encrypted infer request: open it, run it as `infer_served` would, and answer
+        encrypted to the key it carries. Errors after it opens are answered inside the
+        envelope (they may echo the caller's data); errors before, in plain JSON."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if request.content_type != REQUEST_MEDIA_TYPE:
+                message = f"an encrypted request has Content-Type {REQUEST_MEDIA_TYPE}"
+                raise _RefusedError("bad_request", error(415, message))
+            model, reserved, admitted = self._admit(request)
+            if not admitted and not await self.budget.reserve(reserved, self.limits.read_timeout):
+                busy = error(503, "the server is busy receiving other requests; retry shortly")
+                busy.headers[hdrs.RETRY_AFTER] = "1"
+                raise _RefusedError("busy", busy)
+            try:
+                raw = await self._read(request)
+                if len(raw) > _INLINE_DECODE_BYTES:
+                    async with self.semaphore:
+                        sealed, outcome = await asyncio.to_thread(self._sealed_answer, model, raw)
+                else:
+                    opened = self._open(raw)
+                    infer = self._decode_opened(model, opened)
+                    if isinstance(infer, bytes):  # refused inside the envelope
+                        sealed, outcome = infer, "bad_request"
+                    elif self.costs.inline(len(opened.body)):
+                        sealed, outcome = self._run_sealed(model, opened, infer)
+                    else:
+                        async with self.semaphore:
+                            sealed, outcome = await asyncio.to_thread(
+                                self._run_sealed, model, opened, infer
+                            )
+            finally:
+                self.budget.release(reserved)
+            response = web.Response(body=sealed, content_type=RESPONSE_MEDIA_TYPE)
+        except _RefusedError as refused:
+            response, outcome = refused.response, refused.outcome
+        except Exception:
+            log.exception("encrypted inference request failed unexpectedly")
+            response = error(500, "internal error while answering the request")
+        finally:
+            seconds = time.perf_counter() - started
+            self.stats.record(outcome, seconds)
+        if self.access_log is not None:
+            self.access_log.add(request, response, seconds)
+        return response
+
+    def _open(self, raw: bytes) -> OpenedRequest:
+        """Decrypt a request; a plain 400 if it does not open (nothing of it is decoded)."""
+        assert self.channel is not None
+        try:
+            return self.channel.key.open_request(raw)
+        except ChannelError as exc:
+            raise _RefusedError("bad_request", error(400, str(exc))) from None
+
+    def _decode_opened(self, model: OnnxModel, opened: OpenedRequest) -> InferRequest | bytes:
+        """The decoded request, or the sealed refusal when it does not fit the model."""
+        header = None if opened.header_length is None else str(opened.header_length)
+        try:
+            return self._decode(model, opened.body, header)
+        except _RefusedError as refused:
+            return _seal_refusal(opened, refused)
+
+    def _run_sealed(
+        self, model: OnnxModel, opened: OpenedRequest, infer: InferRequest
+    ) -> tuple[bytes, str]:
+        try:
+            body, binary_header = self._run(model, infer, len(opened.body))
+        except _RefusedError as refused:
+            return _seal_refusal(opened, refused), refused.outcome
+        return opened.seal_response(200, body, binary_header), "success"
+
+    def _sealed_answer(self, model: OnnxModel, raw: bytes) -> tuple[bytes, str]:
+        """All of it, in a worker thread, for a body too large to open on the loop."""
+        opened = self._open(raw)
+        infer = self._decode_opened(model, opened)
+        if isinstance(infer, bytes):
+            return infer, "bad_request"
+        return self._run_sealed(model, opened, infer)
+
     def _admit(self, request: web.Request) -> tuple[OnnxModel, int, bool]:
         """The model, the body bytes to reserve, and whether they were reserved at once;
         refuses a request when no model is ready or its declared length is over the limit."""
@@ -306,6 +449,11 @@ class _Api:
         return self._run(model, self._decode(model, raw, header_length), len(raw))
 
 
+def _seal_refusal(opened: OpenedRequest, refused: _RefusedError) -> bytes:
+    inner = refused.response.body
+    return opened.seal_response(refused.response.status, inner if isinstance(inner, bytes) else b"")
+
+
 def _answer(body: bytes, binary_header: int | None) -> web.Response:
     if binary_header is None:
         return web.Response(body=body, content_type="application/json")
@@ -325,6 +473,32 @@ def build_metrics_app(registry: CollectorRegistry) -> web.Application:
     return app
 
 
+def _channel_routes(
+    api: _Api, served: list[str], model_paths: list[str]
+) -> tuple[Handler, Handler, list[tuple[str, dict[str, Handler]]]]:
+    """The plaintext infer handlers (refusals when encryption is required) and the channel's
+    routes (none without a channel)."""
+    infer_served: Handler = api.infer_served
+    infer: Handler = api.infer
+    channel = api.channel
+    if channel is None:
+        return infer_served, infer, []
+    if channel.required:
+        infer_served = infer = api.plaintext_refused
+    sealed_served: Handler = api.infer_encrypted_served
+    sealed_any: Handler = api.infer_encrypted
+    post = hdrs.METH_POST
+    return (
+        infer_served,
+        infer,
+        [
+            *[(f"{base}/infer/encrypted", {post: sealed_served}) for base in served if plain(base)],
+            *[(f"{base}/infer/encrypted", {post: sealed_any}) for base in model_paths],
+            (EVIDENCE_PATH, {hdrs.METH_GET: api.evidence}),
+        ],
+    )
+
+
 def build_app(
     slot: ModelSlot,
     metrics: RuntimeMetrics,
@@ -333,22 +507,27 @@ def build_app(
     limits: ServerLimits | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     access_log: AccessLog | None = None,
+    channel: EvidenceService | None = None,
 ) -> web.Application:
     """The aiohttp application; with a `loader`, a startup task loads the model, then readiness.
-    With an `access_log`, every request it answers writes a line there."""
+    With an `access_log`, every request it answers writes a line there. With a `channel`, the
+    evidence and encrypted infer routes are served too, and plaintext infer is refused when
+    the channel requires encryption."""
     limits = limits or ServerLimits()
-    api = _Api(slot, metrics, limits, access_log)
+    api = _Api(slot, metrics, limits, access_log, channel)
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[BODY_BUDGET] = api.budget
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
     get, post = hdrs.METH_GET, hdrs.METH_POST
     served = [f"/v2/models/{slot.name}", f"/v2/models/{slot.name}/versions/{slot.version}"]
+    infer_served, infer, encrypted = _channel_routes(api, served, model_paths)
     add_routes(
         app,
         [
             # Plain paths are found by a dict lookup, before any pattern is tried.
-            *[(f"{base}/infer", {post: api.infer_served}) for base in served if plain(base)],
-            *[(f"{base}/infer", {post: api.infer}) for base in model_paths],
+            *[(f"{base}/infer", {post: infer_served}) for base in served if plain(base)],
+            *[(f"{base}/infer", {post: infer}) for base in model_paths],
+            *encrypted,
             ("/v2", {get: api.server_metadata}),
             ("/v2/health/live", {get: api.live}),
             ("/v2/health/ready", {get: api.ready}),
@@ -357,7 +536,13 @@ def build_app(
             *[(f"{base}/ready", {get: api.model_ready}) for base in model_paths],
         ],
         access_log,
-        self_logging=(api.infer_served, api.infer),
+        self_logging=(
+            api.infer_served,
+            api.infer,
+            api.plaintext_refused,
+            api.infer_encrypted_served,
+            api.infer_encrypted,
+        ),
     )
 
     async def run_loader() -> None:
@@ -390,6 +575,13 @@ def build_app(
         slot.release()
 
     app.cleanup_ctx.append(loader_task)
+    if channel is not None:
+
+        async def attesting(_: web.Application) -> AsyncIterator[None]:
+            async with channel.lifespan():
+                yield
+
+        app.cleanup_ctx.append(attesting)
     app.on_shutdown.append(drain)
     app.on_cleanup.append(release)
     return app
@@ -434,6 +626,7 @@ async def serve(
     options: ServeOptions | None = None,
     *,
     registry: CollectorRegistry | None = None,
+    channel: EvidenceService | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (exit code 0) or until the model fails to load (exit code 1).
 
@@ -459,6 +652,7 @@ async def serve(
         limits=options.limits,
         on_load_failure=load_failed,
         access_log=access_log,
+        channel=channel,
     )
     runners: list[web.AppRunner] = []
     loop = asyncio.get_running_loop()

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from veil import logs
 from veil.api.synthetic_dataset import DEFAULT_BINS
 from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, require
 from veil.synthesis.domain import DomainError
@@ -35,6 +37,9 @@ SPEC_FIELDS = (
 
 
 def _fail(message: str, code: int) -> int:
+    if logs.json_enabled():  # one JSON line, as the operator's, instead of plain stderr text
+        logging.getLogger("veil.synthesis").error(message)
+        return code
     return fail("veil synthesize", message, code)
 
 
@@ -143,6 +148,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     from veil.artifacts import ArtifactError
     from veil.synthesis.synthesize import RefusedError, SynthesisError, synthesize
 
+    logs.configure_program()  # text, or JSON lines as the operator's (VEIL_LOG_FORMAT)
     try:
         config = config_from_args(args)
     except (ValueError, DomainError) as bad:
@@ -159,7 +165,7 @@ def _synthesize(args: argparse.Namespace) -> int:
             "may quote the data)",
             EXIT_FAILED,
         )
-    print(json.dumps(report, indent=2, sort_keys=True))
+    print(json.dumps(report, indent=None if logs.json_enabled() else 2, sort_keys=True))
     return EXIT_OK
 
 

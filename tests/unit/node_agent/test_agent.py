@@ -76,9 +76,9 @@ async def agent(
     attests: list[str] = []
     original = attestor.attest
 
-    async def counted(endpoint: str) -> Any:
+    async def counted(endpoint: str, *payload: Any) -> Any:
         attests.append(endpoint)
-        return await original(endpoint)
+        return await original(endpoint, *payload)
 
     monkeypatch.setattr(attestor, "attest", counted)
     server = TestServer(

@@ -36,6 +36,7 @@ def test_summary_for_the_status() -> None:
     assert summary.status_fields() == {
         "epsilonSpent": summary.epsilon_spent,
         "epsilonRemaining": summary.epsilon_remaining,
+        "epsilonRemainingDisplay": "0.2",
         "claims": {"pending": 0, "granted": 1, "denied": 1, "consumed": 1, "released": 0},
     }
     ledger, _ = decide(ledger, request("last", EpsilonDeltaMechanism(epsilon=0.2)), BUDGET, at(11))

@@ -8,7 +8,7 @@ reads.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from veil.runtime.attestation import Placement
 from veil.runtime.jwk import rsa_public_jwk
 from veil_standins.maa import MaaStandIn, simulated_cvm_tee
 
@@ -170,3 +171,26 @@ def cvm_claims(nonce: str | None = None, /, **tee_overrides: Any) -> dict[str, A
     if nonce is not None:
         claims["x-ms-runtime"] = {"client-payload": {"nonce": nonce}}
     return claims
+
+
+@dataclass
+class AuthorityAttester:
+    """The SKR sidecar's `/attest/maa` collapsed into a call: the test authority mints the token
+    MAA gives a Confidential ACI group, its runtime data as `x-ms-runtime` (the SKR stand-in's
+    own HTTP path is tested in tests/unit/standins/test_skr_attest.py)."""
+
+    authority: TestAuthority
+    lifetime: float = 8 * 3600
+    tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    calls: int = 0
+    placement: Placement = Placement.CONFIDENTIAL_ACI
+
+    @property
+    def issuer(self) -> str:
+        return self.authority.issuer
+
+    async def attest(self, data: Mapping[str, Any]) -> str:
+        self.calls += 1
+        runtime = dict(data) if self.tamper is None else self.tamper(dict(data))
+        claims = self.authority.simulated_container_claims(runtime)
+        return self.authority.token(claims, lifetime=self.lifetime)

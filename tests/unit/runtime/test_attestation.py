@@ -24,7 +24,7 @@ from veil.runtime.attestation import (
 )
 from veil.runtime.jwks import IssuerKeys
 from veil.runtime.metrics import RuntimeMetrics
-from veil.runtime.replay import ReplayCache
+from veil.runtime.replay import ReplayCache, ReplayCacheFullError
 
 from .doubles import HOSTDATA, TestAuthority, aci_claims, cvm_claims
 
@@ -177,7 +177,8 @@ async def test_jku_header_pointing_elsewhere_is_ignored(
 async def test_missing_claim_is_refused(authority: TestAuthority, claim: str, message: str) -> None:
     claims = aci_claims()
     del claims[claim]
-    error = await _refused(_verifier(authority), authority.token(claims), AttestationFailure.CLAIM)
+    reason = AttestationFailure.HOSTDATA if "hostdata" in claim else AttestationFailure.CLAIM
+    error = await _refused(_verifier(authority), authority.token(claims), reason)
     assert message in str(error)
 
 
@@ -193,7 +194,9 @@ async def test_wrong_claim_is_refused(
     authority: TestAuthority, override: dict[str, Any], message: str
 ) -> None:
     token = authority.token(aci_claims(**override))
-    error = await _refused(_verifier(authority), token, AttestationFailure.CLAIM)
+    hostdata = "x-ms-sevsnpvm-hostdata" in override
+    reason = AttestationFailure.HOSTDATA if hostdata else AttestationFailure.CLAIM
+    error = await _refused(_verifier(authority), token, reason)
     assert message in str(error)
 
 
@@ -343,14 +346,42 @@ def test_bad_policies_are_refused(data: dict[str, Any], message: str) -> None:
         AttestationPolicy.from_mapping(data)
 
 
-def test_replay_cache_is_bounded_and_forgets_expired_values() -> None:
+def test_replay_cache_is_bounded_and_forgets_only_expired_values() -> None:
     now = [1000.0]
     cache = ReplayCache(max_entries=3, clock=lambda: now[0])
     assert cache.first_use("a", 2000)
     assert not cache.first_use("a", 2000)
-    for value in ("b", "c", "d"):
+    for value in ("b", "c"):
         assert cache.first_use(value, 2000)
+    # full of unexpired nonces: a new one is refused, none is forgotten
+    with pytest.raises(ReplayCacheFullError, match="forgets none early"):
+        cache.first_use("d", 2000)
     assert len(cache) == 3
+    assert not cache.first_use("a", 2000)  # still remembered
     now[0] = 2500.0  # everything expired
     assert cache.first_use("a", 3000)
     assert len(cache) == 1
+
+
+def test_replay_cache_inserts_scale_with_many_entries() -> None:
+    now = [0.0]
+    cache = ReplayCache(max_entries=200_000, clock=lambda: now[0])
+    started = time.perf_counter()
+    for index in range(100_000):
+        now[0] = index * 0.001
+        assert cache.first_use(str(index), 1e9)
+    # O(n) inserts (a scan per insert) would take minutes here
+    assert time.perf_counter() - started < 10
+    assert len(cache) == 100_000
+
+
+async def test_a_full_replay_cache_refuses_the_token(authority: TestAuthority) -> None:
+    verifier = _verifier(authority, replay_cache=ReplayCache(max_entries=1))
+    await verifier.verify(authority.token(aci_claims("first-nonce")), expected_nonce="first-nonce")
+    error = await _refused(
+        verifier,
+        authority.token(aci_claims("second-nonce")),
+        AttestationFailure.REPLAY,
+        expected_nonce="second-nonce",
+    )
+    assert "unexpired nonces" in str(error)
