@@ -175,7 +175,7 @@ while True:
 # isolation, claims), then sends the request encrypted to the attested key.
 INFER_ENCRYPTED = """
 import json, sys, time
-from veil.client import Client, Expectations, InferenceError
+from veil.client import Client, Expectations, InferenceError, RefusedError
 url, model, body = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 expectations = Expectations.from_confidential_model(model)
 deadline = time.monotonic() + 30
@@ -186,8 +186,8 @@ while True:
         answer = {"status": 200, "body": client.infer(body)}
     except InferenceError as error:
         answer = {"status": error.status, "body": str(error)}
-    except OSError:
-        if time.monotonic() > deadline:
+    except RefusedError as refused:  # unreachable yet (the Service's endpoints): retried
+        if refused.check != "evidence" or time.monotonic() > deadline:
             raise
         time.sleep(1)
         continue
