@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from veil.client.expectations import Expectations, claim_value
+from veil.http_errors import error_reason
 from veil.runtime.attestation import (
     AttestationError,
     AttestationVerifier,
@@ -276,7 +277,7 @@ class AsyncClient:
                     return sealed.open_response(answer)
                 except ChannelError as exc:
                     raise InferenceError(status, str(exc)) from exc
-            message = _error_text(answer)
+            message = error_reason(answer)
             if status == 400 and _STALE_KEY in message and attempt == 1:
                 self.verified = None  # the runtime restarted with a new key: verify again
                 continue
@@ -291,19 +292,9 @@ class AsyncClient:
         if header_length is not None:
             raise InferenceError(status, "the answer uses binary tensors; use send() for those")
         if status != 200:
-            raise InferenceError(status, _error_text(answer))
+            raise InferenceError(status, error_reason(answer))
         document: dict[str, Any] = json.loads(answer)
         return document
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return str(parsed["error"])
-    return body[:300].decode("utf-8", errors="replace") or "no reason given"
 
 
 class _Loop:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from veil.http_errors import error_reason
 from veil.runtime.jwk import JwkError, rsa_private_key_from_jwk
 from veil.runtime.metrics import RuntimeMetrics
 
@@ -151,17 +152,6 @@ async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error_reason(body: bytes) -> str:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return str(parsed["error"])
-    text = body.decode("utf-8", errors="replace").strip()
-    return text[:500] or "no reason given"
-
-
 def _key_from_response(body: bytes) -> rsa.RSAPrivateKey:
     try:
         parsed: Any = json.loads(body)
@@ -217,7 +207,7 @@ class KeyReleaseClient:
             raise RetriableError(f"cannot reach the SKR sidecar at {self._url}: {exc!r}") from exc
         if status == 200:
             return body
-        reason = _error_reason(body)
+        reason = error_reason(body, 500)
         if status in _RETRIABLE_STATUS:
             raise RetriableError(f"the SKR sidecar answered HTTP {status}: {reason}")
         raise KeyReleaseRefusedError(status, reason, target.kid)

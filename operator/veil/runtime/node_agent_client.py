@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
+from veil.http_errors import error_reason
 from veil.runtime.jwk import JwkError, b64url_decode, rsa_public_jwk
 from veil.runtime.key_release import (
     KeyReleaseError,
@@ -71,16 +72,6 @@ class NodeAgentTarget:
     key_name: str
     key_version: str
     maa_endpoint: str
-
-
-def _reason(body: bytes) -> str:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return str(parsed["error"])
-    return body.decode("utf-8", errors="replace").strip()[:300] or "no reason given"
 
 
 def _unwrap(body: bytes, key: rsa.RSAPrivateKey) -> rsa.RSAPrivateKey:
@@ -156,8 +147,8 @@ class NodeAgentClient:
         if status == 200:
             return payload
         if status in _RETRIABLE:
-            raise RetriableError(f"the node agent answered HTTP {status}: {_reason(payload)}")
-        raise KeyReleaseRefusedError(status, _reason(payload), target.key_name)
+            raise RetriableError(f"the node agent answered HTTP {status}: {error_reason(payload)}")
+        raise KeyReleaseRefusedError(status, error_reason(payload), target.key_name)
 
     async def release(self, target: NodeAgentTarget) -> rsa.RSAPrivateKey:
         """The model key; raises a KeyReleaseError subclass on failure."""
@@ -198,9 +189,9 @@ class NodeAgentClient:
                 f"cannot reach the node agent at {self._attest_url}: {exc!r}"
             ) from exc
         if status in _RETRIABLE:
-            raise RetriableError(f"the node agent answered HTTP {status}: {_reason(payload)}")
+            raise RetriableError(f"the node agent answered HTTP {status}: {error_reason(payload)}")
         if status != 200:
-            raise KeyReleaseRefusedError(status, _reason(payload), "the channel key")
+            raise KeyReleaseRefusedError(status, error_reason(payload), "the channel key")
         try:
             token = json.loads(payload)["token"]
         except (ValueError, KeyError, TypeError) as exc:
