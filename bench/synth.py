@@ -61,8 +61,16 @@ train/test split: each row held out by a keyed hash, ~20%), accuracy of the seal
 held-out rows (measured here, on public data; a run itself releases only a noisy estimate),
 median over `--seeds` seeds.
 
-`--quick` (smoke, ~1 min): 2,000 rows x 3 columns, ε 1, MST only (declared, then private
-domains and report), logistic regression, two seeds, no warm-up.
+DP-SGD (`bench/dpsgd.py`, which says how each figure is made): rows for the MLP on
+breast cancer and the MLP and CNN on digits at ε 0.5, 1 and 4 (δ 1e-5), three seeds, each
+against the same network trained without privacy; and `dpsgd_speed`, samples per second of
+Veil's trainer in each of Opacus's per-sample-gradient modes, without privacy, and of plain
+Opacus and plain PyTorch, at the issue's anchor shapes (`dpsgd_vs_nonprivate_ratio`,
+`veil_vs_opacus_ratio`).
+
+`--quick` (smoke, ~1.5 min): 2,000 rows x 3 columns, ε 1, MST only (declared, then private
+domains and report), logistic regression, two seeds, no warm-up; the DP-SGD MLP on breast
+cancer at ε 1, one seed, and a short speed run (MLP only; hooks and ghost).
 Prints and writes bench/results/synth.json (`--output` elsewhere, `--no-write` not at all).
 """
 
@@ -88,7 +96,14 @@ import numpy as np
 from bench.report import publish
 from veil.synthesis import domain, quality
 from veil.synthesis.synthesize import SynthesisConfig, synthesize
-from veil.training.train import FAMILIES, Prepared, TrainingConfig, prepare, train
+from veil.training.train import (
+    DPSGD_FAMILIES,
+    FAMILIES,
+    Prepared,
+    TrainingConfig,
+    prepare,
+    train,
+)
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped,unused-ignore]
@@ -135,6 +150,8 @@ TRAINING_BOUNDS = {
     "worst_concave_points": (0.0, 0.291),
     "worst_texture": (12.02, 49.54),
 }
+# The diffprivlib families; the DP-SGD ones (mlp, cnn) have rows of their own (bench.dpsgd).
+DIFFPRIVLIB_FAMILIES = tuple(f for f in FAMILIES if f not in DPSGD_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,10 @@ class Settings:
     warm_up: bool
     seed: int
     private_methods: tuple[str, ...] = ("mst",)  # also run with private domains and report
+    dpsgd_epsilons: tuple[float, ...] = EPSILONS
+    dpsgd_seeds: int = 3
+    speed_repeats: int = 2
+    quick: bool = False
 
 
 FULL = Settings(
@@ -162,7 +183,7 @@ FULL = Settings(
     methods=("mst", "aim"),
     aim_rounds=20,
     max_model_size=80.0,
-    families=FAMILIES,
+    families=DIFFPRIVLIB_FAMILIES,
     training_epsilons=EPSILONS,
     seeds=5,
     warm_up=True,
@@ -178,6 +199,10 @@ QUICK = replace(
     training_epsilons=(1.0,),
     seeds=2,
     warm_up=False,
+    dpsgd_epsilons=(1.0,),
+    dpsgd_seeds=1,
+    speed_repeats=1,
+    quick=True,
 )
 
 
@@ -690,12 +715,28 @@ def training_figures(settings: Settings, scratch: Path) -> dict[str, Any]:
                 }
             )
             _log(json.dumps(entries[-1]))
+    from bench import dpsgd
+
+    entries += dpsgd.training_rows(
+        scratch,
+        cancer_frame=frame,
+        cancer_bounds=TRAINING_BOUNDS,
+        epsilons=settings.dpsgd_epsilons,
+        seeds=settings.dpsgd_seeds,
+        quick=settings.quick,
+        wrapper=wrapper,
+        key=key,
+    )
+    speed = dpsgd.speed_figures(quick=settings.quick, repeats=settings.speed_repeats)
     return {
         "training_dataset": (
             f"scikit-learn breast cancer (Wisconsin diagnostic): {len(frame)} rows, features "
-            f"{', '.join(TRAINING_BOUNDS)}, ~20% held out by a keyed hash"
+            f"{', '.join(TRAINING_BOUNDS)}, ~20% held out by a keyed hash; DP-SGD rows also on "
+            "scikit-learn digits (1,797 8x8 images, 10 classes; `dataset` names each row's)"
         ),
         "training": entries,
+        "dpsgd_speed": speed,
+        "dpsgd_vs_nonprivate_ratio": speed["dpsgd_vs_nonprivate_ratio"],
     }
 
 
@@ -729,7 +770,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
     result["quick"] = args.quick
     result["versions"] = {
-        p: _version(p) for p in ("smartnoise-synth", "mbi", "jax", "diffprivlib", "scikit-learn")
+        p: _version(p)
+        for p in (
+            "smartnoise-synth",
+            "mbi",
+            "jax",
+            "diffprivlib",
+            "scikit-learn",
+            "torch",
+            "opacus",
+        )
     }
     result["benchmark_seconds"] = round(time.monotonic() - started, 1)
     return publish(result, None if args.no_write else args.output)

@@ -28,7 +28,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# The dpsgd extra is torch + Opacus for `veil train --family mlp|cnn` (torch from PyPI is the
+# CUDA build with its nvidia-* libraries: about 5.4 GB, 1.5 minutes cold here, seconds warm).
+.venv/bin/python -m pip install --quiet -e '.[dev,dpsgd]'
 # smartnoise-synth without its declared opacus/torch: MST and AIM do not import them.
 .venv/bin/python -m pip install --quiet --no-deps smartnoise-synth==1.0.8
 bash hack/build-control-plane.sh >/dev/null

@@ -1,8 +1,8 @@
 """Smoke test of the synthesis benchmark: `--quick` runs end to end and writes sane JSON.
 
-No timing thresholds: seconds only have to be positive. The private-domains entry states what
-discovery and the DP report cost (their ε, carved out of the same total) and the TVD before
-and after.
+No timing thresholds: seconds (and samples per second) only have to be positive. The
+private-domains entry states what discovery and the DP report cost (their ε, carved out of the
+same total) and the TVD before and after.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SYNTH_KEYS = (
 TRAINING_KEYS = ("model", "epsilon", "accuracy", "nonprivate_accuracy")
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # two shared cores: the quick run takes 1.5-3 minutes
 def test_quick_run_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "synth.json"
     returned = synth.main(["--quick", "--output", str(output)])
@@ -76,10 +76,26 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
     assert found["mean_2way_tvd"] < written["uniform_mean_2way_tvd"]
 
     assert [(e["model"], e["epsilon"]) for e in written["training"]] == [
-        ("logisticRegression", 1.0)
+        ("logisticRegression", 1.0),
+        ("mlp", 1.0),
     ]
     for entry in written["training"]:
         for key in TRAINING_KEYS:
             assert key in entry, key
         assert 0 <= entry["accuracy"] <= 1
         assert 0 <= entry["nonprivate_accuracy"] <= 1
+    # DP-SGD: the MLP's row says its noise; the speed table compares private and not.
+    assert written["training"][1]["noise_multiplier"] > 0
+    speed = written["dpsgd_speed"]
+    (shape,) = speed["shapes"].values()
+    assert set(shape["samples_per_second"]) == {
+        "veil_hooks",
+        "veil_ghost",
+        "veil_nonprivate",
+        "opacus_hooks",
+        "torch_nonprivate",
+    }
+    assert all(v > 0 for v in shape["samples_per_second"].values())
+    assert shape["dpsgd_vs_nonprivate_ratio"] > 0
+    assert shape["veil_vs_opacus_ratio"] > 0
+    assert written["dpsgd_vs_nonprivate_ratio"] == speed["dpsgd_vs_nonprivate_ratio"]

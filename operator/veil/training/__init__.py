@@ -6,6 +6,8 @@
   the public bounds box, seal it to the model key and write it by URI;
 - `data`: the header checks, per-record parsing and keyed-hash sampling (split, forest);
 - `learners`: the three diffprivlib learners, made to know only the declared classes;
+- `dpsgd`: the DP-SGD networks (`mlp`, `cnn`) with Opacus, and their ONNX export (torch and
+  Opacus imported there only, from the `dpsgd` extra);
 - `evaluate`: the DP accuracy estimate;
 - `claim.mechanisms`: what a run spends, for the trainer's result and the controller's claim;
 - `commands.register`: the CLI subcommand.

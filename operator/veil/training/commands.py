@@ -1,5 +1,9 @@
 """`veil train`: the program a ConfidentialModel's DP training Job runs.
 
+The DP-SGD families (`mlp`, `cnn`) take their settings from the `--epochs`, `--batch-size`,
+`--dataset-rows`, `--max-grad-norm`, `--noise-multiplier`, `--hidden`, `--input-shape`,
+`--channels`, … flags (`dpsgd_settings`); they need torch and Opacus (the `dpsgd` extra).
+
 `register(subparsers)` adds the subcommand; it sets `func(args) -> exit code`:
 0 done (the result JSON on stdout), 1 failed (I/O, fit, an ONNX mismatch, sealing),
 2 refused or bad arguments (no public bounds or classes, unknown family, an invalid spec,
@@ -10,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from veil import logs
 from veil.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, require
 
 if TYPE_CHECKING:
@@ -20,6 +26,9 @@ if TYPE_CHECKING:
 
 
 def _fail(message: str, code: int) -> int:
+    if logs.json_enabled():  # one JSON line, as the operator's, instead of plain stderr text
+        logging.getLogger("veil.training").error(message)
+        return code
     return fail("veil train", message, code)
 
 
@@ -73,6 +82,53 @@ def key_wrapper(args: argparse.Namespace) -> KeyWrapper:
     return key_vault_wrapper(args.vault_url, args.key_name, args.key_version)
 
 
+def _widths(text: str, name: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.replace("x", ",").split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be integers separated by commas: {text!r}") from None
+    return widths
+
+
+# Flag → DpSgdSettings field, for the flags that map one to one.
+_DPSGD_FLAGS = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "dataset_rows": "dataset_rows",
+    "max_grad_norm": "max_grad_norm",
+    "noise_multiplier": "noise_multiplier",
+    "optimizer": "optimizer",
+    "learning_rate": "learning_rate",
+    "momentum": "momentum",
+    "max_physical_batch_size": "max_physical_batch_size",
+    "grad_sample_mode": "grad_sample_mode",
+    "device": "device",
+    "threads": "threads",
+}
+
+
+def dpsgd_settings(args: argparse.Namespace, base: Any = None) -> Any:
+    """The DP-SGD settings: `base` (from --spec) with the flags given over it."""
+    from dataclasses import replace
+
+    from veil.training.dpsgd import DpSgdSettings
+
+    updates: dict[str, Any] = {
+        field: getattr(args, flag)
+        for flag, field in _DPSGD_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    if args.hidden is not None:
+        updates["hidden"] = _widths(args.hidden, "--hidden") if args.hidden != "none" else ()
+    if args.input_shape is not None:
+        updates["input_shape"] = _widths(args.input_shape, "--input-shape")
+    if args.channels is not None:
+        updates["channels"] = _widths(args.channels, "--channels")
+    if args.secure_rng:
+        updates["secure_rng"] = True
+    return replace(base if base is not None else DpSgdSettings(), **updates)
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     from veil.synthesis.domain import DomainError, parse_bounds
     from veil.training.train import TrainingConfig, load_bounds_file
@@ -107,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     except DomainError as bad:
         raise ValueError(str(bad)) from bad
     settings["bounds"] = bounds
+    settings["dpsgd"] = dpsgd_settings(args, settings.get("dpsgd"))
     if args.default_bounds:
         settings["default_bounds"] = _span(args.default_bounds)
     require(
@@ -129,6 +186,7 @@ def _train(args: argparse.Namespace) -> int:
     from veil.runtime.sealing import SealedModelError
     from veil.training.train import TrainingError, TrainingRefusedError, train
 
+    logs.configure_program()  # text, or JSON lines as the operator's (VEIL_LOG_FORMAT)
     try:
         config = config_from_args(args)
         wrapper = key_wrapper(args)
@@ -140,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(str(refused), EXIT_USAGE)
     except (TrainingError, ArtifactError, KeyMaterialError, SealedModelError) as failed:
         return _fail(str(failed), EXIT_FAILED)
-    print(json.dumps(result, indent=2, sort_keys=True))
+    print(json.dumps(result, indent=None if logs.json_enabled() else 2, sort_keys=True))
     return EXIT_OK
 
 
@@ -148,10 +206,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `train` to the `veil` command."""
     parser = subparsers.add_parser(
         "train",
-        help="train a differentially-private model (diffprivlib), export ONNX and seal it",
+        help="train a differentially-private model (diffprivlib, or DP-SGD with Opacus), "
+        "export ONNX and seal it",
         description="Train logistic regression, Gaussian naive Bayes or a random forest with "
-        "diffprivlib at epsilon on a table (declared classes; features clipped to public "
-        "bounds), export it to ONNX, check the export predicts like the trained model on "
+        "diffprivlib at epsilon, or an MLP or small CNN by DP-SGD (Opacus) at (epsilon, delta), "
+        "on a table (declared classes; features clipped to public bounds), export it to ONNX, "
+        "check the export predicts like the trained model on "
         "points of the bounds box, seal it to the model key and write it; prints the result "
         "(mechanisms, sha256, a DP accuracy estimate with --evaluation-epsilon) as JSON. "
         "Flags override the fields of --spec.",
@@ -166,10 +226,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--features", action="append", metavar="COL[,COL...]", help="feature columns (default: all)"
     )
     parser.add_argument(
-        "--family", choices=("logisticRegression", "gaussianNB", "randomForest"), help="model"
+        "--family",
+        choices=("logisticRegression", "gaussianNB", "randomForest", "mlp", "cnn"),
+        help="model (mlp, cnn: DP-SGD, needs the dpsgd extra)",
     )
-    parser.add_argument("--epsilon", type=float, help="epsilon of the fit (pure DP)")
-    parser.add_argument("--delta", type=float, help="accepted for the spec; unused (pure DP)")
+    parser.add_argument(
+        "--epsilon", type=float, help="epsilon of the fit (pure DP; DP-SGD: with --delta)"
+    )
+    parser.add_argument(
+        "--delta", type=float, help="DP-SGD: delta of the fit; others: charged, unused (pure DP)"
+    )
     parser.add_argument(
         "--bounds",
         action="append",
@@ -206,6 +272,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--max-iter", type=int, help="logistic regression iterations (100)")
     parser.add_argument("--n-estimators", type=int, help="random forest trees (10)")
     parser.add_argument("--max-depth", type=int, help="random forest depth (5)")
+    sgd = parser.add_argument_group("DP-SGD (families mlp, cnn)")
+    sgd.add_argument(
+        "--dataset-rows",
+        type=int,
+        help="the dataset's declared row count (public; required): sampling rate = batch / rows",
+    )
+    sgd.add_argument("--epochs", type=int, help="passes over the declared rows (10)")
+    sgd.add_argument("--batch-size", type=int, help="expected logical batch (Poisson) (256)")
+    sgd.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm C (1.0)")
+    sgd.add_argument(
+        "--noise-multiplier",
+        type=float,
+        help="sigma; default: the smallest sigma whose epsilon at delta is within --epsilon",
+    )
+    sgd.add_argument("--hidden", metavar="W[,W...]", help="hidden widths, or 'none' (64)")
+    sgd.add_argument(
+        "--input-shape", metavar="[C,]H,W", help="cnn: input image shape over the features"
+    )
+    sgd.add_argument("--channels", metavar="C[,C...]", help="cnn: conv channels (16,32)")
+    sgd.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer (adam)")
+    sgd.add_argument("--learning-rate", type=float, help="learning rate (0.02)")
+    sgd.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    sgd.add_argument(
+        "--max-physical-batch-size",
+        type=int,
+        help="rows per forward/backward; larger logical batches accumulate (1024)",
+    )
+    sgd.add_argument(
+        "--grad-sample-mode",
+        choices=("hooks", "functorch", "ew", "ghost"),
+        help="Opacus per-sample gradients (ghost: ghost clipping)",
+    )
+    sgd.add_argument(
+        "--secure-rng",
+        action="store_true",
+        help="batches and noise from os.urandom (slower; for production)",
+    )
+    sgd.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (auto)")
+    sgd.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", help="where to write the sealed model (URI or path)")
     key = parser.add_mutually_exclusive_group(required=True)
     key.add_argument("--public-key", type=Path, help="PEM RSA public key to seal to")

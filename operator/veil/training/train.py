@@ -1,4 +1,5 @@
-"""`veil train`: fit a diffprivlib model at ε, export it to ONNX, check it, seal it, write it.
+"""`veil train`: fit a diffprivlib model at ε, or a DP-SGD network (Opacus) at (ε, δ), export
+it to ONNX, check it, seal it, write it.
 
 **Privacy unit.** One record, added or removed. Everything the run releases (the sealed
 model and the result JSON, which `veil train` prints and the operator reads) is either
@@ -24,7 +25,11 @@ another between training and test. Without one, every usable row trains.
 and know only the declared classes; the random forest gives each row to one tree by the same
 kind of keyed hash. The claim records `{"type": "epsilonDelta", "epsilon": ε, "delta": δ}` (δ
 as declared, though unused) and, for an evaluation, `{"type": "epsilonDelta", "epsilon":
-ε_eval, "delta": 0}`: the costs add up.
+ε_eval, "delta": 0}`: the costs add up. A DP-SGD network (`mlp`, `cnn`: `veil.training.dpsgd`)
+records the DP-SGD event instead of the first: `{"type": "dpsgd", "samplingRate": q,
+"noiseMultiplier": σ, "steps": T}`, decided from the spec alone (`claim.dpsgd_plan`: the
+declared row count, batch size and epochs; σ calibrated to (ε, δ) or given), and exactly
+what Opacus trains with; the result's `dpsgd` section adds Opacus's own accountants' ε.
 
 **Export check.** The ONNX export must predict like the trained model on points drawn from
 the public bounds box (never on data rows), or nothing is written.
@@ -43,6 +48,7 @@ import io
 import json
 import math
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +58,18 @@ import numpy as np
 import numpy.typing as npt
 
 from veil.synthesis import tables
-from veil.training import data, evaluate, export, learners
-from veil.training.claim import claim_mechanisms
+from veil.training import data, dpsgd, evaluate, export, learners
+from veil.training.claim import DpSgdPlan, claim_mechanisms, dpsgd_plan
+from veil.training.dpsgd import DpSgdSettings
 from veil.training.errors import TrainingError, TrainingRefusedError
 
 if TYPE_CHECKING:
     from veil.runtime.keywrap import KeyWrapper
 
 __all__ = [
+    "DPSGD_FAMILIES",
     "FAMILIES",
+    "DpSgdSettings",
     "Prepared",
     "TrainingConfig",
     "TrainingError",
@@ -68,11 +77,13 @@ __all__ = [
     "claim_mechanisms",
     "fit_model",
     "load_bounds_file",
+    "plan_of",
     "prepare",
     "train",
 ]
 
-FAMILIES: tuple[str, ...] = ("logisticRegression", "gaussianNB", "randomForest")
+DPSGD_FAMILIES: tuple[str, ...] = dpsgd.FAMILIES
+FAMILIES: tuple[str, ...] = ("logisticRegression", "gaussianNB", "randomForest", *DPSGD_FAMILIES)
 
 
 @dataclass
@@ -95,6 +106,8 @@ class TrainingConfig:
     n_estimators: int = 10
     max_depth: int = 5
     result_uri: str | None = None
+    # The DP-SGD families' settings (`mlp`, `cnn`); ignored by the others.
+    dpsgd: DpSgdSettings = field(default_factory=DpSgdSettings)
 
 
 def load_bounds_file(location: str) -> dict[str, tuple[float, float]]:
@@ -136,6 +149,27 @@ def _check(config: TrainingConfig) -> None:
         raise TrainingRefusedError("max iterations, trees and depth must be at least 1")
     if config.dataset_format not in (None, *tables.FORMATS):
         raise TrainingRefusedError(f"unknown table format {config.dataset_format!r}")
+    if config.family in DPSGD_FAMILIES:
+        config.dpsgd.check(config.family, len(config.features) if config.features else None)
+        plan_of(config)
+
+
+def plan_of(config: TrainingConfig) -> DpSgdPlan | None:
+    """A DP-SGD run's privacy parameters, from the request alone (None for the others)."""
+    if config.family not in DPSGD_FAMILIES:
+        return None
+    settings = config.dpsgd
+    try:
+        return dpsgd_plan(
+            config.epsilon,
+            config.delta,
+            batch_size=settings.batch_size,
+            dataset_rows=settings.dataset_rows,
+            epochs=settings.epochs,
+            noise_multiplier=settings.noise_multiplier,
+        )
+    except ValueError as bad:
+        raise TrainingRefusedError(str(bad)) from None
 
 
 def _read(config: TrainingConfig) -> tuple[data.ColumnPlan, dict[str, npt.NDArray[Any]]]:
@@ -183,6 +217,8 @@ def prepare(config: TrainingConfig) -> Prepared:
     when an evaluation is paid for (otherwise every usable row trains)."""
     _check(config)
     plan, raw = _read(config)
+    if config.family in DPSGD_FAMILIES:  # the CNN's shape against the header's features
+        config.dpsgd.check(config.family, len(plan.features))
     rows = data.usable_rows(raw, plan, data.run_salt(config.seed))
     if config.evaluation_epsilon > 0:
         test = data.in_test(rows.digests, config.test_fraction)
@@ -192,8 +228,20 @@ def prepare(config: TrainingConfig) -> Prepared:
 
 
 def fit_model(config: TrainingConfig, prepared: Prepared) -> Any:
-    """The DP model, fitted at ε on the training rows (a forest's trees by keyed hash)."""
+    """The DP model, fitted at ε on the training rows (a forest's trees by keyed hash), or
+    the DP-SGD network under its plan."""
     training = ~prepared.test
+    plan = plan_of(config)
+    if plan is not None:
+        return dpsgd.fit(
+            config.family,
+            classes=prepared.plan.classes.array(),
+            x=prepared.features(training),
+            y=prepared.rows.y[training],
+            plan=plan,
+            settings=config.dpsgd,
+            seed=config.seed,
+        )
     digests = [d for d, keep in zip(prepared.rows.digests, training, strict=True) if keep]
     return learners.fit(
         config.family,
@@ -220,10 +268,14 @@ def _verified_onnx(
     model: Any, config: TrainingConfig, plan: data.ColumnPlan, scaler: Any
 ) -> tuple[bytes, dict[str, Any]]:
     """The ONNX export, refused unless it predicts like the model on public points."""
-    onnx_bytes = export.export_onnx(model, config.family, plan.lower, plan.upper)
     points = export.probe_points(plan.lower, plan.upper, config.seed)
     try:
-        agreement = export.check_export(onnx_bytes, model, scaler, points)
+        if isinstance(model, dpsgd.DpSgdFit):
+            onnx_bytes = dpsgd.export_onnx(model, plan.lower, plan.upper)
+            agreement = dpsgd.check_export(onnx_bytes, model, scaler, points)
+        else:
+            onnx_bytes = export.export_onnx(model, config.family, plan.lower, plan.upper)
+            agreement = export.check_export(onnx_bytes, model, scaler, points)
     except export.ExportMismatchError as mismatch:
         raise TrainingError(f"{mismatch}: not written") from None
     check = {"points": len(points), "drawnFrom": "publicBounds", **agreement}
@@ -243,6 +295,8 @@ def train(config: TrainingConfig, wrapper: KeyWrapper) -> dict[str, Any]:
     header, _ = read_header(io.BytesIO(sealed))
     sealed_digest = tables.write_bytes(tables.as_uri(config.output_uri), sealed)
     result = _result(config, prepared.plan, evaluation)
+    if isinstance(model, dpsgd.DpSgdFit):
+        result["dpsgd"] = _dpsgd_result(config, model)
     result["onnx"] = {
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "bytes": len(onnx_bytes),
@@ -269,7 +323,8 @@ def _result(
 ) -> dict[str, Any]:
     """Everything but the model's digests: the request, the public plan, the paid estimate."""
     notes: list[str] = []
-    if config.delta > 0:
+    sgd_plan = plan_of(config)
+    if config.delta > 0 and sgd_plan is None:
         notes.append("delta is charged as declared but unused: the models are pure epsilon-DP")
     if evaluation is None:
         notes.append("no accuracy: evaluationEpsilon is 0, so every usable row trained")
@@ -278,7 +333,9 @@ def _result(
         "epsilon": config.epsilon,
         "delta": config.delta,
         "evaluationEpsilon": config.evaluation_epsilon,
-        "mechanisms": claim_mechanisms(config.epsilon, config.evaluation_epsilon, config.delta),
+        "mechanisms": claim_mechanisms(
+            config.epsilon, config.evaluation_epsilon, config.delta, sgd_plan
+        ),
         "target": plan.target,
         "features": list(plan.features),
         "classes": [_plain(c) for c in plan.classes.labels],
@@ -294,7 +351,55 @@ def _result(
             "diffprivlib": _version("diffprivlib"),
             "scikitLearn": _version("scikit-learn"),
             "skl2onnx": _version("skl2onnx"),
+            **(
+                {"torch": _version("torch"), "opacus": _version("opacus")}
+                if sgd_plan is not None
+                else {}
+            ),
         },
+    }
+
+
+def _dpsgd_result(config: TrainingConfig, model: dpsgd.DpSgdFit) -> dict[str, Any]:
+    """The DP-SGD run's public figures: the plan, the settings, and the ε of the run by
+    Opacus's own accountants beside the claim's (RDP, dp_accounting). No row figure."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    plan, settings = model.plan, config.dpsgd
+    opacus_epsilon: dict[str, float] = {}
+    for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        accountant.history = [(plan.noise_multiplier, plan.sampling_rate, plan.steps)]
+        with warnings.catch_warnings():  # Opacus's RDP notes when its largest order is best
+            warnings.simplefilter("ignore")
+            opacus_epsilon[name] = float(accountant.get_epsilon(plan.delta))
+    return {
+        "samplingRate": plan.sampling_rate,
+        "noiseMultiplier": plan.noise_multiplier,
+        "steps": plan.steps,
+        "expectedBatchSize": plan.batch_size,
+        "epochs": settings.epochs,
+        "datasetRows": settings.dataset_rows,
+        "maxGradNorm": settings.max_grad_norm,
+        "noiseCalibrated": settings.noise_multiplier is None,
+        "epsilonRdp": plan.epsilon,
+        "opacusEpsilon": opacus_epsilon,
+        "delta": plan.delta,
+        "network": {
+            "family": config.family,
+            "hidden": list(settings.hidden),
+            **(
+                {"inputShape": list(settings.image_shape()), "channels": list(settings.channels)}
+                if config.family == "cnn"
+                else {}
+            ),
+            "parameters": model.stats["parameters"],
+        },
+        "optimizer": settings.optimizer,
+        "learningRate": settings.learning_rate,
+        "maxPhysicalBatchSize": settings.max_physical_batch_size,
+        "gradSampleMode": settings.grad_sample_mode,
+        "secureRng": settings.secure_rng,
+        "device": model.stats["device"],
     }
 
 
