@@ -151,6 +151,18 @@ def _reconciles(metrics: str) -> float:
     return sum(float(v) for v in re.findall(pattern, metrics, re.MULTILINE))
 
 
+def _writes_by_kind(writes: list[dict[str, Any]], n: int) -> dict[str, float]:
+    """Writes per model by verb and resource (and subresource), from the audit log."""
+    counts: dict[str, int] = {}
+    for event in writes:
+        ref = event.get("objectRef", {})
+        what = f"{event['verb']} {ref.get('resource')}"
+        if ref.get("subresource"):
+            what += f"/{ref['subresource']}"
+        counts[what] = counts.get(what, 0) + 1
+    return {what: round(count / n, 2) for what, count in sorted(counts.items())}
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -220,6 +232,7 @@ def run(n: int) -> dict[str, Any]:
                 ]
                 events = [e for e in audited if e.get("objectRef", {}).get("resource") == "events"]
                 writes = [e for e in audited if e not in events]
+                breakdown = _writes_by_kind(writes, n)
                 time.sleep(5)
                 quiet_from = time.time()
                 time.sleep(12)  # four resync periods of the operator (3 s here)
@@ -251,6 +264,7 @@ def run(n: int) -> dict[str, Any]:
         "reconciles_per_second": round(reconciles / seconds, 2),
         "writes_per_resource": round(len(writes) / n, 2),
         "events_per_resource": round(len(events) / n, 2),
+        "writes_per_resource_by_kind": breakdown,
         "writes_on_noop_resync": len(noop),
         "operator_rss_mb": round(rss, 1),
     }
