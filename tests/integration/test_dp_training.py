@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     OperatorProcess,
     create_budget,
     restricted_namespace,
+    run_operator_code,
     run_veil,
     wait_for,
 )
@@ -214,9 +215,11 @@ def test_trained_model_is_paid_for_sealed_and_served(
 
 
 def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
+    *,
     objects: Any,
     azure: AzureDoubles,
     api: client.ApiClient,
+    cluster: LocalCluster,
     oncology: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -236,6 +239,10 @@ def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
 
     status = wait_for(recorded, timeout=60, what="the training Job recorded")["status"]
     batch = client.BatchV1Api(api)
+    # The Job as a pass saw it a moment before it was deleted.
+    seen = api.sanitize_for_serialization(
+        batch.read_namespaced_job(status["trainingJob"], NAMESPACE)
+    )
     batch.delete_namespaced_job(status["trainingJob"], NAMESPACE, propagation_policy="Background")
 
     def stalled() -> dict[str, Any] | None:
@@ -256,3 +263,35 @@ def test_a_job_lost_before_it_finished_is_not_run_again_on_the_same_claim(
     claims = {k: c for k, c in _ledger(objects).claims.items() if k.startswith(uid)}
     assert list(claims) == [f"{uid}.{status['trainingRun']}"], "one claim, not a second"
     assert claims[f"{uid}.{status['trainingRun']}"].state == "Consumed"
+
+    # A pass that saw the Job just before it went: it must not make it again either.
+    run_operator_code(
+        cluster.kubeconfig, _TRAIN_HAVING_SEEN, [recorded(), seen], azure.operator_env()
+    )
+    time.sleep(2)
+    assert (
+        batch.list_namespaced_job(
+            NAMESPACE, label_selector="app.kubernetes.io/instance=lost-grader"
+        ).items
+        == []
+    ), "the lost Job was created again"
+
+
+_TRAIN_HAVING_SEEN = """
+import json, sys
+from veil.api.confidential_model import ConfidentialModelSpec
+from veil.config import OperatorConfig
+from veil.controllers import training
+from veil.kube import apply
+
+owner, seen = json.load(sys.stdin)
+live_get = apply.get_object
+
+def as_seen(api_version, kind, name, namespace, cache=None):
+    return seen if kind == "Job" else live_get(api_version, kind, name, namespace, cache)
+
+apply.get_object = as_seen
+spec = ConfidentialModelSpec.model_validate(owner["spec"])
+training.train(owner, spec, OperatorConfig.from_env(), {})
+print("{}")
+"""

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     condition,
     create_budget,
     restricted_namespace,
+    run_operator_code,
     run_veil,
     wait_for,
     wait_for_condition,
@@ -273,7 +274,7 @@ def test_a_finished_dataset_whose_job_is_deleted_stays_ready(
 
 
 def test_an_unfinished_dataset_whose_job_is_deleted_stalls(
-    objects: Any, registry: Path, api: client.ApiClient
+    objects: Any, registry: Path, api: client.ApiClient, cluster: LocalCluster
 ) -> None:
     # More CPU than any node has: the pod is never scheduled, the Job never finishes.
     manifest = _registry_dataset("lost-synthetic", registry, resources={"requests": {"cpu": "64"}})
@@ -286,6 +287,10 @@ def test_an_unfinished_dataset_whose_job_is_deleted_stalls(
         lambda: (get(objects, "lost-synthetic").get("status") or {}).get("jobName"),
         what="status.jobName",
     )
+    # The dataset as a watch event read before that record carries it.
+    stale = get(objects, "lost-synthetic")
+    for recorded in ("jobName", "claimState"):
+        stale["status"].pop(recorded, None)
 
     _delete_job_and_nudge(objects, api, "lost-synthetic")
     obj = wait_for_condition(lambda: get(objects, "lost-synthetic"), "Stalled", "True")
@@ -293,3 +298,20 @@ def test_an_unfinished_dataset_whose_job_is_deleted_stalls(
     assert "create a new SyntheticDataset" in condition(obj, "Stalled")["message"]
     _never_again(objects, api, "lost-synthetic")
     assert kstatus_violations(get(objects, "lost-synthetic")) == []
+
+    # A pass deciding on the stale copy: its claim is Consumed already, so the budget says
+    # go; only the record stops it from making the Job again, a second read on one claim.
+    verdict = run_operator_code(cluster.kubeconfig, _CONVERGE, stale)
+    assert verdict["reason"] == "JobLost"
+    _never_again(objects, api, "lost-synthetic", seconds=3)
+
+
+_CONVERGE = """
+import json, sys
+from veil.api.synthetic_dataset import SyntheticDatasetSpec
+from veil.controllers.synthetic_dataset import converge
+
+owner = json.load(sys.stdin)
+result = converge(owner, SyntheticDatasetSpec.model_validate(owner["spec"]))
+print(json.dumps({"reason": result.outcome.reason}))
+"""

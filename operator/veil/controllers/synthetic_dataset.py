@@ -121,11 +121,28 @@ def _finished(spec: SyntheticDatasetSpec, status: dict[str, Any]) -> Result:
 
 
 def converge(owner: Mapping[str, Any], spec: SyntheticDatasetSpec) -> Result:
-    uid = owner["metadata"]["uid"]
+    meta = owner["metadata"]
     with _guard:
-        lock = _locks.setdefault(uid, threading.Lock())
+        lock = _locks.setdefault(meta["uid"], threading.Lock())
     with lock:
-        return _converge(owner, spec)
+        # The caller's copy may predate the record of the Job (a watch event read before the
+        # previous pass wrote status.jobName): deciding on it could make a deleted Job again,
+        # a second read on one claim. A GET is a consistent read, and the record is written
+        # under this lock, so the copy read here has it.
+        current = _current(meta)
+        if current is None:
+            return Result(
+                Outcome.progressing("Deleting", f"{KIND} {meta['name']} is being deleted")
+            )
+        return _converge(current, spec)
+
+
+def _current(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The dataset as the API server has it now; None once it is gone, going, or replaced."""
+    current = apply.get_object(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["namespace"])
+    if current is None or current["metadata"].get("uid") != meta["uid"]:
+        return None
+    return None if current["metadata"].get("deletionTimestamp") else current
 
 
 def _job(owner: Mapping[str, Any]) -> dict[str, Any] | None:

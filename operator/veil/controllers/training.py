@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from veil import events
+from veil import API_GROUP, API_VERSION, events
 from veil.api.confidential_model import ConfidentialModelSpec, SealedArtifact
 from veil.artifacts import ArtifactError, read_bytes
 from veil.conditions import Outcome
@@ -26,6 +26,8 @@ from veil.privacy import ClaimRequest, ConsumerRef
 from veil.resources import training as build
 from veil.resources.common import selector_labels
 from veil.training.claim import mechanisms
+
+RESUME = {"spec": {"suspend": False}}
 
 
 def _pay(
@@ -91,30 +93,23 @@ def train(
     unpaid = _pay(owner, spec, run, status)
     if unpaid is not None:
         return unpaid
-    meta = owner["metadata"]
     _remove_other_runs(owner, job_name)
-    job = apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
-    if job is None and this_run_before and previous.get("trainingJob") == job_name:
-        status["trainingJob"] = job_name  # still the run's Job: this verdict must hold
-        return Result(
-            Outcome.stalled_with(
-                "TrainingJobLost",
-                f"Job {job_name} was deleted before it finished; it may have read the data, so "
-                "it is not run again on the same claim: raise spec.training.round to train "
-                "again, paid anew",
-            ),
-            status=status,
-        )
-    report = apply.ensure(build.children(owner, spec, config))
-    if f"Job/{job_name}" in report.created:
-        events.normal(
-            owner,
-            "TrainingJobCreated",
-            f"Created Job {job_name} to train the model (run {run}); its budget claim is consumed",
-            action="StartJob",
-        )
+    if this_run_before and previous.get("trainingJob") == job_name:
+        job = _recorded_job(owner, job_name)
+        if job is None:
+            status["trainingJob"] = job_name  # still the run's Job: this verdict must hold
+            return Result(
+                Outcome.stalled_with(
+                    "TrainingJobLost",
+                    f"Job {job_name} was deleted before it finished; it may have read the data, "
+                    "so it is not run again on the same claim: raise spec.training.round to "
+                    "train again, paid anew",
+                ),
+                status=status,
+            )
+    else:
+        job = _start_job(owner, spec, config, run, job_name)
     status["trainingJob"] = job_name
-    job = job or apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
     trained = _trained(job, job_name, spec, status)
     if isinstance(trained, SealedArtifact):
         events.normal(
@@ -124,6 +119,54 @@ def train(
             action="FinishJob",
         )
     return trained
+
+
+def _start_job(
+    owner: Mapping[str, Any],
+    spec: ConfidentialModelSpec,
+    config: OperatorConfig,
+    run: str,
+    job_name: str,
+) -> dict[str, Any] | None:
+    """Create the run's Job suspended (no pod, so it cannot read), record it, then let it run.
+
+    Once `status.trainingJob` names it, no pass creates it again (`_recorded_job`): a Job
+    deleted after that is lost, never rerun on the same claim. A crash before the record
+    leaves at most a suspended Job, which the next pass records and resumes.
+    """
+    meta = owner["metadata"]
+    live = apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
+    created = False
+    if live is None or (live.get("spec") or {}).get("suspend"):
+        report = apply.ensure(build.children(owner, spec, config, suspended=True))
+        created = f"Job/{job_name}" in report.created
+    apply.patch_status(
+        f"{API_GROUP}/{API_VERSION}",
+        owner["kind"],
+        meta["name"],
+        meta["namespace"],
+        {"trainingRun": run, "trainingJob": job_name, "claimState": "Consumed"},
+    )
+    if created:
+        events.normal(
+            owner,
+            "TrainingJobCreated",
+            f"Created Job {job_name} to train the model (run {run}); its budget claim is consumed",
+            action="StartJob",
+        )
+    return _recorded_job(owner, job_name)
+
+
+def _recorded_job(owner: Mapping[str, Any], job_name: str) -> dict[str, Any] | None:
+    """The recorded run's Job, let run if still suspended; None once it is gone (only ever
+    patched, never created: a merge patch of a deleted Job makes nothing)."""
+    namespace = owner["metadata"]["namespace"]
+    job = apply.get_object("batch/v1", "Job", job_name, namespace)
+    if job is not None and (job.get("spec") or {}).get("suspend"):
+        if not apply.patch_object("batch/v1", "Job", job_name, namespace, RESUME):
+            return None
+        job = apply.get_object("batch/v1", "Job", job_name, namespace)
+    return job
 
 
 def _trained(

@@ -87,8 +87,14 @@ def train_args(spec: ConfidentialModelSpec) -> list[str]:
 
 
 def children(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig
+    owner: Mapping[str, Any],
+    spec: ConfidentialModelSpec,
+    config: OperatorConfig,
+    *,
+    suspended: bool = False,
 ) -> list[dict[str, Any]]:
+    """The trainer's identity, network policy and Job; `suspended` makes the Job without
+    pods (it cannot read the data until its run is recorded and it is resumed)."""
     name, identity = job_name(owner, spec), identity_name(owner)
     pod_labels = {
         **selector_labels(owner, APP),
@@ -100,6 +106,7 @@ def children(
         "kind": "Job",
         "metadata": child_metadata(owner, name, APP, "training"),
         "spec": {
+            "suspend": suspended,
             "backoffLimit": 2,
             "activeDeadlineSeconds": 21600,
             "template": {
