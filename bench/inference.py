@@ -16,11 +16,14 @@ alternating rounds and the median round is reported. Each server's CPU time per 
 /proc) is reported as well: it is less sensitive to a busy machine.
 
 Encrypted requests: the same `veil serve` (its channel accepts both) answers the batch-1 JSON
-request encrypted to its channel key (HPKE, runtime/channel.py; POST .../infer/encrypted), in
-the same rounds and with the same load generator: `encrypted_rps`, its latency and CPU per
-request, and `encrypted_vs_plaintext_ratio` (target >= 0.8). wrk replays one encrypted body, so
-each request costs the server what a fresh one does: HPKE open (an X25519 agreement, HKDF,
-AES-GCM) and the AES-GCM sealed answer.
+request encrypted as `veil.client` sends it by default, in a channel session (runtime/sessions.py:
+opened once with HPKE to the attested key, then AES-256-GCM each way; POST .../infer/encrypted),
+in the same rounds and with the same load generator: `encrypted_rps`, its latency and CPU per
+request, and `encrypted_vs_plaintext_ratio` (target >= 0.8). Beside it, the same request sealed
+on its own with HPKE (runtime/channel.py, the client's `sessions=False`): `hpke_per_request_*`.
+wrk replays one encrypted body, so each request costs the server what a fresh one does: the
+session lookup and AES-GCM open (or the HPKE open: an X25519 agreement, HKDF, AES-GCM) and the
+AES-GCM sealed answer.
 
 Unsealing: Veil's in-memory unseal (`unseal_bytes`, as the runtime calls it: RSA-OAEP-256 key
 unwrap, chunked AES-256-GCM with the STREAM bindings, the plaintext as one `bytes`, which is what
@@ -65,11 +68,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.unit.runtime.doubles import train_breast_cancer_model
 
 from bench.report import publish
+from veil.runtime import sessions
 from veil.runtime.channel import (
     EVIDENCE_PATH,
     REQUEST_MEDIA_TYPE,
     ChannelPublicKey,
-    SealedRequest,
     seal_request,
 )
 from veil.runtime.keywrap import RsaPublicKeyWrapper
@@ -82,7 +85,8 @@ WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MODEL_NAME = "cancer"
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 ENCRYPTED_PATH = f"{INFER_PATH}/encrypted"
-ENCRYPTED = "encrypted_b1"
+ENCRYPTED = "encrypted_b1"  # in a channel session, as the client sends by default
+HPKE = "hpke_b1"  # sealed on its own with HPKE
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MIB = 1024 * 1024
 MB = 1_000_000
@@ -400,48 +404,71 @@ def check_answers(servers: dict[str, Server], requests: dict[str, Body]) -> None
 @dataclass(frozen=True)
 class Encrypted:
     """The batch-1 JSON request encrypted to the veil server's channel key, and how wrk posts
-    it: post.lua with the channel's media type, to the encrypted infer path."""
+    it: post.lua with the encrypted media type, to the encrypted infer path."""
 
-    sealed: SealedRequest
+    content: bytes
     body_file: Path
     script: Path
 
     @property
     def body(self) -> Body:
-        return Body(self.sealed.body)
+        return Body(self.content)
 
 
-def encrypted_request(server: Server, plain: Body, scratch: Path) -> Encrypted:
-    """Fetch the server's channel key (its evidence), encrypt `plain` to it, and check the
-    encrypted answer opens to the plaintext answer."""
+def _open_session(server: Server, key: ChannelPublicKey) -> sessions.CallerSession:
+    offer = sessions.offer_session(key)
+    answer = httpx.post(
+        server.url + sessions.SESSIONS_PATH,
+        content=offer.body,
+        headers={"Content-Type": sessions.OPEN_MEDIA_TYPE},
+        timeout=30,
+    )
+    if answer.status_code != 201:
+        raise RuntimeError(f"the server opened no session: {answer.status_code} {answer.text}")
+    return offer.confirm(answer.content)
+
+
+def encrypted_requests(server: Server, plain: Body, scratch: Path) -> dict[str, Encrypted]:
+    """Fetch the server's channel key (its evidence), encrypt `plain` to it both ways (in a
+    session, and with HPKE alone), and check each encrypted answer opens to the plaintext one."""
     evidence = httpx.get(server.url + EVIDENCE_PATH, timeout=30)
     evidence.raise_for_status()
-    sealed = seal_request(ChannelPublicKey.from_jwk(evidence.json()["key"]), plain.content)
-    headers = {"Content-Type": REQUEST_MEDIA_TYPE}
-    answer = httpx.post(
-        server.url + ENCRYPTED_PATH, content=sealed.body, headers=headers, timeout=30
-    )
+    key = ChannelPublicKey.from_jwk(evidence.json()["key"])
     expected = httpx.post(
         server.url + INFER_PATH, content=plain.content, headers=plain.headers(), timeout=30
     )
-    if answer.status_code != 200 or sealed.open_response(answer.content) != (
-        200,
-        None,
-        expected.content,
-    ):
-        raise RuntimeError(f"the encrypted answer differs from the plaintext one: {answer}")
+    in_session = _open_session(server, key).seal(plain.content)
+    alone = seal_request(key, plain.content)
     lua = WRK_SCRIPT.read_text(encoding="utf-8")
     plain_type = 'wrk.headers["Content-Type"] = "application/json"'
     if plain_type not in lua:
         raise RuntimeError(f"{WRK_SCRIPT} no longer sets the JSON content type as expected")
-    script = scratch / "post-encrypted.lua"
-    script.write_text(
-        lua.replace(plain_type, f'wrk.headers["Content-Type"] = "{REQUEST_MEDIA_TYPE}"'),
-        encoding="utf-8",
-    )
-    body_file = scratch / f"{ENCRYPTED}.body"
-    body_file.write_bytes(sealed.body)
-    return Encrypted(sealed, body_file, script)
+    out = {}
+    for kind, sealed, media_type in (
+        (ENCRYPTED, in_session, sessions.REQUEST_MEDIA_TYPE),
+        (HPKE, alone, REQUEST_MEDIA_TYPE),
+    ):
+        answer = httpx.post(
+            server.url + ENCRYPTED_PATH,
+            content=sealed.body,
+            headers={"Content-Type": media_type},
+            timeout=30,
+        )
+        if answer.status_code != 200 or sealed.open_response(answer.content) != (
+            200,
+            None,
+            expected.content,
+        ):
+            raise RuntimeError(f"the {kind} answer differs from the plaintext one: {answer}")
+        script = scratch / f"post-{kind}.lua"
+        script.write_text(
+            lua.replace(plain_type, f'wrk.headers["Content-Type"] = "{media_type}"'),
+            encoding="utf-8",
+        )
+        body_file = scratch / f"{kind}.body"
+        body_file.write_bytes(sealed.body)
+        out[kind] = Encrypted(sealed.body, body_file, script)
+    return out
 
 
 def inprocess_rps(session: Any, rows: npt.NDArray[np.float32], seconds: float) -> float:
@@ -455,6 +482,28 @@ def inprocess_rps(session: Any, rows: npt.NDArray[np.float32], seconds: float) -
         session.run(names, feeds)
         count += 1
     return count / (time.perf_counter() - started)
+
+
+def warm_up(
+    servers: dict[str, Server],
+    requests: dict[str, Body],
+    files: dict[str, Path],
+    encrypted: dict[str, Encrypted],
+    settings: Settings,
+) -> None:
+    for server in servers.values():
+        for kind, body in requests.items():
+            wrk(server.url, files[kind], body, settings.warmup_seconds, settings.concurrency)
+    for sealed in encrypted.values():
+        wrk(
+            servers["server"].url,
+            sealed.body_file,
+            sealed.body,
+            settings.warmup_seconds,
+            settings.concurrency,
+            path=ENCRYPTED_PATH,
+            script=sealed.script,
+        )
 
 
 def serving(
@@ -472,36 +521,27 @@ def serving(
         files[kind] = scratch / f"{kind}.body"
         files[kind].write_bytes(body.content)
     veil = servers["server"]
-    encrypted = encrypted_request(veil, requests["json_b1"], scratch)
-    sealed_target: dict[str, Any] = {"path": ENCRYPTED_PATH, "script": encrypted.script}
-    for server in servers.values():
-        for kind, body in requests.items():
-            if settings.warmup_seconds:
-                wrk(server.url, files[kind], body, settings.warmup_seconds, settings.concurrency)
+    encrypted = encrypted_requests(veil, requests["json_b1"], scratch)
     if settings.warmup_seconds:
-        wrk(
-            veil.url,
-            encrypted.body_file,
-            encrypted.body,
-            settings.warmup_seconds,
-            settings.concurrency,
-            **sealed_target,
-        )
+        warm_up(servers, requests, files, encrypted, settings)
     series = {f"{name}:{kind}": Series() for name in servers for kind in requests}
-    series[f"server:{ENCRYPTED}"] = Series()
+    series.update({f"server:{kind}": Series() for kind in encrypted})
     for round_ in range(settings.rounds):
         order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
         for kind, body in requests.items():
             for name in order:
                 measure(servers[name], files[kind], body, settings, series[f"{name}:{kind}"])
-            if kind == "json_b1":  # encrypted beside its plaintext twin, in every round
+            if kind != "json_b1":
+                continue
+            for sealed_kind, sealed in encrypted.items():  # beside their plaintext twin
                 measure(
                     veil,
-                    encrypted.body_file,
-                    encrypted.body,
+                    sealed.body_file,
+                    sealed.body,
                     settings,
-                    series[f"server:{ENCRYPTED}"],
-                    **sealed_target,
+                    series[f"server:{sealed_kind}"],
+                    path=ENCRYPTED_PATH,
+                    script=sealed.script,
                 )
     session = OnnxModel.from_bytes(MODEL_NAME, model).session  # Veil's session options
     for batch in BATCHES:
@@ -565,6 +605,11 @@ def figures(series: dict[str, Series], settings: Settings) -> dict[str, Any]:
     out["encrypted_p99_ms"] = encrypted.p99_ms()
     out["encrypted_cpu_us_per_request"] = encrypted.median_cpu_us()
     out["encrypted_vs_plaintext_ratio"] = round(out["encrypted_rps"] / server, 4)
+    alone = series[f"server:{HPKE}"]
+    out["hpke_per_request_rps"] = rps[f"server:{HPKE}"]
+    out["hpke_per_request_p50_ms"] = alone.p50_ms()
+    out["hpke_per_request_cpu_us_per_request"] = alone.median_cpu_us()
+    out["hpke_per_request_vs_plaintext_ratio"] = round(out["hpke_per_request_rps"] / server, 4)
     out["server_vs_inprocess_ratio"] = round(server / inprocess, 4)
     for name in SERVERS:
         out[f"{name}_cpu_us_per_request"] = series[f"{name}:json_b1"].median_cpu_us()

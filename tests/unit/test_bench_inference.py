@@ -32,6 +32,9 @@ KEYS = (
     "encrypted_p99_ms",
     "encrypted_cpu_us_per_request",
     "encrypted_vs_plaintext_ratio",
+    "hpke_per_request_rps",
+    "hpke_per_request_cpu_us_per_request",
+    "hpke_per_request_vs_plaintext_ratio",
 )
 RATIOS = {
     "server_vs_minimal_ratio": ("server_rps", "minimal_server_rps"),
@@ -41,6 +44,7 @@ RATIOS = {
     "unseal_vs_raw_ratio": ("unseal_mb_s", "raw_aesgcm_mb_s"),
     "unseal_vs_dropped_ratio": ("unseal_mb_s", "raw_aesgcm_dropped_mb_s"),
     "encrypted_vs_plaintext_ratio": ("encrypted_rps", "server_rps"),
+    "hpke_per_request_vs_plaintext_ratio": ("hpke_per_request_rps", "server_rps"),
 }
 
 

@@ -9,7 +9,10 @@ Before any input leaves the caller, `AsyncClient.verify()`:
   4. checks that the key attested in the token's runtime data is the key the runtime serves;
   5. checks the evidence is for the model asked for.
 Each failed check raises `RefusedError` whose `check` names it. Only then are requests encrypted
-to the attested key (channel.py) and sent; answers are opened with the key each request carried.
+to the attested key and sent: by default in a channel session (sessions.py: one HPKE exchange to
+the attested key, then AES-GCM per request; reopened when the runtime no longer holds it), or
+with `sessions=False` each request sealed on its own with HPKE (channel.py), which keeps a
+caller's requests unlinkable to an observer at the cost of an X25519 agreement per request.
 The evidence is verified again when its token nears expiry, or when the runtime says the key
 changed (it restarted).
 """
@@ -29,6 +32,7 @@ import aiohttp
 
 from veil.client.expectations import Expectations, claim_value
 from veil.http_errors import error_reason
+from veil.runtime import sessions as channel_sessions
 from veil.runtime.attestation import (
     AttestationError,
     AttestationVerifier,
@@ -44,6 +48,7 @@ from veil.runtime.channel import (
     RESPONSE_MEDIA_TYPE,
     ChannelError,
     ChannelPublicKey,
+    SealedRequest,
     seal_request,
 )
 from veil.runtime.jwks import IssuerKeys
@@ -93,6 +98,8 @@ class Verified:
     attestation: VerifiedAttestation
     infer_path: str
     encryption_required: bool
+    # Where the runtime opens channel sessions; None when it offers none.
+    sessions_path: str | None = None
 
 
 def _encode_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,9 +139,11 @@ class AsyncClient:
         timeout_seconds: float = 30.0,
         leeway_seconds: float = 60.0,
         issuer_keys: IssuerKeys | None = None,
+        sessions: bool = True,
     ) -> None:
         """`issuer_keys`: how the issuers' signing keys are fetched (default: their OpenID
-        configuration over HTTPS with the system's CAs)."""
+        configuration over HTTPS with the system's CAs). `sessions`: encrypt in a channel
+        session where the runtime offers them (else each request with HPKE)."""
         self.url = url.rstrip("/")
         self.model = model
         self.version = version
@@ -151,6 +160,9 @@ class AsyncClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self.verified: Verified | None = None
+        self._use_sessions = sessions
+        self._channel: tuple[Verified, channel_sessions.CallerSession] | None = None
+        self._opening = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -236,12 +248,15 @@ class AsyncClient:
             raise RefusedError("model", f"the evidence is for model {served_name!r}, not ours")
         channel = document.get("channel")
         required = isinstance(channel, Mapping) and channel.get("encryption") == "required"
+        offered = channel.get("sessions") if isinstance(channel, Mapping) else None
+        sessions_path = offered.get("path") if isinstance(offered, Mapping) else None
         base = f"/v2/models/{self.model}" + (f"/versions/{self.version}" if self.version else "")
         self.verified = Verified(
             attested,
             verified,
             f"{base}/infer/encrypted",
             required,
+            sessions_path if sessions_path == channel_sessions.SESSIONS_PATH else None,
         )
         return self.verified
 
@@ -251,6 +266,40 @@ class AsyncClient:
             current = await self.verify()
         return current
 
+    async def _post(self, url: str, body: bytes, media_type: str) -> tuple[int, str, bytes]:
+        try:
+            async with self._http().post(
+                url,
+                data=body,
+                headers={"Content-Type": media_type},
+                allow_redirects=False,
+            ) as response:
+                return response.status, response.content_type, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise InferenceError(0, f"cannot reach {url}: {exc!r}") from exc
+
+    async def _channel_session(
+        self, verified: Verified, path: str
+    ) -> channel_sessions.CallerSession:
+        """The open session to the attested key, opening one when there is none usable."""
+        async with self._opening:  # concurrent requests share the one being opened
+            current = self._channel
+            if current is not None and current[0] is verified and current[1].usable():
+                return current[1]
+            offer = channel_sessions.offer_session(verified.key)
+            url = self.url + path
+            status, media_type, answer = await self._post(
+                url, offer.body, channel_sessions.OPEN_MEDIA_TYPE
+            )
+            if status != 201 or media_type != channel_sessions.OPENED_MEDIA_TYPE:
+                raise InferenceError(status, error_reason(answer))
+            try:
+                session = offer.confirm(answer)
+            except ChannelError as exc:
+                raise InferenceError(status, str(exc)) from exc
+            self._channel = (verified, session)
+            return session
+
     async def send(
         self, body: bytes, header_length: int | None = None
     ) -> tuple[int, int | None, bytes]:
@@ -258,28 +307,34 @@ class AsyncClient:
         (inner status, binary header length or None, body)."""
         for attempt in (1, 2):
             verified = await self._key()
-            sealed = seal_request(verified.key, body, header_length)
-            url = self.url + verified.infer_path
+            sealed: channel_sessions.SealedSessionRequest | SealedRequest
             try:
-                async with self._http().post(
-                    url,
-                    data=sealed.body,
-                    headers={"Content-Type": REQUEST_MEDIA_TYPE, "Accept": RESPONSE_MEDIA_TYPE},
-                    allow_redirects=False,
-                ) as response:
-                    answer = await response.read()
-                    status = response.status
-                    media_type = response.content_type
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise InferenceError(0, f"cannot reach {url}: {exc!r}") from exc
-            if status == 200 and media_type == RESPONSE_MEDIA_TYPE:
+                if self._use_sessions and verified.sessions_path is not None:
+                    session = await self._channel_session(verified, verified.sessions_path)
+                    sealed = session.seal(body, header_length)
+                    media_type = channel_sessions.REQUEST_MEDIA_TYPE
+                    expected = channel_sessions.RESPONSE_MEDIA_TYPE
+                else:
+                    sealed = seal_request(verified.key, body, header_length)
+                    media_type, expected = REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE
+                url = self.url + verified.infer_path
+                status, answered_as, answer = await self._post(url, sealed.body, media_type)
+            except InferenceError as refused:
+                if attempt == 1 and refused.status == 400 and _STALE_KEY in str(refused):
+                    self.verified = None  # the runtime restarted with a new key: verify again
+                    continue
+                raise
+            if status == 200 and answered_as == expected:
                 try:
                     return sealed.open_response(answer)
                 except ChannelError as exc:
                     raise InferenceError(status, str(exc)) from exc
             message = error_reason(answer)
-            if status == 400 and _STALE_KEY in message and attempt == 1:
+            if attempt == 1 and status == 400 and _STALE_KEY in message:
                 self.verified = None  # the runtime restarted with a new key: verify again
+                continue
+            if attempt == 1 and status == 400 and channel_sessions.SESSION_UNKNOWN in message:
+                self._channel = None  # expired, evicted, or the runtime restarted: reopen
                 continue
             raise InferenceError(status, message)
         raise AssertionError("unreachable")

@@ -39,7 +39,7 @@ import hmac
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
@@ -169,15 +169,40 @@ class SealedRequest:
         return status, None if header_length == NO_HEADER else header_length, payload
 
 
+def seal_to(public: ChannelPublicKey, inner: bytes, info: bytes) -> bytes:
+    """hdr || enc || ct: `inner` sealed (HPKE single-shot) to the runtime's key, `info` || hdr
+    as HPKE's info (so a message made for one purpose never opens as another)."""
+    header = _HEADER.pack(public.key_id, KEM_ID, KDF_ID, AEAD_ID)
+    return header + _SUITE.encrypt(inner, public.key, info=info + header)
+
+
+def enc_of(sealed: bytes) -> bytes:
+    """The encapsulated key of a message `seal_to` made."""
+    return sealed[_HEADER.size : _HEADER.size + ENC_BYTES]
+
+
 def seal_request(
     public: ChannelPublicKey, body: bytes, header_length: int | None = None
 ) -> SealedRequest:
     """Encrypt an OIP v2 request body to the runtime's key."""
-    header = _HEADER.pack(public.key_id, KEM_ID, KDF_ID, AEAD_ID)
     response_key = secrets.token_bytes(RESPONSE_KEY_BYTES)
     inner = _INNER_REQUEST.pack(response_key, _split_header(header_length, body)) + body
-    sealed = _SUITE.encrypt(inner, public.key, info=REQUEST_INFO + header)
-    return SealedRequest(header + sealed, response_key, sealed[:ENC_BYTES])
+    sealed = seal_to(public, inner, REQUEST_INFO)
+    return SealedRequest(sealed, response_key, enc_of(sealed))
+
+
+class Opened(Protocol):
+    """A request opened by the runtime, whatever sealed it: its body and how to answer it."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def header_length(self) -> int | None: ...
+
+    def seal_response(
+        self, status: int, body: bytes, header_length: int | None = None
+    ) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -207,10 +232,10 @@ class ChannelPrivateKey:
         self.public = ChannelPublicKey(self._key.public_key(), raw)
         self._header = _HEADER.pack(self.public.key_id, KEM_ID, KDF_ID, AEAD_ID)
 
-    def open_request(self, body: bytes) -> OpenedRequest:
-        """Decrypt a request; ChannelError names what is wrong with it."""
-        if len(body) < _OVERHEAD + _INNER_REQUEST.size:
-            raise ChannelError("the encrypted request is too short")
+    def open_sealed(self, body: bytes, info: bytes) -> bytes:
+        """Decrypt what `seal_to(..., info)` made; ChannelError names what is wrong with it."""
+        if len(body) < _OVERHEAD:
+            raise ChannelError("the encrypted message is too short")
         header = body[: _HEADER.size]
         if header != self._header:
             key_id, kem, kdf, aead = _HEADER.unpack(header)
@@ -224,18 +249,24 @@ class ChannelPrivateKey:
                 f"{self.public.key_id.hex()}: fetch the evidence again"
             )
         try:
-            inner = _SUITE.decrypt(body[_HEADER.size :], self._key, info=REQUEST_INFO + header)
+            return _SUITE.decrypt(body[_HEADER.size :], self._key, info=info + header)
         except InvalidTag:
             raise ChannelError("the encrypted request does not open: it was altered") from None
         except ValueError as exc:
             raise ChannelError(f"the encrypted request does not open: {exc}") from None
+
+    def open_request(self, body: bytes) -> OpenedRequest:
+        """Decrypt a request; ChannelError names what is wrong with it."""
+        inner = self.open_sealed(body, REQUEST_INFO)
         if len(inner) < _INNER_REQUEST.size:
             raise ChannelError("the encrypted request holds no response key")
         response_key, header_length = _INNER_REQUEST.unpack_from(inner)
         payload = inner[_INNER_REQUEST.size :]
         if header_length != NO_HEADER and header_length > len(payload):
             raise ChannelError("the binary header length does not fit the body")
-        enc = body[_HEADER.size : _HEADER.size + ENC_BYTES]
         return OpenedRequest(
-            payload, None if header_length == NO_HEADER else header_length, response_key, enc
+            payload,
+            None if header_length == NO_HEADER else header_length,
+            response_key,
+            enc_of(body),
         )

@@ -29,7 +29,9 @@ it expires (at three quarters of its remaining life; failures retried).
     {"format": "veil-evidence/v1",
      "model": {"name", "version"},
      "channel": {"encryption": "required"|"optional", "suite", "request_media_type",
-                 "response_media_type", "infer_path"},
+                 "response_media_type", "infer_path",
+                 "sessions": {"path", "offer_media_type", "request_media_type",
+                              "response_media_type"}},
      "key": <OKP JWK of the channel key>,
      "attestation": {"format": "maa-jwt", "token", "issuer", "placement", "key_claim",
                      "nonce_claim", "expires_at", "nonce"} | null}
@@ -54,6 +56,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from veil.runtime import sessions
 from veil.runtime.attestation import (
     NONCE,
     AttestationError,
@@ -325,6 +328,12 @@ class EvidenceService:
                 "request_media_type": REQUEST_MEDIA_TYPE,
                 "response_media_type": RESPONSE_MEDIA_TYPE,
                 "infer_path": self._infer_path,
+                "sessions": {
+                    "path": sessions.SESSIONS_PATH,
+                    "offer_media_type": sessions.OPEN_MEDIA_TYPE,
+                    "request_media_type": sessions.REQUEST_MEDIA_TYPE,
+                    "response_media_type": sessions.RESPONSE_MEDIA_TYPE,
+                },
             },
             "key": self.key.public.jwk(),
             "attestation": attestation,

@@ -11,9 +11,12 @@
 With a channel (`build_app(channel=...)`, see channel.py and evidence.py):
 
     GET  /v2/evidence[?nonce=N]                the channel key and the token that attests it
-    POST /v2/models/{name}[/versions/{v}]/infer/encrypted   an HPKE-encrypted infer request;
-         200 with the encrypted answer (its inner status says how it went) once the request
-         opens; 400 when it does not (altered, another key), before anything is decoded
+    POST /v2/sessions                          open a channel session (an HPKE-sealed secret;
+         201 with the sealed confirmation; see sessions.py)
+    POST /v2/models/{name}[/versions/{v}]/infer/encrypted   an encrypted infer request, HPKE
+         (one per request) or of a session, by its Content-Type; 200 with the encrypted answer
+         (its inner status says how it went) once the request opens; 400 when it does not
+         (altered, another key, an unknown session), before anything is decoded
     and, when encryption is required, POST .../infer answers 403 (no plaintext inference).
 
 Prometheus metrics are served by a separate app (`build_metrics_app`) on its own port, so the
@@ -40,6 +43,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from veil import __version__
+from veil.runtime import sessions
 from veil.runtime.access_log import LOGGER_NAME as ACCESS_LOGGER
 from veil.runtime.access_log import AccessLog
 from veil.runtime.admission import BodyBudget
@@ -48,7 +52,7 @@ from veil.runtime.channel import (
     REQUEST_MEDIA_TYPE,
     RESPONSE_MEDIA_TYPE,
     ChannelError,
-    OpenedRequest,
+    Opened,
 )
 from veil.runtime.codec import HEADER_LENGTH, encode_response, load_json, split_body
 from veil.runtime.evidence import EvidenceService, EvidenceUnavailableError
@@ -61,6 +65,14 @@ from veil.runtime.routes import Handler, add_routes, error, plain
 from veil.runtime.state import ModelSlot, ModelState
 
 log = logging.getLogger("veil.runtime.server")
+
+# Which answer each encrypted request's Content-Type gets.
+_ANSWER_MEDIA_TYPES = {
+    REQUEST_MEDIA_TYPE: RESPONSE_MEDIA_TYPE,
+    sessions.REQUEST_MEDIA_TYPE: sessions.RESPONSE_MEDIA_TYPE,
+}
+# An offer is a header, an encapsulated key and a sealed 32-byte secret: 90 bytes.
+_MAX_SESSION_OFFER_BYTES = 1024
 
 EXTENSIONS = ["binary_tensor_data"]
 # Triton's names for model states, as its repository index reports them.
@@ -75,6 +87,7 @@ _INDEX_STATES = {
 _INLINE_DECODE_BYTES = 256 * 1024
 # The app's body budget, for tests and diagnostics.
 BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+SESSION_TABLE = web.AppKey("session_table", sessions.SessionTable)
 # How long a refused body may keep arriving (and be discarded) so its client sees the answer.
 _LINGERING_SECONDS = 2.0
 
@@ -143,6 +156,9 @@ class _Api:
         self.budget = BodyBudget(limits.body_budget)
         self.costs = CostModel(limits.inline_compute_seconds)
         self.stats = metrics.inference.for_model(slot.name)
+        self.sessions = None
+        if channel is not None:
+            self.sessions = sessions.SessionTable(lambda: channel.key)
 
     def _known(self, request: web.Request) -> bool:
         version = request.match_info.get("version")
@@ -284,6 +300,26 @@ class _Api:
             self.access_log.add(request, response, 0.0)
         return response
 
+    async def open_session(self, request: web.Request) -> web.Response:
+        """POST a session offer: the sealed confirmation (201), or 400 when it does not open."""
+        assert self.sessions is not None
+        if request.content_type != sessions.OPEN_MEDIA_TYPE:
+            message = f"a session offer has Content-Type {sessions.OPEN_MEDIA_TYPE}"
+            return error(415, message)
+        length = request.content_length
+        if length is None or length > _MAX_SESSION_OFFER_BYTES:
+            response = error(413, f"a session offer is at most {_MAX_SESSION_OFFER_BYTES} bytes")
+            response.force_close()
+            return response
+        try:
+            raw = await self._read(request)
+            confirmation = self.sessions.open_session(raw)
+        except _RefusedError as refused:
+            return refused.response
+        except ChannelError as exc:
+            return error(400, str(exc))
+        return web.Response(status=201, body=confirmation, content_type=sessions.OPENED_MEDIA_TYPE)
+
     async def infer_encrypted(self, request: web.Request) -> web.Response:
         if self._known(request):
             return await self.infer_encrypted_served(request)
@@ -299,9 +335,14 @@ class _Api:
         started = time.perf_counter()
         outcome = "error"
         try:
-            if request.content_type != REQUEST_MEDIA_TYPE:
-                message = f"an encrypted request has Content-Type {REQUEST_MEDIA_TYPE}"
+            media_type = _ANSWER_MEDIA_TYPES.get(request.content_type)
+            if media_type is None:
+                message = (
+                    f"an encrypted request has Content-Type {sessions.REQUEST_MEDIA_TYPE} "
+                    f"(a session's) or {REQUEST_MEDIA_TYPE} (HPKE)"
+                )
                 raise _RefusedError("bad_request", error(415, message))
+            session = media_type is sessions.RESPONSE_MEDIA_TYPE
             model, reserved, admitted = self._admit(request)
             if not admitted and not await self.budget.reserve(reserved, self.limits.read_timeout):
                 busy = error(503, "the server is busy receiving other requests; retry shortly")
@@ -311,9 +352,11 @@ class _Api:
                 raw = await self._read(request)
                 if len(raw) > _INLINE_DECODE_BYTES:
                     async with self.semaphore:
-                        sealed, outcome = await asyncio.to_thread(self._sealed_answer, model, raw)
+                        sealed, outcome = await asyncio.to_thread(
+                            self._sealed_answer, model, raw, session
+                        )
                 else:
-                    opened = self._open(raw)
+                    opened = self._open(raw, session)
                     infer = self._decode_opened(model, opened)
                     if isinstance(infer, bytes):  # refused inside the envelope
                         sealed, outcome = infer, "bad_request"
@@ -326,7 +369,7 @@ class _Api:
                             )
             finally:
                 self.budget.release(reserved)
-            response = web.Response(body=sealed, content_type=RESPONSE_MEDIA_TYPE)
+            response = web.Response(body=sealed, content_type=media_type)
         except _RefusedError as refused:
             response, outcome = refused.response, refused.outcome
         except Exception:
@@ -339,15 +382,18 @@ class _Api:
             self.access_log.add(request, response, seconds)
         return response
 
-    def _open(self, raw: bytes) -> OpenedRequest:
+    def _open(self, raw: bytes, session: bool) -> Opened:
         """Decrypt a request; a plain 400 if it does not open (nothing of it is decoded)."""
         assert self.channel is not None
+        assert self.sessions is not None
         try:
+            if session:
+                return self.sessions.open_request(raw)
             return self.channel.key.open_request(raw)
         except ChannelError as exc:
             raise _RefusedError("bad_request", error(400, str(exc))) from None
 
-    def _decode_opened(self, model: OnnxModel, opened: OpenedRequest) -> InferRequest | bytes:
+    def _decode_opened(self, model: OnnxModel, opened: Opened) -> InferRequest | bytes:
         """The decoded request, or the sealed refusal when it does not fit the model."""
         header = None if opened.header_length is None else str(opened.header_length)
         try:
@@ -356,7 +402,7 @@ class _Api:
             return _seal_refusal(opened, refused)
 
     def _run_sealed(
-        self, model: OnnxModel, opened: OpenedRequest, infer: InferRequest
+        self, model: OnnxModel, opened: Opened, infer: InferRequest
     ) -> tuple[bytes, str]:
         try:
             body, binary_header = self._run(model, infer, len(opened.body))
@@ -364,9 +410,9 @@ class _Api:
             return _seal_refusal(opened, refused), refused.outcome
         return opened.seal_response(200, body, binary_header), "success"
 
-    def _sealed_answer(self, model: OnnxModel, raw: bytes) -> tuple[bytes, str]:
+    def _sealed_answer(self, model: OnnxModel, raw: bytes, session: bool) -> tuple[bytes, str]:
         """All of it, in a worker thread, for a body too large to open on the loop."""
-        opened = self._open(raw)
+        opened = self._open(raw, session)
         infer = self._decode_opened(model, opened)
         if isinstance(infer, bytes):
             return infer, "bad_request"
@@ -449,7 +495,7 @@ class _Api:
         return self._run(model, self._decode(model, raw, header_length), len(raw))
 
 
-def _seal_refusal(opened: OpenedRequest, refused: _RefusedError) -> bytes:
+def _seal_refusal(opened: Opened, refused: _RefusedError) -> bytes:
     inner = refused.response.body
     return opened.seal_response(refused.response.status, inner if isinstance(inner, bytes) else b"")
 
@@ -495,6 +541,7 @@ def _channel_routes(
             *[(f"{base}/infer/encrypted", {post: sealed_served}) for base in served if plain(base)],
             *[(f"{base}/infer/encrypted", {post: sealed_any}) for base in model_paths],
             (EVIDENCE_PATH, {hdrs.METH_GET: api.evidence}),
+            (sessions.SESSIONS_PATH, {post: api.open_session}),
         ],
     )
 
@@ -517,6 +564,8 @@ def build_app(
     api = _Api(slot, metrics, limits, access_log, channel)
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[BODY_BUDGET] = api.budget
+    if api.sessions is not None:
+        app[SESSION_TABLE] = api.sessions
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
     get, post = hdrs.METH_GET, hdrs.METH_POST
     served = [f"/v2/models/{slot.name}", f"/v2/models/{slot.name}/versions/{slot.version}"]

@@ -21,11 +21,25 @@ from prometheus_client import CollectorRegistry
 
 from veil.client import AsyncClient, Expectations, InferenceError, RefusedError
 from veil.runtime.attestation import AttestationPolicy, AttestationVerifier, Placement
-from veil.runtime.channel import EVIDENCE_PATH, REQUEST_MEDIA_TYPE, ChannelPrivateKey, seal_request
+from veil.runtime.channel import (
+    EVIDENCE_PATH,
+    REQUEST_MEDIA_TYPE,
+    ChannelError,
+    ChannelPrivateKey,
+    seal_request,
+)
 from veil.runtime.evidence import AttesterError, EvidenceService
 from veil.runtime.metrics import RuntimeMetrics
 from veil.runtime.model import OnnxModel
-from veil.runtime.server import build_app
+from veil.runtime.server import SESSION_TABLE, build_app
+from veil.runtime.sessions import (
+    OPEN_MEDIA_TYPE,
+    SESSIONS_PATH,
+    CallerSession,
+    SessionTable,
+    offer_session,
+)
+from veil.runtime.sessions import REQUEST_MEDIA_TYPE as SESSION_REQUEST_MEDIA_TYPE
 from veil.runtime.state import ModelSlot
 
 from .doubles import HOSTDATA, AuthorityAttester, TestAuthority, TrainedModel, running
@@ -82,6 +96,7 @@ class Runtime:
     channel: EvidenceService
     attester: AuthorityAttester
     runs: list[int]
+    sessions: SessionTable
 
 
 @pytest.fixture
@@ -131,7 +146,7 @@ async def runtime(
     async with running(app) as url:
         if channel.attested:
             await channel.refresh()
-        yield Runtime(url, channel, attester, runs)
+        yield Runtime(url, channel, attester, runs, app[SESSION_TABLE])
 
 
 async def _client(url: str, expectations: Expectations, **options: Any) -> AsyncClient:
@@ -154,15 +169,24 @@ def _onnxruntime(model: TrainedModel, rows: np.ndarray) -> list[np.ndarray]:
 # --- the round trip ------------------------------------------------------------------------
 
 
+# Both ways of sealing: a channel session (the client's default) and HPKE for each request.
+SEALING = pytest.mark.parametrize("sessions", [True, False], ids=["session", "per-request"])
+
+
+@SEALING
 async def test_round_trip_equals_onnxruntime_on_the_plaintext_model(
-    runtime: Runtime, expectations: Expectations, breast_cancer_model: TrainedModel
+    runtime: Runtime,
+    expectations: Expectations,
+    breast_cancer_model: TrainedModel,
+    sessions: bool,
 ) -> None:
     rows = breast_cancer_model.samples[:7]
-    async with AsyncClient(runtime.url, MODEL, expectations) as client:
+    async with AsyncClient(runtime.url, MODEL, expectations, sessions=sessions) as client:
         verified = await client.verify()
         answer = await client.infer({"input": rows})
     assert verified.encryption_required
     assert verified.key.same_as(runtime.channel.key.public)
+    assert len(runtime.sessions) == (1 if sessions else 0)
     expected = _onnxruntime(breast_cancer_model, rows)
     by_name = {output["name"]: output for output in answer["outputs"]}
     assert len(by_name) == len(expected)
@@ -173,8 +197,12 @@ async def test_round_trip_equals_onnxruntime_on_the_plaintext_model(
         )
 
 
+@SEALING
 async def test_binary_tensors_round_trip_inside_the_envelope(
-    runtime: Runtime, expectations: Expectations, breast_cancer_model: TrainedModel
+    runtime: Runtime,
+    expectations: Expectations,
+    breast_cancer_model: TrainedModel,
+    sessions: bool,
 ) -> None:
     rows = np.ascontiguousarray(breast_cancer_model.samples[:3], dtype="<f4")
     data = rows.tobytes()
@@ -191,7 +219,7 @@ async def test_binary_tensors_round_trip_inside_the_envelope(
             "parameters": {"binary_data_output": True},
         }
     ).encode()
-    async with AsyncClient(runtime.url, MODEL, expectations) as client:
+    async with AsyncClient(runtime.url, MODEL, expectations, sessions=sessions) as client:
         status, length, body = await client.send(header + data, len(header))
     assert status == 200
     assert length is not None
@@ -223,13 +251,20 @@ async def test_errors_after_opening_come_back_inside_the_envelope(
 # --- what a host or network sees -------------------------------------------------------------
 
 
+@SEALING
 async def test_a_recording_proxy_sees_none_of_the_input_nor_the_output(
-    runtime: Runtime, expectations: Expectations, breast_cancer_model: TrainedModel
+    runtime: Runtime,
+    expectations: Expectations,
+    breast_cancer_model: TrainedModel,
+    sessions: bool,
 ) -> None:
     marker = np.full((2, 30), 31337.25, dtype=np.float32)
     rows = breast_cancer_model.samples[:4]  # real inputs: probabilities strictly between 0 and 1
     proxy = Proxy(runtime.url)
-    async with running(proxy.app()) as proxied, AsyncClient(proxied, MODEL, expectations) as client:
+    async with (
+        running(proxy.app()) as proxied,
+        AsyncClient(proxied, MODEL, expectations, sessions=sessions) as client,
+    ):
         await client.infer({"input": marker})
         answer = await client.infer({"input": rows})
     assert proxy.recorded, "the proxy saw the traffic"
@@ -524,3 +559,116 @@ async def test_fresh_evidence_is_rate_limited(runtime: Runtime) -> None:
                 statuses.append(answer.status)
     assert statuses.count(200) == 30
     assert statuses[-1] == 429
+
+
+# --- channel sessions: what an attacker on the wire can and cannot do -----------------------
+
+
+async def _open_session(url: str, runtime: Runtime) -> CallerSession:
+    offer = offer_session(runtime.channel.key.public)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            url + SESSIONS_PATH, data=offer.body, headers={"Content-Type": OPEN_MEDIA_TYPE}
+        ) as answer,
+    ):
+        assert answer.status == 201
+        return offer.confirm(await answer.read())
+
+
+def _zeros_request() -> bytes:
+    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.0] * 30}]}
+    return json.dumps(body).encode()
+
+
+async def test_tampered_session_requests_get_a_400_and_no_inference(runtime: Runtime) -> None:
+    session = await _open_session(runtime.url, runtime)
+    sealed = session.seal(_zeros_request())
+    url = runtime.url + INFER + "/encrypted"
+    headers = {"Content-Type": SESSION_REQUEST_MEDIA_TYPE}
+    async with aiohttp.ClientSession() as http:
+        # A flipped bit in the session id, the nonce, the ciphertext, the tag.
+        flips = [(3, "unknown or expired"), (20, "does not open"), (40, "does not open")]
+        for offset, reason in [*flips, (len(sealed.body) - 1, "does not open")]:
+            altered = bytearray(sealed.body)
+            altered[offset] ^= 0x01
+            async with http.post(url, data=bytes(altered), headers=headers) as answer:
+                assert answer.status == 400
+                assert reason in (await answer.json())["error"]
+        async with http.post(url, data=sealed.body, headers=headers) as answer:
+            assert answer.status == 200
+            status, _, _ = sealed.open_response(await answer.read())
+    assert status == 200
+    assert runtime.runs == [1]
+
+
+async def test_an_answer_opens_only_for_the_request_it_answers(runtime: Runtime) -> None:
+    session = await _open_session(runtime.url, runtime)
+    first, second = session.seal(_zeros_request()), session.seal(_zeros_request())
+    url = runtime.url + INFER + "/encrypted"
+    headers = {"Content-Type": SESSION_REQUEST_MEDIA_TYPE}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=first.body, headers=headers) as answer:
+            first_answer = await answer.read()
+        async with http.post(url, data=second.body, headers=headers) as answer:
+            second_answer = await answer.read()
+    assert first.open_response(first_answer)[0] == 200
+    # A proxy swapping the two answers is caught: each is bound to its request's nonce.
+    with pytest.raises(ChannelError, match="not the answer to this request"):
+        first.open_response(second_answer)
+    with pytest.raises(ChannelError, match="not the answer to this request"):
+        second.open_response(first_answer)
+
+
+async def test_a_session_confirmation_only_the_tee_can_make(runtime: Runtime) -> None:
+    """An impostor (the host answering in the TEE's place) cannot forge the confirmation: it
+    needs the session secret, which only the attested key's holder can open."""
+    offer = offer_session(runtime.channel.key.public)
+    impostor = SessionTable(ChannelPrivateKey)
+    with pytest.raises(ChannelError, match="is encrypted to key"):
+        impostor.open_session(offer.body)
+    # A confirmation made for another session (the impostor's own) does not confirm ours.
+    other_key = ChannelPrivateKey()
+    impostors_own = SessionTable(lambda: other_key).open_session(
+        offer_session(other_key.public).body
+    )
+    with pytest.raises(ChannelError, match="not made by the attested key's holder"):
+        offer.confirm(impostors_own)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            runtime.url + SESSIONS_PATH,
+            data=offer_session(ChannelPrivateKey().public).body,
+            headers={"Content-Type": OPEN_MEDIA_TYPE},
+        ) as answer,
+    ):
+        assert answer.status == 400
+        assert "fetch the evidence again" in (await answer.json())["error"]
+
+
+async def test_the_client_reopens_a_session_the_runtime_no_longer_holds(
+    runtime: Runtime, expectations: Expectations
+) -> None:
+    async with AsyncClient(runtime.url, MODEL, expectations) as client:
+        await client.infer({"input": np.zeros((1, 30), np.float32)})
+        assert len(runtime.sessions) == 1
+        runtime.sessions.clear()  # evicted, expired, or the table restarted
+        answer = await client.infer({"input": np.zeros((1, 30), np.float32)})
+    assert answer["outputs"]
+    assert len(runtime.sessions) == 1
+    assert runtime.runs == [1, 1]
+
+
+async def test_plaintext_is_refused_even_with_a_session_open(
+    runtime: Runtime, expectations: Expectations
+) -> None:
+    async with AsyncClient(runtime.url, MODEL, expectations) as client:
+        await client.infer({"input": np.zeros((1, 30), np.float32)})
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            runtime.url + INFER, data=_zeros_request(), headers={"Content-Type": "application/json"}
+        ) as answer,
+    ):
+        assert answer.status == 403
+    assert runtime.runs == [1]
