@@ -38,7 +38,7 @@ import hashlib
 import hmac
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -106,10 +106,11 @@ class ChannelPublicKey:
 
     key: x25519.X25519PublicKey
     raw: bytes
+    # Computed once: the runtime compares it on every session request.
+    key_id: bytes = field(init=False, repr=False, compare=False)
 
-    @property
-    def key_id(self) -> bytes:
-        return key_id_of(self.raw)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_id", key_id_of(self.raw))
 
     @classmethod
     def from_raw(cls, raw: bytes) -> ChannelPublicKey:
