@@ -3,9 +3,11 @@
 #   veil run          the operator (the Helm chart's Deployment: run --peering=veil)
 #   veil serve        the confidential inference runtime in a ConfidentialModel's pods
 #   veil synthesize   the DP synthesizer of a SyntheticDataset's Job
-#   veil train        the DP training stage of a ConfidentialModel's Job
+#   veil train        the DP training stage of a ConfidentialModel's Job (DP-SGD families
+#                     mlp and cnn: the `trainer` target, which adds torch and Opacus)
 #
 #   docker build -t veil .
+#   docker build --target trainer -t veil-trainer .
 #   docker run --rm veil --help
 #   bash hack/build-image.sh     the same offline, with buildah and a host-built wheelhouse
 
@@ -49,7 +51,50 @@ RUN /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-lin
  && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
       --target /opt/veil-app veil
 
-# --- final: the interpreter, the virtualenv, nothing to build or fetch with ---------------------
+# --- trainer-builder: the same virtualenv plus torch and Opacus (the dpsgd extra) ---------------
+# A few GB (torch from PyPI is the CUDA build), so only the trainer image carries them.
+FROM ${PYTHON_IMAGE} AS trainer-builder
+ARG WHEELHOUSE=wheelhouse
+ARG PIP_OFFLINE=
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY --from=builder /opt/veil /opt/veil
+COPY pyproject.toml ${WHEELHOUSE}* /wheels/
+COPY pyproject.toml ./
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dpsgd"], sep="\n")' \
+      > dpsgd.txt \
+ && /opt/veil/bin/pip install --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
+      -r dpsgd.txt
+
+# --- trainer: `veil train` with the DP-SGD families (mlp, cnn), on CPU or NVIDIA GPUs ----------
+#   docker build --target trainer -t veil-trainer .
+FROM ${PYTHON_IMAGE} AS trainer
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="veil-trainer" \
+      org.opencontainers.image.description="Veil's DP trainer with torch and Opacus (DP-SGD)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 65532 veil \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin veil \
+ && if python -m pip --version >/dev/null 2>&1; then \
+      python -m pip uninstall --yes pip setuptools wheel; fi \
+ && rm -rf /root/.cache
+COPY --from=trainer-builder /opt/veil /opt/veil
+COPY --from=builder /opt/veil-app /opt/veil-app
+RUN /opt/veil/bin/python -m pip uninstall --yes pip
+ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
+    PYTHONPATH=/opt/veil-app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+USER 65532:65532
+ENTRYPOINT ["veil"]
+CMD ["train", "--help"]
+
+# --- final (the default target): the interpreter, the virtualenv, nothing to build or fetch with
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="veil" \

@@ -37,5 +37,6 @@ bash hack/build-control-plane.sh >/dev/null
 bash hack/build-node.sh >/dev/null       # kubelet, kube-proxy, CoreDNS, kube-router, pause
 bash hack/build-tools.sh >/dev/null   # helm and kubeconform, for the chart tests
 bash hack/azurite.sh >/dev/null       # Azure Blob emulator (npm), for the synthesis tests
+bash hack/training-operator-crd.sh >/dev/null  # Kubeflow's PyTorchJob CRD, for workers > 1
 bash hack/build-image.sh >/dev/null   # Veil's image from the Dockerfile, for the real node
 echo "setup: done (virtualenv .venv, control plane in ${VEIL_CACHE:-$HOME/.cache/veil})"

@@ -25,10 +25,14 @@ class Images:
         "mcr.microsoft.com/aci/skr@sha256:"
         "baa6acf093c011cb26799187b6a535e32bd8248f52dd2cd9c606732b8a23c112"
     )
+    # The DP-SGD trainer (the Dockerfile's `trainer` target: the runtime plus torch and
+    # Opacus, kept out of the runtime image). None: DP-SGD training stalls saying to set it.
+    trainer: str | None = None
 
     def by_tag(self) -> list[str]:
         """The images not pinned by digest (a tag can be moved to other content)."""
-        return [image for image in (self.runtime, self.key_release) if not pinned(image)]
+        images = (self.runtime, self.key_release, self.trainer)
+        return [image for image in images if image is not None and not pinned(image)]
 
 
 def pinned(image: str) -> bool:
@@ -102,6 +106,7 @@ class OperatorConfig:
             images=Images(
                 runtime=os.environ.get("VEIL_RUNTIME_IMAGE", defaults.runtime),
                 key_release=os.environ.get("VEIL_SKR_IMAGE", defaults.key_release),
+                trainer=os.environ.get("VEIL_TRAINER_IMAGE") or None,
             ),
             key_release_port=int(os.environ.get("VEIL_SKR_PORT", "8080")),
             allow_image_tags=os.environ.get("VEIL_ALLOW_IMAGE_TAGS", "").lower() == "true",

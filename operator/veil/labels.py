@@ -26,3 +26,9 @@ ACI_CCE_POLICY_ANNOTATION = "microsoft.containerinstance.virtualnode.ccepolicy"
 # Azure workload identity.
 WORKLOAD_IDENTITY_USE = "azure.workload.identity/use"
 WORKLOAD_IDENTITY_CLIENT_ID = "azure.workload.identity/client-id"
+
+# Confidential GPU nodes (Azure NCCads H100 v5): AKS labels GPU nodes with their accelerator;
+# the NVIDIA device plugin serves the GPU resource, whose name Veil's GPU pools are tainted with.
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_ACCELERATOR_LABEL = "kubernetes.azure.com/accelerator"
+GPU_ACCELERATOR = "nvidia"

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "veil-integration-token"
 
 PINNED_RUNTIME_IMAGE = "ghcr.io/veil-dev/veil@sha256:" + "5" * 64
+PINNED_TRAINER_IMAGE = "ghcr.io/veil-dev/veil-trainer@sha256:" + "7" * 64
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +117,7 @@ class OperatorProcess:
             **os.environ,
             # The operator refuses images by tag; kwok's pods pull nothing, so any digest does.
             "VEIL_RUNTIME_IMAGE": PINNED_RUNTIME_IMAGE,
+            "VEIL_TRAINER_IMAGE": PINNED_TRAINER_IMAGE,
             **extra_env,
             "KUBECONFIG": str(kubeconfig),
             # Resync often, so tests see that a resync of a settled object writes nothing.
@@ -233,6 +235,7 @@ def run_operator_code(
         env={
             **os.environ,
             "VEIL_RUNTIME_IMAGE": PINNED_RUNTIME_IMAGE,
+            "VEIL_TRAINER_IMAGE": PINNED_TRAINER_IMAGE,
             **(extra_env or {}),
             "KUBECONFIG": str(kubeconfig),
         },

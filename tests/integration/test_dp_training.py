@@ -7,6 +7,8 @@ and the operator picks its result up exactly as in a cluster.
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from veil.artifacts import read_bytes
 from veil.conditions import kstatus_violations
 from veil.privacy import Ledger
 from veil.resources.training import result_uri, run_id, train_args
+from veil.training.options import spec_plan
 
 NAMESPACE = "veil-dp-training"
 
@@ -295,3 +298,240 @@ spec = ConfidentialModelSpec.model_validate(owner["spec"])
 training.train(owner, spec, OperatorConfig.from_env(), {})
 print("{}")
 """
+
+
+# --- DP-SGD (family mlp): the claim is the DP-SGD event the trainer spends ---------------------
+
+
+def _dpsgd_model(
+    name: str, budget: str, data: Path, work: Path, azure: AzureDoubles, **training: Any
+) -> dict[str, Any]:
+    """examples/dp-training/mlp-model.yaml on local data, sealing through the Key Vault double."""
+    model: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples" / "dp-training" / "mlp-model.yaml").read_text()
+    )
+    model["metadata"] = {"name": name, "namespace": NAMESPACE}
+    spec = model["spec"]
+    spec["keyRelease"].update(vaultUrl=azure.key_vault.url, keyName=name)
+    spec["training"].update(
+        budgetRef={"name": budget},
+        datasetUri=data.as_uri(),
+        outputUri=(work / f"{name}.onnx.sealed").as_uri(),
+        **training,
+    )
+    return model
+
+
+def _own_data(objects: Any, oncology: Path, work: Path, budget: str) -> Path:
+    """A copy of the oncology data with a budget of its own (a budget pays for one dataset)."""
+    data = work / f"{budget}.csv"
+    data.write_bytes(oncology.read_bytes())
+    create_budget(objects, NAMESPACE, budget, 4.0, dataset_uri=data.as_uri())
+    return data
+
+
+def _ledger_of(objects: Any, budget: str) -> Ledger:
+    found = objects.get_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", budget
+    )
+    return Ledger.from_wire((found.get("status") or {}).get("ledger") or {})
+
+
+def _model(objects: Any, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = objects.get_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", name
+    )
+    return found
+
+
+def test_an_mlp_is_claimed_trained_by_dpsgd_sealed_and_served(
+    objects: Any,
+    azure: AzureDoubles,
+    api: client.ApiClient,
+    oncology: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    work = tmp_path_factory.mktemp("mlp")
+    data = _own_data(objects, oncology, work, "oncology-net")
+    model = _dpsgd_model("tumour-net", "oncology-net", data, work, azure)
+    spec = model["spec"]
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
+    )
+    typed = ConfidentialModelSpec.model_validate(spec)
+    batch = client.BatchV1Api(api)
+    job = wait_for(
+        lambda: next(
+            (
+                j
+                for j in batch.list_namespaced_job(
+                    NAMESPACE, label_selector="app.kubernetes.io/instance=tumour-net"
+                ).items
+                if j.metadata.name.endswith(run_id(typed))
+            ),
+            None,
+        ),
+        timeout=60,
+        what="the DP-SGD training Job",
+    )
+    (container,) = job.spec.template.spec.containers
+    assert container.args == train_args(typed)
+    assert "--dataset-rows" in container.args
+    assert "--hidden" in container.args
+    assert container.resources.requests == spec["training"]["resources"]["requests"]
+    assert container.resources.limits == spec["training"]["resources"]["limits"]
+    run_veil(container.args, azure.operator_env())
+    result = json.loads(read_bytes(result_uri(typed)))
+    assert result["family"] == "mlp"
+    assert result["mechanisms"][0]["type"] == "dpsgd"
+    assert result["dpsgd"]["steps"] == math.ceil(5 * 569 / 64)
+    assert result["dpsgd"]["epsilonRdp"] <= spec["training"]["epsilon"]
+    assert result["onnx"]["check"]["drawnFrom"] == "publicBounds"
+
+    obj = wait_for(
+        lambda: _serving_named(objects, "tumour-net", result["sealed"]["sha256"]),
+        timeout=120,
+        what="the DP-SGD model served",
+    )
+    assert kstatus_violations(obj) == []
+    assert obj["status"]["claimState"] == "Consumed"
+    deployment = client.AppsV1Api(api).read_namespaced_deployment("tumour-net", NAMESPACE)
+    fetch = deployment.spec.template.spec.init_containers[0].args
+    assert fetch[fetch.index("--sha256") + 1] == result["sealed"]["sha256"]
+    # The budget was charged exactly what the trainer spent: the DP-SGD event and the estimate.
+    claim = _ledger_of(objects, "oncology-net").claims[
+        f"{obj['metadata']['uid']}.{obj['status']['trainingRun']}"
+    ]
+    assert claim.state == "Consumed"
+    assert [m.model_dump(mode="json", by_alias=True) for m in claim.mechanisms] == result[
+        "mechanisms"
+    ]
+
+
+def _serving_named(objects: Any, name: str, sha256: str) -> dict[str, Any] | None:
+    obj = _model(objects, name)
+    ready = next(
+        (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {}
+    )
+    trained = obj.get("status", {}).get("trainedModel") or {}
+    return obj if ready.get("status") == "True" and trained.get("sha256") == sha256 else None
+
+
+@pytest.mark.parametrize(
+    ("training", "field"),
+    [
+        ({"family": "logisticRegression", "delta": 0}, "spec.training.datasetRows"),
+        ({"datasetRows": None}, "spec.training.datasetRows"),
+        ({"delta": 0}, "spec.training.delta"),
+        ({"gpus": 9}, "spec.training.gpus"),
+        ({"inputShape": [8, 8]}, "spec.training.inputShape"),
+        ({"batchSize": 600}, "spec.training.batchSize"),
+    ],
+)
+def test_the_api_server_refuses_bad_dpsgd_fields_by_name(
+    *,
+    objects: Any,
+    azure: AzureDoubles,
+    oncology: Path,
+    tmp_path: Path,
+    training: dict[str, Any],
+    field: str,
+) -> None:
+    model = _dpsgd_model("refused-net", "oncology-records", oncology, tmp_path, azure)
+    model["spec"]["training"].update(training)
+    model["spec"]["training"] = {
+        k: v for k, v in model["spec"]["training"].items() if v is not None
+    }
+    with pytest.raises(client.ApiException) as refused:
+        objects.create_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
+        )
+    assert refused.value.status == 422
+    assert field in json.loads(refused.value.body or "{}")["message"]
+
+
+def test_workers_wait_for_the_training_operator_then_run_as_a_pytorchjob(
+    *,
+    objects: Any,
+    azure: AzureDoubles,
+    api: client.ApiClient,
+    cluster: LocalCluster,
+    oncology: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    work = tmp_path_factory.mktemp("ddp")
+    data = _own_data(objects, oncology, work, "oncology-ddp")
+    model = _dpsgd_model("tumour-ddp", "oncology-ddp", data, work, azure, workers=3)
+    objects.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", model
+    )
+
+    def stalled() -> dict[str, Any] | None:
+        ready = next(
+            (
+                c
+                for c in (_model(objects, "tumour-ddp").get("status") or {}).get("conditions", [])
+                if c["type"] == "Ready"
+            ),
+            {},
+        )
+        return ready if ready.get("reason") == "TrainingOperatorNotInstalled" else None
+
+    ready = wait_for(stalled, timeout=60, what="TrainingOperatorNotInstalled")
+    assert "install the Kubeflow training operator" in ready["message"]
+    assert _ledger_of(objects, "oncology-ddp").claims == {}, "claimed without a way to train"
+
+    # The training operator's own CRD, from its Go module: then the run goes ahead.
+    crd = subprocess.run(
+        ["bash", str(REPO / "hack" / "training-operator-crd.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[-1]
+    cluster.kubectl("apply", "--server-side", "--field-manager=veil-tests", "-f", crd)
+    extensions = client.ApiextensionsV1Api(api)
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in (
+                extensions.read_custom_resource_definition("pytorchjobs.kubeflow.org").status
+            ).conditions
+            or []
+        ),
+        timeout=60,
+        what="the PyTorchJob CRD established",
+    )
+    typed = ConfidentialModelSpec.model_validate(model["spec"])
+
+    def resumed() -> dict[str, Any] | None:
+        status = _model(objects, "tumour-ddp").get("status") or {}
+        if not status.get("trainingJob"):
+            return None
+        stored: dict[str, Any] = objects.get_namespaced_custom_object(
+            "kubeflow.org", "v1", NAMESPACE, "pytorchjobs", status["trainingJob"]
+        )
+        return stored if stored["spec"]["runPolicy"].get("suspend") is False else None
+
+    stored = wait_for(resumed, timeout=150, what="the PyTorchJob made, recorded and resumed")
+    # The API server kept the manifest whole against the real CRD's schema (nothing pruned).
+    replicas = stored["spec"]["pytorchReplicaSpecs"]
+    assert {r: s["replicas"] for r, s in replicas.items()} == {"Master": 1, "Worker": 2}
+    (container,) = replicas["Master"]["template"]["spec"]["containers"]
+    assert container["name"] == "pytorch"
+    assert container["args"] == train_args(typed)
+    assert container["resources"] == model["spec"]["training"]["resources"]
+    assert replicas["Worker"]["template"]["spec"]["nodeSelector"] == {
+        "kubernetes.azure.com/security-type": "ConfidentialVM"
+    }
+    uid = _model(objects, "tumour-ddp")["metadata"]["uid"]
+    (claim,) = _ledger_of(objects, "oncology-ddp").claims.values()
+    assert claim.state == "Consumed"
+    plan = spec_plan(typed.training)
+    assert plan is not None
+    assert next(m.model_dump(mode="json", by_alias=True) for m in claim.mechanisms) == {
+        "type": "dpsgd",
+        "samplingRate": plan.sampling_rate,
+        "noiseMultiplier": plan.noise_multiplier,
+        "steps": plan.steps,
+    }
+    assert f"{uid}." in next(iter(_ledger_of(objects, "oncology-ddp").claims))

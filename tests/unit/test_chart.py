@@ -535,6 +535,8 @@ REQUIRED = {
             ("cilium.io", "ciliumnetworkpolicies"),
         )
     },
+    # A DP-SGD run of workers > 1 (made, resumed and removed like a Job; not watched).
+    ("kubeflow.org", "pytorchjobs"): {"get", "list", "create", "patch", "delete"},
     # Not in the list: the ConfidentialModel controller watches its pods for status
     # (found by tests/integration/test_chart_install.py in the audit log).
     ("", "pods"): {"get", "list", "watch"},
@@ -932,6 +934,7 @@ def test_ledger_key_role_is_namespaced_and_named() -> None:
         (("image.digest=",), "image.digest is required"),
         (("runtime.image=ghcr.io/veil-dev/veil:1.0",), "runtime.image must be pinned"),
         (("runtime.keyReleaseImage=mcr.microsoft.com/aci/skr:2.7",), "runtime.keyReleaseImage"),
+        (("runtime.trainerImage=ghcr.io/veil-dev/veil-trainer:1.0",), "runtime.trainerImage"),
     ],
 )
 def test_an_image_by_tag_is_refused_naming_the_value(sets: tuple[str, ...], named: str) -> None:
@@ -942,6 +945,20 @@ def test_an_image_by_tag_is_refused_naming_the_value(sets: tuple[str, ...], name
     refused = helm(*args, check=False)
     assert refused.returncode != 0
     assert named in refused.stderr
+
+
+def test_the_trainer_image_reaches_the_operator_only_when_set() -> None:
+    version = ("--kube-version", kube_version())
+    digest = ("--set", f"image.digest={TEST_DIGEST}")
+    trainer = f"ghcr.io/veil-dev/veil-trainer@{TEST_DIGEST}"
+
+    def env(*sets: str) -> dict[str, Any]:
+        docs = load_all(helm("template", RELEASE, str(CHART), *version, *digest, *sets).stdout)
+        container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    assert "VEIL_TRAINER_IMAGE" not in env()
+    assert env("--set", f"runtime.trainerImage={trainer}")["VEIL_TRAINER_IMAGE"] == trainer
 
 
 def test_development_may_allow_tags_and_says_so_to_the_operator() -> None:

@@ -204,3 +204,22 @@ def test_hadolint() -> None:
     findings = json.loads(completed.stdout or "[]")
     assert not findings, "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_trainer_target_adds_the_dpsgd_extra_and_the_runtime_stays_without_it() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dpsgd = project["project"]["optional-dependencies"]["dpsgd"]
+    assert any(d.startswith("torch") for d in dpsgd)
+    assert any(d.startswith("opacus") for d in dpsgd)
+    found = {stage.name: stage for stage in stages()[1]}
+    trainer, trainer_builder = found["trainer"], found["trainer-builder"]
+    installs = " ".join(trainer_builder.all("RUN"))
+    assert '["optional-dependencies"]["dpsgd"]' in installs
+    assert "pip install" in installs
+    assert any(c.startswith("--from=trainer-builder /opt/veil ") for c in trainer.all("COPY"))
+    assert trainer.all("USER")[-1] == f"{NONROOT}:{NONROOT}"
+    assert json.loads(trainer.all("ENTRYPOINT")[-1]) == ["veil"]
+    assert json.loads(trainer.all("CMD")[-1])[0] == "train"
+    # The default target (the last stage) copies nothing from the trainer's stages.
+    assert not any("trainer" in copy for copy in final().all("COPY"))
+    assert final() is not trainer

@@ -23,14 +23,17 @@ from veil.api.base import (
     conditions_field,
     observed_generation_field,
 )
+from veil.api.dpsgd import DPSGD_RULES, DpSgdTraining, Family
 
 Isolation = Literal["confidentialVM", "confidentialACI", "coco"]
 Platform = Literal["sevsnp", "tdx"]
 Channel = Literal["encrypted", "plaintext"]
 
 # Azure confidential VM families: DCasv5/ECasv5 (AMD SEV-SNP), DCesv5/ECesv5 (Intel TDX),
-# and their v6 successors. Sizes look like Standard_DC4as_v5 or Standard_EC8es_v5.
-CONFIDENTIAL_VM_SIZE_PATTERN = r"^Standard_[DE]C[0-9]+(as|ads|es|eds)_v[56]$"
+# and their v6 successors, e.g. Standard_DC4as_v5 or Standard_EC8es_v5; and the confidential
+# GPU family NCCads H100 v5 (AMD SEV-SNP with an H100 in confidential mode), e.g.
+# Standard_NCC40ads_H100_v5.
+CONFIDENTIAL_VM_SIZE_PATTERN = r"^Standard_([DE]C[0-9]+(as|ads|es|eds)_v[56]|NCC[0-9]+ads_H100_v5)$"
 HTTPS_URL_PATTERN = r"^https://[^\s/$.?#][^\s]*$"
 
 
@@ -98,7 +101,8 @@ class NodePool(WireModel):
     vm_size: str = Field(
         max_length=64,
         pattern=CONFIDENTIAL_VM_SIZE_PATTERN,
-        description="A confidential VM size: DCasv5/ECasv5 (SEV-SNP) or DCesv5/ECesv5 (TDX).",
+        description="A confidential VM size: DCasv5/ECasv5 (SEV-SNP), DCesv5/ECesv5 (TDX), "
+        "or the confidential GPU size NCCads H100 v5 (SEV-SNP, e.g. Standard_NCC40ads_H100_v5).",
     )
     count: int = Field(
         default=1, ge=0, le=1000, description="Nodes in the pool when Veil creates it."
@@ -112,7 +116,7 @@ def _platform_matches_size(tee: TrustedExecution) -> bool:
         return True
     # The letter after the core count names the processor: a (AMD SEV-SNP), e (Intel TDX).
     family_letter = "a" if tee.platform == "sevsnp" else "e"
-    return re.match(rf"^Standard_[DE]C[0-9]+{family_letter}", tee.node_pool.vm_size) is not None
+    return re.match(rf"^Standard_N?[DEC]C[0-9]+{family_letter}", tee.node_pool.vm_size) is not None
 
 
 class TrustedExecution(WireModel):
@@ -178,11 +182,11 @@ class TrustedExecution(WireModel):
         Rule(
             cel=(
                 "!has(self.nodePool) || (self.platform == 'sevsnp' ? "
-                "self.nodePool.vmSize.matches('^Standard_[DE]C[0-9]+a') : "
-                "self.nodePool.vmSize.matches('^Standard_[DE]C[0-9]+e'))"
+                "self.nodePool.vmSize.matches('^Standard_N?[DEC]C[0-9]+a') : "
+                "self.nodePool.vmSize.matches('^Standard_N?[DEC]C[0-9]+e'))"
             ),
-            message="nodePool.vmSize must match the platform: DCas/ECas sizes for sevsnp, "
-            "DCes/ECes sizes for tdx",
+            message="nodePool.vmSize must match the platform: DCas/ECas and NCCads H100 sizes "
+            "for sevsnp, DCes/ECes sizes for tdx",
             check=_platform_matches_size,
             field_path=".nodePool.vmSize",
         ),
@@ -375,7 +379,7 @@ def _unique_classes(classes: list[str]) -> list[str]:
     return classes
 
 
-class Training(WireModel):
+class Training(DpSgdTraining):
     """Train the model with differential privacy instead of bringing a sealed one."""
 
     # The data's domain is declared here (classes, bounds), never read off the rows. The
@@ -401,14 +405,21 @@ class Training(WireModel):
         "strings. Rows with any other label are dropped.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    family: Literal["logisticRegression", "gaussianNB", "randomForest"] = Field(
+    family: Family = Field(
         default="logisticRegression",
-        description="The DP model family (diffprivlib): logisticRegression, gaussianNB or "
-        "randomForest.",
+        description="The DP model family: logisticRegression, gaussianNB or randomForest "
+        "(diffprivlib, pure ε-DP), or mlp (a dense network) or cnn (a small convolutional "
+        "one), trained by DP-SGD with Opacus at (ε, δ).",
     )
-    epsilon: float = Field(gt=0, le=100, description="ε of the fit (pure DP).")
+    epsilon: float = Field(
+        gt=0, le=100, description="ε of the fit (diffprivlib: pure DP; DP-SGD: at delta)."
+    )
     delta: float = Field(
-        default=0.0, ge=0, lt=1, description="Charged as declared; the models use none."
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="δ of the fit: DP-SGD needs one above 0; diffprivlib's models use none, "
+        "and it is charged as declared.",
     )
     evaluation_epsilon: float = Field(
         default=0.0,
@@ -448,6 +459,8 @@ class Training(WireModel):
         description="Raise it to train again with the same settings (e.g. the data changed): "
         "every change of spec.training is a new run, with a new claim on the budget.",
     )
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = DPSGD_RULES
 
 
 class ConfidentialModelSpec(WireModel):

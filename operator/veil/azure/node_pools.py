@@ -10,7 +10,11 @@ Choices:
 
 - VM sizes: only the confidential families, checked before any call: AMD SEV-SNP DCasv5,
   DCadsv5, ECasv5, ECadsv5 and their v6 successors; Intel TDX DCesv5, DCedsv5, ECesv5, ECedsv5
-  and v6. AKS then gives the nodes `kubernetes.azure.com/security-type: ConfidentialVM` itself.
+  and v6; and the confidential GPU family NCCads H100 v5 (SEV-SNP). AKS then gives the nodes
+  `kubernetes.azure.com/security-type: ConfidentialVM` itself. A GPU pool also gets the taint
+  `nvidia.com/gpu=present:NoSchedule` (only pods asking for a GPU tolerate it); its GPU driver
+  in confidential mode is the cluster's to install (e.g. the NVIDIA GPU operator), as AKS
+  documents for these sizes.
 - OS: `AzureLinux` by default. `Ubuntu` resolves to Ubuntu 22.04 on Kubernetes 1.25-1.34, which
   confidential VM pools do not support (nor Windows, FIPS or Trusted Launch); AzureLinux is
   supported on every current version. Pass `os_sku` to choose, e.g. "Ubuntu2404". The OS of an
@@ -67,9 +71,11 @@ AKS_SECURITY_TYPE_LABEL: Final = "kubernetes.azure.com/security-type"
 DEFAULT_OS_SKU: Final = "AzureLinux"
 
 # Standard_DC4as_v5, Standard_EC16ads_v5, Standard_DC8es_v6, ... (family letter after the core
-# count: a = AMD SEV-SNP, e = Intel TDX; d = local temp disk).
+# count: a = AMD SEV-SNP, e = Intel TDX; d = local temp disk), and the confidential GPU sizes
+# Standard_NCC40ads_H100_v5 (AMD SEV-SNP, the H100 in confidential-computing mode).
 _SIZE = re.compile(
-    r"^Standard_(?P<series>[DE]C)(?P<cores>[0-9]+)(?P<kind>as|ads|es|eds)_v(?P<gen>[56])$"
+    r"^Standard_(?:(?P<series>[DE]C)(?P<cores>[0-9]+)(?P<kind>as|ads|es|eds)_v(?P<gen>[56])"
+    r"|(?P<gpu>NCC)[0-9]+ads_H100_v5)$"
 )
 _PLATFORM_OF_KIND: Final[Mapping[str, Platform]] = {
     "as": "sevsnp",
@@ -97,6 +103,11 @@ TDX_FAMILIES: Final = (
     "ECesv6",
     "ECedsv6",
 )
+
+GPU_FAMILIES: Final = ("NCCadsH100v5",)
+# GPU pools Veil creates carry the device plugin's resource name as a taint too, so only pods
+# that ask for a GPU (and tolerate it, as the training pods do) take their costly nodes.
+GPU_TAINT: Final = "nvidia.com/gpu=present:NoSchedule"
 
 _BUSY_STATES = frozenset(
     {
@@ -143,9 +154,20 @@ def confidential_platform(vm_size: str) -> Platform:
         raise NodePoolError(
             f"VM size {vm_size!r} is not a confidential VM size: use an AMD SEV-SNP size "
             f"({', '.join(SEVSNP_FAMILIES)}, e.g. Standard_DC4as_v5) or an Intel TDX size "
-            f"({', '.join(TDX_FAMILIES)}, e.g. Standard_DC4es_v5)"
+            f"({', '.join(TDX_FAMILIES)}, e.g. Standard_DC4es_v5) or a confidential GPU size "
+            f"({', '.join(GPU_FAMILIES)}, e.g. Standard_NCC40ads_H100_v5)"
         )
-    return _PLATFORM_OF_KIND[match.group("kind")]
+    return _platform_of(match)
+
+
+def _platform_of(match: re.Match[str]) -> Platform:
+    return "sevsnp" if match.group("gpu") else _PLATFORM_OF_KIND[match.group("kind")]
+
+
+def is_gpu_size(vm_size: str) -> bool:
+    """Whether a confidential VM size carries a GPU (NCCads H100 v5)."""
+    match = _SIZE.match(vm_size)
+    return match is not None and match.group("gpu") is not None
 
 
 def container_service_client(
@@ -164,8 +186,8 @@ def _desired_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     return {VEIL_LABEL: VEIL_LABEL_VALUE, **(labels or {})}
 
 
-def _desired_taints(taints: Sequence[str] | None) -> list[str]:
-    out = [VEIL_TAINT]
+def _desired_taints(taints: Sequence[str] | None, vm_size: str = "") -> list[str]:
+    out = [VEIL_TAINT, *([GPU_TAINT] if is_gpu_size(vm_size) else [])]
     for taint in taints or ():
         if taint not in out:
             out.append(taint)
@@ -189,7 +211,7 @@ def desired_agent_pool(
             os_sku=os_sku,
             mode="User",
             node_labels=_desired_labels(labels),
-            node_taints=_desired_taints(taints),
+            node_taints=_desired_taints(taints, pool.vm_size),
         )
     )
 
@@ -231,7 +253,7 @@ def _drift(
 
 def _is_tdx(pool: NodePool) -> bool:
     match = _SIZE.match(pool.vm_size)
-    return match is not None and _PLATFORM_OF_KIND[match.group("kind")] == "tdx"
+    return match is not None and _platform_of(match) == "tdx"
 
 
 def _explain(  # noqa: PLR0911
@@ -367,7 +389,7 @@ def ensure_confidential_pool(
             f"VM size {pool.vm_size} is {size_platform}, but the model asks for {platform}"
         )
     want_labels = _desired_labels(labels)
-    want_taints = _desired_taints(taints)
+    want_taints = _desired_taints(taints, pool.vm_size)
     operations = client.agent_pools
 
     existing: AgentPool | None

@@ -3,7 +3,10 @@
 The claim follows the SyntheticDataset rule: Consumed before the Job exists (the Job reads
 the dataset), never refunded afterwards. It names the dataset (a budget pays only for its own)
 and carries every mechanism the run spends (`veil.training.claim`, which the trainer's result
-reports too). Only the sealed model's digest is taken from the Job's result into the status.
+reports too; for DP-SGD, the event planned from the spec by `veil.training.options`, as the
+trainer plans it). Only the sealed model's digest is taken from the Job's result into the
+status. With `workers` > 1 the workload is a Kubeflow PyTorchJob, made, recorded and resumed
+the same way; when the cluster does not serve that kind, nothing is claimed.
 """
 
 from __future__ import annotations
@@ -25,16 +28,31 @@ from veil.kube.jobs import job_outcome
 from veil.privacy import ClaimRequest, ConsumerRef
 from veil.resources import training as build
 from veil.resources.common import selector_labels
+from veil.training import options
 from veil.training.claim import mechanisms
 
-RESUME = {"spec": {"suspend": False}}
+
+def workload_outcome(workload: Mapping[str, Any] | None) -> tuple[str, str]:
+    """A Job's or a PyTorchJob's outcome, as `job_outcome` words it (a PyTorchJob that
+    succeeded is Complete)."""
+    if workload is None or workload.get("kind") != build.PYTORCH_JOB[1]:
+        return job_outcome(workload)
+    for condition in (workload.get("status") or {}).get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Succeeded", "Failed"):
+            state = "Complete" if condition["type"] == "Succeeded" else "Failed"
+            return state, condition.get("message") or condition.get("reason", "")
+    return "Running", ""
 
 
 def _pay(
-    owner: Mapping[str, Any], spec: ConfidentialModelSpec, run: str, status: dict[str, Any]
+    owner: Mapping[str, Any],
+    spec: ConfidentialModelSpec,
+    run: str,
+    status: dict[str, Any],
 ) -> Result | None:
     training = spec.training
     assert training is not None
+    plan = options.spec_plan(training)  # checked by `_refusal` before
     meta = owner["metadata"]
     ref = BudgetRef(training.budget_ref.namespace or meta["namespace"], training.budget_ref.name)
     request = ClaimRequest(
@@ -43,8 +61,11 @@ def _pay(
         consumer=ConsumerRef(
             kind="ConfidentialModel", namespace=meta["namespace"], name=meta["name"]
         ),
-        # Everything the run spends, as the trainer reports it: the fit, then the evaluation.
-        mechanisms=mechanisms(training.epsilon, training.evaluation_epsilon, training.delta),
+        # Everything the run spends, as the trainer reports it: the fit (for DP-SGD the
+        # event the trainer plans from the same settings), then the evaluation.
+        mechanisms=mechanisms(
+            training.epsilon, training.evaluation_epsilon, training.delta, dpsgd=plan
+        ),
         attempt=int(meta.get("generation", 1)) - 1,
         # The budget pays only for its own dataset.
         dataset=training.dataset_uri,
@@ -59,18 +80,62 @@ def _pay(
 
 
 def _remove_other_runs(owner: Mapping[str, Any], current_job: str) -> None:
-    """Jobs of earlier runs go (their claims stay spent: they could read the data)."""
+    """Workloads of earlier runs go (their claims stay spent: they could read the data)."""
     meta = owner["metadata"]
-    jobs = apply.list_objects(
-        "batch/v1", "Job", meta["namespace"], selector_labels(owner, build.APP)
-    )
-    stale = [j["metadata"]["name"] for j in jobs if j["metadata"]["name"] != current_job]
-    apply.ensure_absent(
-        [("batch/v1", "Job", name) for name in stale],
-        meta["namespace"],
-        meta["uid"],
-        propagation="Background",
-    )
+    stale: list[tuple[str, str, str]] = []
+    for api_version, kind in (build.JOB, build.PYTORCH_JOB):
+        try:
+            found = apply.list_objects(
+                api_version, kind, meta["namespace"], selector_labels(owner, build.APP)
+            )
+        except apply.KindNotInstalledError:
+            continue  # no training operator: no PyTorchJob of an earlier run either
+        stale += [
+            (api_version, kind, w["metadata"]["name"])
+            for w in found
+            if w["metadata"]["name"] != current_job
+        ]
+    apply.ensure_absent(stale, meta["namespace"], meta["uid"], propagation="Background")
+
+
+def _refusal(
+    owner: Mapping[str, Any], spec: ConfidentialModelSpec, config: OperatorConfig, job_name: str
+) -> Result | None:
+    """Why the run cannot start, if it cannot: no image to train it with, a DP-SGD plan that
+    cannot be met, or a PyTorchJob the cluster does not serve. All found before any claim."""
+    assert spec.training is not None
+    if build.trainer_image(spec, config) is None:
+        return Result(
+            Outcome.stalled_with(
+                "TrainerImageNotConfigured",
+                f"spec.training.family {spec.training.family} trains with torch and Opacus, "
+                "which the runtime image lacks: set the chart's runtime.trainerImage (the "
+                "Dockerfile's trainer target, by digest); nothing was claimed.",
+            )
+        )
+    try:
+        options.spec_plan(spec.training)
+    except ValueError as bad:
+        return Result(
+            Outcome.stalled_with(
+                "TrainingSpecInvalid", f"spec.training cannot be trained as asked: {bad}"
+            )
+        )
+    api_version, kind = build.workload_kind(spec)
+    if kind == build.PYTORCH_JOB[1]:
+        try:
+            apply.get_object(api_version, kind, job_name, owner["metadata"]["namespace"])
+        except apply.KindNotInstalledError:
+            return Result(
+                Outcome.stalled_with(
+                    "TrainingOperatorNotInstalled",
+                    f"spec.training.workers {spec.training.workers} needs Kubeflow's "
+                    f"{kind} ({api_version}), which this cluster does not serve: install the "
+                    "Kubeflow training operator, or set workers to 1.",
+                ),
+                requeue_after=60,  # installing the training operator is all it takes
+            )
+    return None
 
 
 def train(
@@ -90,12 +155,17 @@ def train(
         return SealedArtifact.model_validate(previous["trainedModel"])
     # Until this run has made them (a merge patch would otherwise keep an earlier run's).
     status.update(trainedModel=None, trainingJob=None)
+    refused = _refusal(owner, spec, config, job_name)
+    if refused is not None:
+        refused.status = status
+        return refused
     unpaid = _pay(owner, spec, run, status)
     if unpaid is not None:
         return unpaid
     _remove_other_runs(owner, job_name)
+    kind = build.workload_kind(spec)
     if this_run_before and previous.get("trainingJob") == job_name:
-        job = _recorded_job(owner, job_name)
+        job = _recorded_job(owner, job_name, kind)
         if job is None:
             status["trainingJob"] = job_name  # still the run's Job: this verdict must hold
             return Result(
@@ -135,11 +205,12 @@ def _start_job(
     leaves at most a suspended Job, which the next pass records and resumes.
     """
     meta = owner["metadata"]
-    live = apply.get_object("batch/v1", "Job", job_name, meta["namespace"])
+    api_version, kind = build.workload_kind(spec)
+    live = apply.get_object(api_version, kind, job_name, meta["namespace"])
     created = False
-    if live is None or (live.get("spec") or {}).get("suspend"):
+    if live is None or build.suspended(live):
         report = apply.ensure(build.children(owner, spec, config, suspended=True))
-        created = f"Job/{job_name}" in report.created
+        created = f"{kind}/{job_name}" in report.created
     apply.patch_status(
         f"{API_GROUP}/{API_VERSION}",
         owner["kind"],
@@ -151,21 +222,26 @@ def _start_job(
         events.normal(
             owner,
             "TrainingJobCreated",
-            f"Created Job {job_name} to train the model (run {run}); its budget claim is consumed",
+            f"Created {kind} {job_name} to train the model (run {run}); its budget claim is "
+            "consumed",
             action="StartJob",
         )
-    return _recorded_job(owner, job_name)
+    return _recorded_job(owner, job_name, (api_version, kind))
 
 
-def _recorded_job(owner: Mapping[str, Any], job_name: str) -> dict[str, Any] | None:
-    """The recorded run's Job, let run if still suspended; None once it is gone (only ever
-    patched, never created: a merge patch of a deleted Job makes nothing)."""
+def _recorded_job(
+    owner: Mapping[str, Any], job_name: str, kind: tuple[str, str] = build.JOB
+) -> dict[str, Any] | None:
+    """The recorded run's workload, let run if still suspended; None once it is gone (only
+    ever patched, never created: a merge patch of a deleted object makes nothing)."""
     namespace = owner["metadata"]["namespace"]
-    job = apply.get_object("batch/v1", "Job", job_name, namespace)
-    if job is not None and (job.get("spec") or {}).get("suspend"):
-        if not apply.patch_object("batch/v1", "Job", job_name, namespace, RESUME):
+    api_version, kind_name = kind
+    job = apply.get_object(api_version, kind_name, job_name, namespace)
+    if job is not None and build.suspended(job):
+        resume = build.resume_patch(kind_name)
+        if not apply.patch_object(api_version, kind_name, job_name, namespace, resume):
             return None
-        job = apply.get_object("batch/v1", "Job", job_name, namespace)
+        job = apply.get_object(api_version, kind_name, job_name, namespace)
     return job
 
 
@@ -176,7 +252,7 @@ def _trained(
     status: dict[str, Any],
 ) -> SealedArtifact | Result:
     """What the run's Job has come to: the sealed model, or why not (yet)."""
-    state, message = job_outcome(job)
+    state, message = workload_outcome(job)
     if state == "Failed":
         return Result(
             Outcome.stalled_with(

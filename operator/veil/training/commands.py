@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ def spec_defaults(path: Path) -> dict[str, Any]:
 
     from veil.api.confidential_model import Training
     from veil.synthesis.commands import load_document
+    from veil.training.options import spec_settings
 
     document = load_document(path)
     if isinstance(document.get("spec"), dict):
@@ -60,6 +62,7 @@ def spec_defaults(path: Path) -> dict[str, Any]:
         "features": list(training.features) or None,
         "bounds": {b.column: (b.lower, b.upper) for b in training.bounds},
         "output_uri": training.output_uri,
+        "dpsgd": spec_settings(training),
     }
 
 
@@ -82,51 +85,15 @@ def key_wrapper(args: argparse.Namespace) -> KeyWrapper:
     return key_vault_wrapper(args.vault_url, args.key_name, args.key_version)
 
 
-def _widths(text: str, name: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.replace("x", ",").split(",") if w.strip())
-    except ValueError:
-        raise ValueError(f"{name} must be integers separated by commas: {text!r}") from None
-    return widths
-
-
-# Flag → DpSgdSettings field, for the flags that map one to one.
-_DPSGD_FLAGS = {
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "dataset_rows": "dataset_rows",
-    "max_grad_norm": "max_grad_norm",
-    "noise_multiplier": "noise_multiplier",
-    "optimizer": "optimizer",
-    "learning_rate": "learning_rate",
-    "momentum": "momentum",
-    "max_physical_batch_size": "max_physical_batch_size",
-    "grad_sample_mode": "grad_sample_mode",
-    "device": "device",
-    "threads": "threads",
-}
-
-
 def dpsgd_settings(args: argparse.Namespace, base: Any = None) -> Any:
-    """The DP-SGD settings: `base` (from --spec) with the flags given over it."""
+    """The DP-SGD settings: `base` (from --spec) with the flags given over it
+    (`veil.training.options`: each flag is mapped there, once)."""
     from dataclasses import replace
 
     from veil.training.dpsgd import DpSgdSettings
+    from veil.training.options import updates
 
-    updates: dict[str, Any] = {
-        field: getattr(args, flag)
-        for flag, field in _DPSGD_FLAGS.items()
-        if getattr(args, flag, None) is not None
-    }
-    if args.hidden is not None:
-        updates["hidden"] = _widths(args.hidden, "--hidden") if args.hidden != "none" else ()
-    if args.input_shape is not None:
-        updates["input_shape"] = _widths(args.input_shape, "--input-shape")
-    if args.channels is not None:
-        updates["channels"] = _widths(args.channels, "--channels")
-    if args.secure_rng:
-        updates["secure_rng"] = True
-    return replace(base if base is not None else DpSgdSettings(), **updates)
+    return replace(base if base is not None else DpSgdSettings(), **updates(args, parse=True))
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -187,6 +154,14 @@ def _train(args: argparse.Namespace) -> int:
     from veil.training.train import TrainingError, TrainingRefusedError, train
 
     logs.configure_program()  # text, or JSON lines as the operator's (VEIL_LOG_FORMAT)
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        # A PyTorchJob's other replicas (workers > 1) read nothing: one process trains, so the
+        # run spends exactly its claim; distributed DP-SGD across them is not wired yet.
+        logging.getLogger("veil.training").warning(
+            "replica of rank %s: the master (rank 0) trains; this one reads no data", rank
+        )
+        return EXIT_OK
     try:
         config = config_from_args(args)
         wrapper = key_wrapper(args)

@@ -59,9 +59,10 @@ import numpy.typing as npt
 
 from veil.synthesis import tables
 from veil.training import data, dpsgd, evaluate, export, learners
-from veil.training.claim import DpSgdPlan, claim_mechanisms, dpsgd_plan
+from veil.training.claim import DpSgdPlan, claim_mechanisms
 from veil.training.dpsgd import DpSgdSettings
 from veil.training.errors import TrainingError, TrainingRefusedError
+from veil.training.options import plan_for
 
 if TYPE_CHECKING:
     from veil.runtime.keywrap import KeyWrapper
@@ -158,16 +159,8 @@ def plan_of(config: TrainingConfig) -> DpSgdPlan | None:
     """A DP-SGD run's privacy parameters, from the request alone (None for the others)."""
     if config.family not in DPSGD_FAMILIES:
         return None
-    settings = config.dpsgd
     try:
-        return dpsgd_plan(
-            config.epsilon,
-            config.delta,
-            batch_size=settings.batch_size,
-            dataset_rows=settings.dataset_rows,
-            epochs=settings.epochs,
-            noise_multiplier=settings.noise_multiplier,
-        )
+        return plan_for(config.epsilon, config.delta, config.dpsgd)
     except ValueError as bad:
         raise TrainingRefusedError(str(bad)) from None
 
