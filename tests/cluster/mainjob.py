@@ -19,6 +19,7 @@ from tests.cluster import demo
 from tests.cluster.kube import apply, condition, get, infer_from_pod, wait_until
 from tests.cluster.localcluster import REPO, _down, start_cluster
 from tests.cluster.localenv import LocalEnvironment, example_overrides, load_yaml
+from veil.api.dpsgd import DPSGD_FAMILIES
 
 EXAMPLES = REPO / "examples"
 KINDS = ("privacybudgets", "syntheticdatasets", "confidentialmodels")
@@ -46,6 +47,14 @@ def apply_examples(env: LocalEnvironment, classifier: demo.Classifier) -> list[d
                 if written["kind"] == "Namespace":
                     env.workload_namespace(
                         written["metadata"]["name"], written["metadata"].get("labels")
+                    )
+                    continue
+                training = (written.get("spec") or {}).get("training") or {}
+                if training.get("family") in DPSGD_FAMILIES:
+                    say(
+                        f"skipping {manifest.relative_to(REPO)}: DP-SGD trains in the trainer "
+                        "image (torch and Opacus, the Dockerfile's trainer target), which this "
+                        "setup does not build"
                     )
                     continue
                 document = example_overrides(env, written)
