@@ -25,6 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
+from veil_standins.faults import FaultKind, FaultPlan, Faults
+
 PROVIDER = "Microsoft.ContainerService"
 LOCATION = "westeurope"
 
@@ -48,6 +50,8 @@ class ArmDouble:
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
     _fail_next_put: list[tuple[int, str, str]] = field(default_factory=list)
     _fail_provisioning: set[str] = field(default_factory=set)
+    # Seeded throttling, 409s, 503s and late answers (`faults.inject(FaultPlan(...))`).
+    faults: Faults = field(default_factory=Faults)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # test controls
@@ -83,7 +87,9 @@ class ArmDouble:
             self.pools[key] = {"provisioningState": "Succeeded", **props}
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth_middleware])
+        app = web.Application(
+            middlewares=[self._auth_middleware, self.faults.middleware(_fault_answer)]
+        )
         base = (
             "/subscriptions/{sub}/resourceGroups/{rg}/providers/"
             f"{PROVIDER}/managedClusters/{{cluster}}/agentPools/{{pool}}"
@@ -214,6 +220,39 @@ class ArmDouble:
             if op.status == "Failed" and op.fail_with is not None:
                 body["error"] = {"code": op.fail_with[0], "message": op.fail_with[1]}
         return web.json_response(body, headers={"Retry-After": "0"})
+
+
+def _fault_answer(kind: FaultKind, plan: FaultPlan, request: web.Request) -> web.Response | None:
+    """ARM's throttling (429 with Retry-After in seconds), AKS's refusal of a pool write while
+    another operation runs (409 OperationNotAllowed, no Retry-After: only to writes) and a
+    transient 503."""
+    if kind == "throttle":
+        access = "read" if request.method == "GET" else "write"
+        response = _error(
+            429,
+            "SubscriptionRequestsThrottled",
+            f"Number of '{access}' requests for subscription "
+            f"'{request.match_info.get('sub', '')}' exceeded. Please try again after "
+            f"'{plan.retry_after}' seconds.",
+        )
+        response.headers["Retry-After"] = str(plan.retry_after)
+        return response
+    if kind == "busy":
+        if request.method == "GET":
+            return None
+        pool = request.match_info.get("pool", "")
+        return _error(
+            409,
+            "OperationNotAllowed",
+            f"Operation is not allowed: Another agentpool operation ({pool} - Updating) is in "
+            "progress, please wait for it to finish before starting a new operation. See "
+            "https://aka.ms/aks-pending-operation for more details",
+        )
+    if kind == "unavailable":
+        return _error(
+            503, "ServiceUnavailable", "The service is temporarily unavailable; retry later."
+        )
+    return None
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -44,6 +44,7 @@ from veil_standins.authority_tokens import (
     MalformedTokenError,
     TokenRefusedError,
 )
+from veil_standins.faults import FaultKind, FaultPlan, Faults
 from veil_standins.jose import b64url, b64url_decode, rsa_public_key_from_jwk
 from veil_standins.key_transfer import DEFAULT_ENC, ENCRYPTION_ALGORITHMS, wrap_key_hsm
 from veil_standins.release_policy import (
@@ -133,6 +134,8 @@ class KeyVaultDouble:
     deleted: dict[str, tuple[list[_Version], int]] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     _failures: list[_Failure] = field(default_factory=list)
+    # Seeded throttling, 503s and late answers (`faults.inject(FaultPlan(...))`).
+    faults: Faults = field(default_factory=Faults)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Keys made ahead by `pregenerate`, by size: Key Vault makes keys in its HSMs, off the
     # machine a benchmark measures.
@@ -185,7 +188,9 @@ class KeyVaultDouble:
             self._failures.clear()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth_middleware])
+        app = web.Application(
+            middlewares=[self._auth_middleware, self.faults.middleware(_fault_answer)]
+        )
         app.router.add_post("/keys/{name}/create", self._create)
         app.router.add_get("/keys/{name}/versions", self._versions)
         app.router.add_get("/keys/{name}", self._get)
@@ -513,6 +518,25 @@ def _error(status: int, code: str, message: str, inner_code: str | None = None) 
     if inner_code:
         error["innererror"] = {"code": inner_code}
     return web.json_response({"error": error}, status=status)
+
+
+def _fault_answer(kind: FaultKind, plan: FaultPlan, request: web.Request) -> web.Response | None:
+    """Key Vault's throttling (429, Retry-After in seconds, code Throttled) and its transient
+    503. Key Vault has no "operation in progress" answer: `busy` passes through."""
+    if kind == "throttle":
+        response = _error(
+            429,
+            "Throttled",
+            "Request was not processed because too many requests were received. "
+            f"Retry after {plan.retry_after} seconds.",
+        )
+        response.headers["Retry-After"] = str(plan.retry_after)
+        return response
+    if kind == "unavailable":
+        return _error(
+            503, "ServiceUnavailable", "The service is temporarily unavailable. Try again later."
+        )
+    return None
 
 
 def _not_found(name: str, *, deleted: bool = False) -> web.Response:

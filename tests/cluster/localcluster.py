@@ -84,6 +84,8 @@ class LocalCluster:
     directory: Path
     bin_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each process's arguments, so that a fault scenario can restart it as it was.
+    arguments: dict[str, list[str]] = field(default_factory=dict)
     api_port: int = 0
     # With a real node the API server listens on the node's address, so pods reach it too.
     host: str = "127.0.0.1"
@@ -142,6 +144,7 @@ class LocalCluster:
             start_new_session=True,
         )
         self.processes[name] = process
+        self.arguments[name] = args
         (self.directory / "pids").mkdir(exist_ok=True)
         (self.directory / "pids" / name).write_text(str(process.pid))
 
@@ -334,6 +337,32 @@ class LocalCluster:
         for name, process in self.processes.items():
             stop_process(process, self.directory / "pids" / name)
         self.processes.clear()
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def restart_apiserver(self, down_seconds: float = 0.0) -> float:
+        """Stop the API server (TERM, as an upgrade does), keep it down `down_seconds`, start
+        it again with the same flags and wait until it is ready. Returns the seconds from the
+        stop to ready again."""
+        name = "kube-apiserver"
+        stopped = time.monotonic()
+        stop_process(self.processes[name], self.directory / "pids" / name)
+        time.sleep(down_seconds)
+        self._start(name, self.arguments[name])
+        paths = certs.paths_in(self.directory / "certs")
+        self._wait_http(name, f"{self.server}/readyz", 90, self._client_context(paths))
+        return time.monotonic() - stopped
+
+    @contextlib.contextmanager
+    def etcd_paused(self) -> Iterator[None]:
+        """etcd stopped with SIGSTOP for the block (every API write and quorum read hangs),
+        then resumed with SIGCONT, even when the block fails."""
+        etcd = self.processes["etcd"]
+        etcd.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            etcd.send_signal(signal.SIGCONT)
 
     # --- fake nodes ----------------------------------------------------------------------
 

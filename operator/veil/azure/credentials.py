@@ -10,6 +10,9 @@ Environment (read by `AzureSettings.from_env`):
 
     VEIL_AZURE_CA_BUNDLE               PEM file of extra trusted CAs (a proxy or an emulator).
     VEIL_AZURE_ARM_ENDPOINT            Resource Manager base URL (default: the public cloud's).
+    VEIL_AZURE_TIMEOUT_SECONDS         How long one Azure request may wait to connect and for
+                                       each read of its answer (default: azure-core's, 300 s).
+                                       A reconcile worker waits that long for a hung service.
     VEIL_AZURE_STATIC_TOKEN            TEST ONLY. A fixed bearer token instead of Entra ID, for
                                        local emulators (Lowkey Vault, the test doubles). Also
                                        turns off Key Vault's challenge-resource check, which an
@@ -43,6 +46,7 @@ ENV_STATIC_TOKEN: Final = "VEIL_AZURE_STATIC_TOKEN"
 ENV_CA_BUNDLE: Final = "VEIL_AZURE_CA_BUNDLE"
 ENV_INSECURE: Final = "VEIL_AZURE_INSECURE_SKIP_TLS_VERIFY"
 ENV_ARM_ENDPOINT: Final = "VEIL_AZURE_ARM_ENDPOINT"
+ENV_TIMEOUT: Final = "VEIL_AZURE_TIMEOUT_SECONDS"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -107,7 +111,8 @@ class AzureSettings:
     `connection_verify` is True (system trust store), a path to a PEM CA bundle, or False
     (test only). `verify_challenge_resource` is Key Vault's check that the vault's auth challenge
     names a resource matching the vault's host; only emulators turn it off. `arm_endpoint` None
-    means the public cloud's Resource Manager.
+    means the public cloud's Resource Manager. `timeout_seconds` None keeps azure-core's
+    connection and read timeouts.
     """
 
     credential: TokenCredential
@@ -116,10 +121,17 @@ class AzureSettings:
     arm_endpoint: str | None = None
     emulator: bool = False
     extra_client_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    timeout_seconds: float | None = None
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for any azure-core based client constructor."""
-        return {"connection_verify": self.connection_verify, **self.extra_client_kwargs}
+        timeouts: dict[str, Any] = {}
+        if self.timeout_seconds is not None:
+            timeouts = {
+                "connection_timeout": self.timeout_seconds,
+                "read_timeout": self.timeout_seconds,
+            }
+        return {"connection_verify": self.connection_verify, **timeouts, **self.extra_client_kwargs}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AzureSettings:
@@ -130,6 +142,7 @@ class AzureSettings:
         ca_bundle = env.get(ENV_CA_BUNDLE, "")
         insecure = env.get(ENV_INSECURE, "").strip().lower() in _TRUE
         arm_endpoint = env.get(ENV_ARM_ENDPOINT, "") or None
+        timeout = _timeout(env.get(ENV_TIMEOUT, ""))
 
         if insecure and not static_token:
             raise ValueError(
@@ -157,11 +170,13 @@ class AzureSettings:
                 verify_challenge_resource=False,
                 arm_endpoint=arm_endpoint,
                 emulator=True,
+                timeout_seconds=timeout,
             )
         return cls(
             credential=default_credential(),
             connection_verify=verify,
             arm_endpoint=arm_endpoint,
+            timeout_seconds=timeout,
         )
 
     @classmethod
@@ -180,3 +195,16 @@ class AzureSettings:
             arm_endpoint=arm_endpoint,
             emulator=True,
         )
+
+
+def _timeout(text: str) -> float | None:
+    """VEIL_AZURE_TIMEOUT_SECONDS as seconds (None when unset); ValueError when not positive."""
+    if not text.strip():
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # also refuses nan
+        raise ValueError(f"{ENV_TIMEOUT} must be a positive number of seconds, got {text!r}")
+    return seconds

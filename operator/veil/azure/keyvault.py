@@ -45,8 +45,11 @@ from veil.azure.errors import (
     brief,
     error_code,
     service_message,
+    transient_wait,
+    waiting,
 )
 from veil.azure.release_policy import POLICY_CONTENT_TYPE, policies_equivalent, policy_digest
+from veil.azure.unanswered import Unanswered
 
 log = logging.getLogger("veil.azure.keyvault")
 
@@ -58,6 +61,8 @@ DeletionPolicy = Literal["Retain", "Delete"]
 RELEASE_KEY_OPERATIONS: Final = (KeyOperation.export, KeyOperation.wrap_key)
 # Operations that would let a caller use the private half without attestation.
 PRIVATE_KEY_OPERATIONS: Final = frozenset({KeyOperation.unwrap_key, KeyOperation.decrypt})
+# Key creations that timed out, by (vault, key, policy digest): not made again until settled.
+UNANSWERED_CREATIONS: Final = Unanswered()
 
 
 class KeyVaultError(AzureOperationError):
@@ -145,12 +150,15 @@ def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  #
                 detail=detail,
             )
         if status in RETRIABLE_STATUS:
+            seconds = transient_wait(error)
+            why = "throttled" if status == 429 else f"HTTP {status} {code or 'error'}"
             return KeyVaultError(
-                f"Key Vault is busy or failing ({where}, HTTP {status}); will retry: {short}",
+                waiting("Key Vault", why, seconds, where),
                 status=status,
                 code=code,
                 retriable=True,
                 detail=detail,
+                retry_after=seconds,
             )
         return KeyVaultError(
             f"Key Vault rejected the request ({where}, HTTP {status}): {short}",
@@ -158,7 +166,17 @@ def explain(error: AzureError, vault_url: str, action: str) -> KeyVaultError:  #
             code=code,
             detail=detail,
         )
-    if isinstance(error, ServiceRequestError | ServiceResponseError):
+    if isinstance(error, ServiceResponseError):
+        # The request went out and no (whole) answer came back in time: it may have been
+        # carried out, which is why a write is only ever retried after reading again.
+        seconds = transient_wait(error)
+        return KeyVaultError(
+            waiting("Key Vault", "no answer in time", seconds, where),
+            retriable=True,
+            detail=str(error.message),
+            retry_after=seconds,
+        )
+    if isinstance(error, ServiceRequestError):
         return KeyVaultError(
             f"Key Vault not reachable ({where}): vault not found or network blocked; check "
             f"keyRelease.vaultUrl and the operator's egress: {brief(error.message)}",
@@ -201,20 +219,24 @@ def ensure_release_key(
     *,
     size: int = DEFAULT_KEY_SIZE,
     tags: Mapping[str, str] | None = None,
+    unanswered: Unanswered = UNANSWERED_CREATIONS,
 ) -> KeyState:
     """Ensure key `name`'s current version is an exportable RSA-HSM key whose immutable release
     policy demands `policy_bytes` (build them with `release_policy.release_policy(spec)`).
 
-    No write when it already is; otherwise one new version. Blocking; raises KeyVaultError.
+    No write when it already is; otherwise one new version, but never while an earlier
+    creation of the same version may still land (`unanswered`). Blocking; raises KeyVaultError.
     """
     digest = policy_digest(policy_bytes)
     vault_url = client.vault_url
+    creation = (vault_url, name, digest)
     try:
         current = _current_key(client, name)
     except AzureError as exc:
         raise explain(exc, vault_url, f"reading key {name!r}") from exc
 
     if current is not None and _satisfies(current, policy_bytes):
+        unanswered.settled(creation)
         props = current.properties
         return KeyState(
             kid=str(current.id),
@@ -224,6 +246,18 @@ def ensure_release_key(
             enabled=props.enabled is not False,
         )
 
+    pending = unanswered.wait(creation)
+    if pending > 0:
+        raise KeyVaultError(
+            waiting(
+                "Key Vault",
+                "an earlier creation went unanswered and may still land",
+                pending,
+                f"creating key {name!r} in {vault_url}",
+            ),
+            retriable=True,
+            retry_after=pending,
+        )
     reason = "absent" if current is None else "its release policy or key type differs"
     log.info("creating a new version of key %s in %s (%s)", name, vault_url, reason)
     all_tags = {TAG_MANAGED_BY: "veil", TAG_POLICY_DIGEST: digest, **(tags or {})}
@@ -240,6 +274,8 @@ def ensure_release_key(
             tags=all_tags,
         )
     except AzureError as exc:
+        if isinstance(exc, ServiceResponseError):
+            unanswered.lost(creation)  # sent, unanswered: it may yet be carried out
         raise explain(exc, vault_url, f"creating key {name!r}") from exc
     return KeyState(
         kid=str(created.id),

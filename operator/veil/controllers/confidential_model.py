@@ -283,11 +283,16 @@ def _ensure_key(
         key = ports.ensure_key(owner, spec, measured)
     except (KeyVaultError, ReleasePolicyError) as refused:
         message = first_line(str(refused), 600)
+        reason = KEY_FAILURE_REASONS[type(refused)]
+        # A transient failure waits what the service asked (Retry-After), not a fixed minute.
+        wait = getattr(refused, "retry_after", None)
+        if isinstance(refused, KeyVaultError) and refused.retriable:
+            reason = "KeyVaultUnavailable"
         return Result(
             Outcome.failed("KeyNotReady", message),
             status=status,
-            requeue_after=60,
-            conditions=[("KeyReady", "False", KEY_FAILURE_REASONS[type(refused)], message)],
+            requeue_after=wait or 60,
+            conditions=[("KeyReady", "False", reason, message)],
             detail=getattr(refused, "detail", ""),
         )
     status.update(keyId=key.kid, keyVersion=key.version)
@@ -334,7 +339,9 @@ def _await_node_pool(
         if not refused.retriable:
             return Result(Outcome.stalled_with("NodePoolRefused", message), detail=refused.detail)
         return Result(
-            Outcome.failed("NodePoolError", message), requeue_after=60, detail=refused.detail
+            Outcome.failed("NodePoolError", message),
+            requeue_after=refused.retry_after or 60,
+            detail=refused.detail,
         )
     status["nodePoolState"] = pool.provisioning_state
     if pool.changed:

@@ -174,9 +174,10 @@ def test_throttling_is_retriable(
     kv_double: KeyVaultDouble, double_client: KeyClient, key_name: str
 ) -> None:
     kv_double.fail(429, "Throttled", "Too many requests.", path_contains=key_name)
-    with pytest.raises(KeyVaultError, match="will retry") as caught:
+    with pytest.raises(KeyVaultError, match=r"^waiting for Key Vault \(throttled\)") as caught:
         ensure_release_key(double_client, key_name, POLICY_A)
     assert caught.value.retriable
+    assert caught.value.retry_after is not None
 
 
 def test_a_rejected_token_is_explained(

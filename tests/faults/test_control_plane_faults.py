@@ -1,0 +1,146 @@
+"""Scenarios 1 and 2: the API server restarted, and etcd paused (SIGSTOP) longer than the
+operator's request timeouts, each in the middle of a burst of ConfidentialModels.
+
+Checked after each: every model converges Ready; one key version per model; each model has
+exactly one Deployment and one Service, owned by it (none duplicated, none orphaned); and
+status says only what is so (its key version is the vault's, its ready replicas the
+Deployment's). The recovery time (fault over to the last model Ready) is printed and kept in
+bench/results/faults.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.localcluster import LocalCluster
+from tests.faults.models import (
+    PLURAL,
+    Doubles,
+    Messages,
+    assert_one_line,
+    children_owned_once,
+    converge,
+    listed,
+    model,
+)
+from tests.faults.results import record
+from tests.integration.conftest import OperatorProcess, wait_for
+from veil import API_GROUP, API_VERSION
+from veil.azure.keyvault import DEFAULT_KEY_SIZE
+from veil_standins.tls import make_tls
+
+pytestmark = [pytest.mark.cluster, pytest.mark.faults]
+
+NAMESPACE = "veil-faults-control-plane"
+OPERATOR_USER = "veil-faults-cp-operator"
+BURST = 10
+ETCD_PAUSE = 20  # seconds: past the operator's API requests' and watches' patience
+CONVERGE_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
+    made = Doubles(make_tls(tmp_path_factory.mktemp("cp-tls")))
+    made.key_vault.pregenerate(2 * BURST, size=DEFAULT_KEY_SIZE)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+@pytest.fixture(scope="module")
+def objects(
+    crds: LocalCluster, api: client.ApiClient, doubles: Doubles, tmp_path_factory: Any
+) -> Iterator[client.CustomObjectsApi]:
+    crds.kubectl("create", "namespace", NAMESPACE)
+    kubeconfig = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
+    crds.kubectl(
+        "create",
+        "clusterrolebinding",
+        OPERATOR_USER,
+        "--clusterrole=cluster-admin",
+        f"--user={OPERATOR_USER}",
+    )
+    log = Path(tmp_path_factory.mktemp("cp-operator")) / "veil.log"
+    operator = OperatorProcess(crds, log, kubeconfig, doubles.operator_env(), namespaces=NAMESPACE)
+    try:
+        operator.wait_healthy()
+        yield client.CustomObjectsApi(api)
+    finally:
+        operator.stop()
+        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def burst(objects: client.CustomObjectsApi, doubles: Doubles, prefix: str) -> list[str]:
+    names = [f"{prefix}-{i:02d}" for i in range(BURST)]
+    for i, name in enumerate(names):
+        body = model(doubles, NAMESPACE, name, f"{prefix[:6]}{i:02d}")
+        objects.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body)
+    # Mid-burst: the operator has begun (some keys made), not finished.
+    wait_for(
+        lambda: any(name in doubles.key_vault.keys for name in names),
+        timeout=60,
+        interval=0.05,
+        what="the burst under way",
+    )
+    return names
+
+
+def check_whole(api: client.ApiClient, objects: client.CustomObjectsApi, doubles: Doubles) -> None:
+    children_owned_once(api, objects, NAMESPACE)
+    apps = client.AppsV1Api(api)
+    for obj in listed(objects, NAMESPACE):
+        name = obj["metadata"]["name"]
+        versions = doubles.key_vault.keys[name]
+        assert len(versions) == 1, f"{name}: {len(versions)} key versions"
+        assert obj["status"]["keyVersion"] == versions[0].version
+        deployment = apps.read_namespaced_deployment(name, NAMESPACE)
+        ready = deployment.status.ready_replicas if deployment.status else None
+        assert obj["status"]["readyReplicas"] == (ready or 0)
+
+
+def test_api_server_restart_mid_burst(
+    crds: LocalCluster, api: client.ApiClient, objects: client.CustomObjectsApi, doubles: Doubles
+) -> None:
+    names = burst(objects, doubles, "restart")
+    down = crds.restart_apiserver(down_seconds=3)
+    back = time.monotonic()
+    messages = Messages()
+    converge(objects, NAMESPACE, names, messages, CONVERGE_TIMEOUT)
+    recovery = time.monotonic() - back
+    print(f"\nAPI server restart: down {down:.1f} s, {BURST} models Ready {recovery:.1f} s later")
+    record(
+        "api-server-restart",
+        models=BURST,
+        down_seconds=round(down, 1),
+        recovery_seconds=round(recovery, 1),
+    )
+    check_whole(api, objects, doubles)
+    assert_one_line(messages)
+
+
+def test_etcd_paused_mid_burst(
+    crds: LocalCluster, api: client.ApiClient, objects: client.CustomObjectsApi, doubles: Doubles
+) -> None:
+    names = burst(objects, doubles, "etcd")
+    with crds.etcd_paused():
+        time.sleep(ETCD_PAUSE)
+    resumed = time.monotonic()
+    messages = Messages()
+    converge(objects, NAMESPACE, names, messages, CONVERGE_TIMEOUT)
+    recovery = time.monotonic() - resumed
+    print(f"\netcd paused {ETCD_PAUSE} s: {BURST} models Ready {recovery:.1f} s after resuming")
+    record(
+        "etcd-paused",
+        models=BURST,
+        paused_seconds=ETCD_PAUSE,
+        recovery_seconds=round(recovery, 1),
+    )
+    check_whole(api, objects, doubles)
+    assert_one_line(messages)
