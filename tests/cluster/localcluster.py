@@ -128,6 +128,21 @@ class LocalCluster:
                     events.append(event)
         return events
 
+    def audit_since(self, offset: int, user: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The audit events written after byte `offset` (optionally one user's), and the
+        offset to read on from: a scenario follows the log as it grows without reading it
+        all again. A line still being written is left for the next read."""
+        if not self.audit_log.exists():
+            return [], offset
+        with self.audit_log.open("rb") as log:
+            log.seek(offset)
+            data = log.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        events = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        if user is not None:
+            events = [e for e in events if e.get("user", {}).get("username") == user]
+        return events, offset + len(complete)
+
     @property
     def server(self) -> str:
         return f"https://{self.host}:{self.api_port}"

@@ -11,8 +11,9 @@ Environment (read by `AzureSettings.from_env`):
     VEIL_AZURE_CA_BUNDLE               PEM file of extra trusted CAs (a proxy or an emulator).
     VEIL_AZURE_ARM_ENDPOINT            Resource Manager base URL (default: the public cloud's).
     VEIL_AZURE_TIMEOUT_SECONDS         How long one Azure request may wait to connect and for
-                                       each read of its answer (default: azure-core's, 300 s).
-                                       A reconcile worker waits that long for a hung service.
+                                       each read of its answer (default 30 s, not azure-core's
+                                       300 s: a reconcile worker waits that long for a hung
+                                       service, and Key Vault and ARM answer in well under 30 s).
     VEIL_AZURE_STATIC_TOKEN            TEST ONLY. A fixed bearer token instead of Entra ID, for
                                        local emulators (Lowkey Vault, the test doubles). Also
                                        turns off Key Vault's challenge-resource check, which an
@@ -47,6 +48,8 @@ ENV_CA_BUNDLE: Final = "VEIL_AZURE_CA_BUNDLE"
 ENV_INSECURE: Final = "VEIL_AZURE_INSECURE_SKIP_TLS_VERIFY"
 ENV_ARM_ENDPOINT: Final = "VEIL_AZURE_ARM_ENDPOINT"
 ENV_TIMEOUT: Final = "VEIL_AZURE_TIMEOUT_SECONDS"
+# Connect and per-read timeout of every Azure request unless VEIL_AZURE_TIMEOUT_SECONDS says.
+DEFAULT_TIMEOUT_SECONDS: Final = 30.0
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -111,8 +114,8 @@ class AzureSettings:
     `connection_verify` is True (system trust store), a path to a PEM CA bundle, or False
     (test only). `verify_challenge_resource` is Key Vault's check that the vault's auth challenge
     names a resource matching the vault's host; only emulators turn it off. `arm_endpoint` None
-    means the public cloud's Resource Manager. `timeout_seconds` None keeps azure-core's
-    connection and read timeouts.
+    means the public cloud's Resource Manager. `timeout_seconds` is every request's connection
+    and read timeout (None keeps azure-core's, 300 s).
     """
 
     credential: TokenCredential
@@ -121,7 +124,7 @@ class AzureSettings:
     arm_endpoint: str | None = None
     emulator: bool = False
     extra_client_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    timeout_seconds: float | None = None
+    timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for any azure-core based client constructor."""
@@ -197,10 +200,11 @@ class AzureSettings:
         )
 
 
-def _timeout(text: str) -> float | None:
-    """VEIL_AZURE_TIMEOUT_SECONDS as seconds (None when unset); ValueError when not positive."""
+def _timeout(text: str) -> float:
+    """VEIL_AZURE_TIMEOUT_SECONDS as seconds (the default when unset); ValueError when not
+    positive."""
     if not text.strip():
-        return None
+        return DEFAULT_TIMEOUT_SECONDS
     try:
         seconds = float(text)
     except ValueError:

@@ -60,6 +60,8 @@ from veil.azure.errors import (
     brief,
     error_code,
     service_message,
+    transient_wait,
+    waiting,
 )
 
 log = logging.getLogger("veil.azure.node_pools")
@@ -316,12 +318,14 @@ def _explain(  # noqa: PLR0911
                 detail=detail,
             )
         if status == 409 or status in RETRIABLE_STATUS:
+            seconds = transient_wait(error)
             return NodePoolError(
-                f"AKS is busy or failing ({where}, HTTP {status}); will retry: {short}",
+                waiting("AKS", _busy_reason(status, code), seconds, where),
                 status=status,
                 code=code,
                 retriable=True,
                 detail=detail,
+                retry_after=seconds,
             )
         if status == 400 and _is_tdx(pool):
             return NodePoolError(
@@ -341,7 +345,17 @@ def _explain(  # noqa: PLR0911
             code=code,
             detail=detail,
         )
-    if isinstance(error, ServiceRequestError | ServiceResponseError):
+    if isinstance(error, ServiceResponseError):
+        # The request went out and no (whole) answer came back in time: a write may have been
+        # carried out, which is why the next pass reads the pool before writing again.
+        seconds = transient_wait(error)
+        return NodePoolError(
+            waiting("AKS", "no answer in time", seconds, where),
+            retriable=True,
+            detail=str(error.message),
+            retry_after=seconds,
+        )
+    if isinstance(error, ServiceRequestError):
         return NodePoolError(
             f"Azure Resource Manager not reachable ({where}): {brief(str(error.message))}",
             retriable=True,
@@ -352,6 +366,15 @@ def _explain(  # noqa: PLR0911
         retriable=True,
         detail=str(error),
     )
+
+
+def _busy_reason(status: int, code: str | None) -> str:
+    """Why AKS asks Veil to wait, in the words of the condition's parentheses."""
+    if status == 429:
+        return "throttled"
+    if status == 409:
+        return "another operation on the pool is in progress"
+    return f"HTTP {status} {code}" if code else f"HTTP {status}"
 
 
 def _state(agent_pool: AgentPool, pool: NodePool, changed: bool) -> PoolState:

@@ -11,7 +11,11 @@ from azure.identity import DefaultAzureCredential
 from tests.unit.azure.conftest import TOKEN
 from tests.unit.azure.test_release_policy import spec
 from veil.api.confidential_model import NodePool
-from veil.azure.credentials import AzureSettings, StaticTokenCredential
+from veil.azure.credentials import (
+    DEFAULT_TIMEOUT_SECONDS,
+    AzureSettings,
+    StaticTokenCredential,
+)
 from veil.azure.keyvault import ensure_release_key, key_client
 from veil.azure.node_pools import container_service_client, ensure_confidential_pool
 from veil.azure.release_policy import release_policy
@@ -34,7 +38,31 @@ def test_a_ca_bundle_is_trusted(tmp_path: Path) -> None:
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     settings = AzureSettings.from_env({"VEIL_AZURE_CA_BUNDLE": str(bundle)})
     assert settings.connection_verify == str(bundle)
-    assert settings.client_kwargs() == {"connection_verify": str(bundle)}
+    assert settings.client_kwargs() == {
+        "connection_verify": str(bundle),
+        "connection_timeout": 30.0,
+        "read_timeout": 30.0,
+    }
+
+
+def test_azure_requests_time_out_after_30_s_unless_told() -> None:
+    """A hung Azure service holds a reconcile worker for 30 s, not azure-core's 300 s."""
+    for settings in (
+        AzureSettings.from_env({}),
+        AzureSettings.from_env({"VEIL_AZURE_STATIC_TOKEN": "t", "VEIL_AZURE_TIMEOUT_SECONDS": ""}),
+        AzureSettings.for_emulator(),
+    ):
+        assert settings.timeout_seconds == DEFAULT_TIMEOUT_SECONDS == 30.0
+        kwargs = settings.client_kwargs()
+        assert (kwargs["connection_timeout"], kwargs["read_timeout"]) == (30.0, 30.0)
+    told = AzureSettings.from_env({"VEIL_AZURE_TIMEOUT_SECONDS": "2.5"})
+    assert (told.client_kwargs()["connection_timeout"], told.client_kwargs()["read_timeout"]) == (
+        2.5,
+        2.5,
+    )
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            AzureSettings.from_env({"VEIL_AZURE_TIMEOUT_SECONDS": bad})
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from azure.mgmt.containerservice import ContainerServiceClient
 
 from veil.api.confidential_model import NodePool
 from veil.azure.credentials import AzureSettings
+from veil.azure.errors import DEFAULT_RETRY_SECONDS
 from veil.azure.node_pools import (
     VEIL_LABEL,
     VEIL_TAINT,
@@ -22,6 +24,7 @@ from veil.azure.node_pools import (
     ensure_confidential_pool,
 )
 from veil_standins.arm import ArmDouble
+from veil_standins.faults import FaultKind, FaultPlan
 
 SUB = "00000000-0000-0000-0000-00000000cafe"
 RG = "veil-rg"
@@ -280,3 +283,79 @@ def test_a_refused_tdx_pool_says_aks_cannot_make_one_yet(
         ensure_confidential_pool(client, tdx, platform="tdx")
     assert "SEV-SNP size" in str(caught.value)
     assert not caught.value.retriable
+
+
+# -- what a transient refusal says: one line naming the wait, as Key Vault's --------------------
+
+
+@pytest.fixture
+def faults_cleared(arm_double: ArmDouble) -> Iterator[ArmDouble]:
+    yield arm_double
+    arm_double.faults.clear()
+
+
+@pytest.mark.parametrize(
+    ("kind", "why", "status", "seconds"),
+    [
+        ("busy", "another operation on the pool is in progress", 409, DEFAULT_RETRY_SECONDS),
+        ("throttle", "throttled", 429, 2.0),
+        ("unavailable", "HTTP 503 ServiceUnavailable", 503, DEFAULT_RETRY_SECONDS),
+    ],
+)
+def test_a_transient_refusal_says_what_aks_is_waited_for(
+    *,
+    faults_cleared: ArmDouble,
+    client: ContainerServiceClient,
+    cluster: str,
+    kind: FaultKind,
+    why: str,
+    status: int,
+    seconds: float,
+) -> None:
+    arm_double = faults_cleared
+    arm_double.faults.inject(
+        FaultPlan(rate=1.0, kinds=(kind,), retry_after=2, methods=frozenset({"PUT"}))
+    )
+    with pytest.raises(NodePoolError) as caught:
+        ensure_confidential_pool(client, pool(cluster))
+    refused = caught.value
+    assert str(refused) == (
+        f"waiting for AKS ({why}), retrying in {int(seconds)} s (creating node pool 'cvm' of "
+        f"cluster {cluster!r} in resource group 'veil-rg')"
+    )
+    assert (refused.status, refused.retriable, refused.retry_after) == (status, True, seconds)
+    assert refused.detail, "Azure's own words stay in the detail"
+    assert arm_double.faults.injected()[kind] >= 1
+    assert (SUB.lower(), RG.lower(), cluster.lower(), "cvm") not in arm_double.pools
+
+
+def test_a_pool_request_answered_too_late_is_said_and_not_sent_twice(
+    faults_cleared: ArmDouble, arm_settings: AzureSettings, cluster: str
+) -> None:
+    """AKS takes the PUT but answers after the client's timeout: "no answer in time", and the
+    next pass reads the pool it made instead of requesting it again."""
+    arm_double = faults_cleared
+    impatient = container_service_client(
+        SUB,
+        dataclasses.replace(
+            arm_settings, timeout_seconds=0.5, extra_client_kwargs={"retry_total": 0}
+        ),
+    )
+    arm_double.faults.inject(
+        FaultPlan(rate=1.0, kinds=("hang",), hang_seconds=2, methods=frozenset({"PUT"}))
+    )
+    with pytest.raises(NodePoolError) as caught:
+        ensure_confidential_pool(impatient, pool(cluster))
+    arm_double.faults.clear()
+    assert str(caught.value).startswith(
+        f"waiting for AKS (no answer in time), retrying in {int(DEFAULT_RETRY_SECONDS)} s "
+        "(creating node pool 'cvm'"
+    )
+    assert caught.value.retriable
+    assert caught.value.retry_after == DEFAULT_RETRY_SECONDS
+    assert "\n" not in str(caught.value)
+    # AKS carried the request out all the same.
+    assert (SUB.lower(), RG.lower(), cluster.lower(), "cvm") in arm_double.pools
+    again = ensure_confidential_pool(impatient, pool(cluster))
+    assert not again.changed
+    assert len(arm_double.puts(cluster, "cvm")) == 1

@@ -1,0 +1,195 @@
+"""Scenario 5: two operators at once on one namespace, as a peering misconfiguration (both
+`--standalone`) or a rolling update's overlap leaves them, during a burst of claims and a burst
+of ConfidentialModels.
+
+Checked: no claim is granted twice (one claim per dataset in a ledger whose seal verifies, the
+grants within ε: the budget store's resourceVersion-guarded writes make the loser decide again
+on the winner's ledger); exactly the paid-for datasets have a Job; one key version per model,
+one pool per model; no write fight over the children: every child is applied by Veil's one
+field manager, and once everything has converged neither operator rewrites an object on every
+resync (the audit log, per operator and object, over three resync periods).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.localcluster import LocalCluster
+from tests.faults import claims
+from tests.faults.models import (
+    AKS,
+    PLURAL,
+    RG,
+    SUB,
+    Doubles,
+    Messages,
+    assert_one_line,
+    children_owned_once,
+    converge,
+    model,
+)
+from tests.faults.results import record
+from tests.integration.conftest import OperatorProcess
+from veil import API_GROUP, API_VERSION
+from veil.azure.keyvault import DEFAULT_KEY_SIZE
+from veil.labels import FIELD_MANAGER
+from veil_standins.tls import make_tls
+
+pytestmark = [pytest.mark.cluster, pytest.mark.faults]
+
+NAMESPACE = "veil-faults-twins"
+USERS = ("veil-faults-twin-a", "veil-faults-twin-b")
+MODELS = 6
+CLAIMANTS = 32
+CONVERGE_TIMEOUT = 180
+QUIET = 10  # seconds once converged: three resyncs (VEIL_RESYNC_SECONDS=3)
+WRITES = frozenset({"create", "update", "patch", "delete"})
+CHILD_RESOURCES = frozenset(
+    {"deployments", "services", "jobs", "serviceaccounts", "networkpolicies", "configmaps"}
+)
+
+
+@pytest.fixture(scope="module")
+def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
+    made = Doubles(make_tls(tmp_path_factory.mktemp("twins-tls")))
+    made.key_vault.pregenerate(MODELS + 2, size=DEFAULT_KEY_SIZE)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+@pytest.fixture(scope="module")
+def kubeconfigs(crds: LocalCluster) -> Iterator[dict[str, Path]]:
+    crds.kubectl("create", "namespace", NAMESPACE)
+    made = {}
+    for user in USERS:
+        made[user] = crds.user_kubeconfig(user, "veil:operators")
+        crds.kubectl(
+            "create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}"
+        )
+    try:
+        yield made
+    finally:
+        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def writes(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
+    """Writes in the namespace by (user, resource[/subresource], name)."""
+    counted: Counter[tuple[str, str, str]] = Counter()
+    for event in events:
+        ref = event.get("objectRef") or {}
+        if event.get("verb") not in WRITES or ref.get("namespace") != NAMESPACE:
+            continue
+        if ref.get("resource") == "events":
+            continue
+        resource = ref.get("resource", "")
+        if ref.get("subresource"):
+            resource += "/" + ref["subresource"]
+        user = event.get("user", {}).get("username", "")
+        counted[(user, resource, ref.get("name", ""))] += 1
+    return counted
+
+
+def operators_writes(cluster: LocalCluster, offset: int) -> tuple[Counter[Any], int]:
+    events, offset = cluster.audit_since(offset)
+    counted = writes([e for e in events if e.get("user", {}).get("username") in USERS])
+    return counted, offset
+
+
+def test_two_standalone_operators_neither_double_grant_nor_fight(
+    crds: LocalCluster,
+    api: client.ApiClient,
+    doubles: Doubles,
+    kubeconfigs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    objects = client.CustomObjectsApi(api)
+    _, offset = crds.audit_since(0)
+    twins = [
+        OperatorProcess(
+            crds,
+            tmp_path / f"{user}.log",
+            kubeconfigs[user],
+            doubles.operator_env(),
+            namespaces=NAMESPACE,
+        )
+        for user in USERS
+    ]
+    try:
+        for twin in twins:
+            twin.wait_healthy()
+        claimants = claims.burst(NAMESPACE, "twins-budget", CLAIMANTS)
+        claims.create_budget_of(objects, claimants)
+        started = time.monotonic()
+        names = [f"twin-{i:02d}" for i in range(MODELS)]
+        for i, name in enumerate(names):
+            body = model(doubles, NAMESPACE, name, f"twin{i:02d}")
+            objects.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body)
+        claims.create_datasets(objects, claimants, list(claimants.names))
+        messages = Messages()
+        items = claims.wait_answered(objects, claimants, CONVERGE_TIMEOUT)
+        claims_done = time.monotonic() - started
+        models = converge(objects, NAMESPACE, names, messages, CONVERGE_TIMEOUT)
+        converged = time.monotonic() - started
+        during, offset = operators_writes(crds, offset)
+        # Settled: a resync of a converged object writes nothing, whichever operator runs it.
+        time.sleep(QUIET)
+        after, offset = operators_writes(crds, offset)
+    finally:
+        for twin in twins:
+            twin.stop()
+
+    paid = claims.check_claims(api, objects, claimants, items)
+    by_user = Counter(user for (user, _, _), n in during.items() for _ in range(n))
+    print(
+        f"\ntwo standalone operators: {CLAIMANTS} claims answered in {claims_done:.1f} s "
+        f"({paid.granted} granted, {paid.denied} denied), {MODELS} models Ready in "
+        f"{converged:.1f} s; writes by operator {dict(by_user)}; after convergence {dict(after)}"
+    )
+    record(
+        "two-standalone-operators",
+        claimants=CLAIMANTS,
+        models=MODELS,
+        granted=paid.granted,
+        denied=paid.denied,
+        claims_answered_seconds=round(claims_done, 1),
+        converged_seconds=round(converged, 1),
+        writes_by_operator=dict(by_user),
+        writes_after_convergence=sum(after.values()),
+    )
+    assert all(by_user[user] for user in USERS), "both operators worked on the namespace"
+    # No fight: a fight rewrites an object on every resync (every 3 s, so 3 or more writes in
+    # QUIET s per operator). What remains after convergence is each operator's own last pass.
+    assert all(n <= 1 for n in after.values()), f"rewritten after convergence: {dict(after)}"
+
+    kv, arm = doubles.key_vault, doubles.arm
+    for obj in models:
+        name = obj["metadata"]["name"]
+        assert len(kv.keys[name]) == 1, f"{name}: {len(kv.keys[name])} key versions"
+        assert obj["status"]["keyVersion"] == kv.keys[name][0].version
+    for i in range(MODELS):
+        pool = arm.pools[(SUB.lower(), RG.lower(), AKS.lower(), f"twin{i:02d}")]
+        assert pool["provisioningState"] == "Succeeded", pool
+    children_owned_once(api, objects, NAMESPACE)
+    assert_one_line(messages)
+
+    # No field-manager fight: every child is applied by Veil's one manager.
+    apps, core, batch = client.AppsV1Api(api), client.CoreV1Api(api), client.BatchV1Api(api)
+    metas = [
+        *(d.metadata for d in apps.list_namespaced_deployment(NAMESPACE).items),
+        *(s.metadata for s in core.list_namespaced_service(NAMESPACE).items),
+        *(j.metadata for j in batch.list_namespaced_job(NAMESPACE).items),
+    ]
+    assert metas
+    for meta in metas:
+        assert meta is not None
+        appliers = {e.manager for e in meta.managed_fields or [] if e.operation == "Apply"}
+        assert appliers == {FIELD_MANAGER}, f"{meta.name}: applied by {appliers}"
