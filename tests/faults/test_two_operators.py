@@ -36,7 +36,7 @@ from tests.faults.models import (
     model,
 )
 from tests.faults.results import record
-from tests.integration.conftest import OperatorProcess
+from tests.integration.conftest import REPO, OperatorProcess, wait_for
 from veil import API_GROUP, API_VERSION
 from veil.azure.keyvault import DEFAULT_KEY_SIZE
 from veil.labels import FIELD_MANAGER
@@ -193,3 +193,71 @@ def test_two_standalone_operators_neither_double_grant_nor_fight(
         assert meta is not None
         appliers = {e.manager for e in meta.managed_fields or [] if e.operation == "Apply"}
         assert appliers == {FIELD_MANAGER}, f"{meta.name}: applied by {appliers}"
+
+
+PEERED = "veil-faults-peered"
+PEERING = "veil-twins"
+PEERED_MODELS = 3
+
+
+def test_with_peering_the_lower_priority_operator_backs_off(
+    crds: LocalCluster,
+    api: client.ApiClient,
+    doubles: Doubles,
+    kubeconfigs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A rolling update's overlap under kopf peering: both run, only the higher priority works."""
+    crds.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "kopf"))
+    crds.kubectl(
+        "wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s"
+    )
+    crds.kubectl("create", "namespace", PEERED)
+    objects = client.CustomObjectsApi(api)
+    objects.create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        PEERED,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
+    )
+    low, high = USERS
+    priorities = {low: "10", high: "20"}
+    _, offset = crds.audit_since(0)
+    twins = {
+        user: OperatorProcess(
+            crds,
+            tmp_path / f"peered-{user}.log",
+            kubeconfigs[user],
+            {**doubles.operator_env(), "VEIL_PEERING_PRIORITY": priorities[user]},
+            args=["run", f"--peering={PEERING}", f"--namespace={PEERED}"],
+        )
+        for user in USERS
+    }
+    try:
+        for twin in twins.values():
+            twin.wait_healthy()
+        wait_for(
+            lambda: "Pausing operations in favour of" in twins[low].log_path.read_text(),
+            timeout=60,
+            what="the lower-priority operator pausing",
+        )
+        names = [f"peered-{i:02d}" for i in range(PEERED_MODELS)]
+        for i, name in enumerate(names):
+            body = model(doubles, PEERED, name, f"peer{i:02d}")
+            objects.create_namespaced_custom_object(API_GROUP, API_VERSION, PEERED, PLURAL, body)
+        converge(objects, PEERED, names, Messages(), CONVERGE_TIMEOUT)
+        events, offset = crds.audit_since(offset)
+    finally:
+        for twin in twins.values():
+            twin.stop()
+        crds.kubectl("delete", "namespace", PEERED, "--wait=false", check=False)
+    worked = Counter(
+        e.get("user", {}).get("username")
+        for e in events
+        if e.get("verb") in WRITES
+        and (e.get("objectRef") or {}).get("namespace") == PEERED
+        and (e.get("objectRef") or {}).get("resource") not in ("events", "kopfpeerings")
+    )
+    assert worked[high] > 0, f"the higher-priority operator did the work: {dict(worked)}"
+    assert worked[low] == 0, f"the paused operator wrote nothing: {dict(worked)}"
