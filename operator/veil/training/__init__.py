@@ -8,6 +8,7 @@
 - `learners`: the three diffprivlib learners, made to know only the declared classes;
 - `dpsgd`: the DP-SGD networks (`mlp`, `cnn`) with Opacus, and their ONNX export (torch and
   Opacus imported there only, from the `dpsgd` extra);
+- `distributed`: DP-SGD across a PyTorchJob's replicas (WORLD_SIZE > 1), the same event;
 - `evaluate`: the DP accuracy estimate;
 - `claim.mechanisms`: what a run spends, for the trainer's result and the controller's claim;
 - `commands.register`: the CLI subcommand.

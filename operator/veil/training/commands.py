@@ -8,6 +8,10 @@ The DP-SGD families (`mlp`, `cnn`) take their settings from the `--epochs`, `--b
 0 done (the result JSON on stdout), 1 failed (I/O, fit, an ONNX mismatch, sealing),
 2 refused or bad arguments (no public bounds or classes, unknown family, an invalid spec,
 a spec that does not match the table's header).
+
+In a PyTorchJob (WORLD_SIZE > 1, RANK), the DP-SGD families train across the replicas
+(`veil.training.distributed`); rank 0 alone prints and writes the result, the others exit 0
+after training. The other families train on rank 0 alone; its peers exit 0 at once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,28 +154,41 @@ def _train(args: argparse.Namespace) -> int:
     from veil.artifacts import ArtifactError
     from veil.runtime.keywrap import KeyMaterialError
     from veil.runtime.sealing import SealedModelError
-    from veil.training.train import TrainingError, TrainingRefusedError, train
+    from veil.training.distributed import World
+    from veil.training.train import (
+        DPSGD_FAMILIES,
+        TrainingError,
+        TrainingRefusedError,
+        train,
+        train_replica,
+    )
 
     logs.configure_program()  # text, or JSON lines as the operator's (VEIL_LOG_FORMAT)
-    rank = os.environ.get("RANK", "0")
-    if rank != "0":
-        # A PyTorchJob's other replicas (workers > 1) read nothing: one process trains, so the
-        # run spends exactly its claim; distributed DP-SGD across them is not wired yet.
-        logging.getLogger("veil.training").warning(
-            "replica of rank %s: the master (rank 0) trains; this one reads no data", rank
-        )
-        return EXIT_OK
+    log = logging.getLogger("veil.training")
     try:
-        config = config_from_args(args)
-        wrapper = key_wrapper(args)
+        world = World.from_env()  # a PyTorchJob's replica: WORLD_SIZE, RANK
+        config = config_from_args(args)  # the request only: no row is read here
+        together = world.distributed and config.family in DPSGD_FAMILIES
+        if world.rank != 0 and not together:
+            # The other families train in one process: the master's.
+            log.warning("replica of rank %s: %s trains on rank 0 only", world.rank, config.family)
+            return EXIT_OK
+        wrapper = key_wrapper(args) if world.rank == 0 else None  # only rank 0 seals
     except (ValueError, TrainingRefusedError) as bad:
         return _fail(str(bad), EXIT_USAGE)
     try:
-        result = train(config, wrapper)
+        if together:
+            log.info("replica %s of %s: distributed DP-SGD", world.rank, world.size)
+            result = train_replica(config, wrapper, world)
+        else:
+            assert wrapper is not None
+            result = train(config, wrapper)
     except TrainingRefusedError as refused:
         return _fail(str(refused), EXIT_USAGE)
     except (TrainingError, ArtifactError, KeyMaterialError, SealedModelError) as failed:
         return _fail(str(failed), EXIT_FAILED)
+    if result is None:  # another rank than 0: trained; rank 0 writes
+        return EXIT_OK
     print(json.dumps(result, indent=None if logs.json_enabled() else 2, sort_keys=True))
     return EXIT_OK
 

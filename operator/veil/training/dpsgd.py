@@ -21,6 +21,11 @@ the `hooks` speed for the MLP on CPU, a little faster for the CNN), `hooks`, `fu
 (vmap) or `ew` (expanded weights). All clip per sample to C (tested mode by mode); they
 differ only in speed and memory.
 
+**Replicas.** Across a PyTorchJob's replicas (WORLD_SIZE > 1), the network is wrapped in
+Opacus's `DifferentiallyPrivateDistributedDataParallel` and the optimizer is Opacus's
+distributed one: each replica samples its own chunk of the rows at q, rank 0 alone adds the
+noise, the sum is all-reduced; the same event (q, σ, T) (`veil.training.distributed`).
+
 **Randomness.** With `secure_rng`, batches are drawn from `os.urandom` (an exact Bernoulli
 comparison on 64-bit words) and the noise is Box–Muller on `os.urandom` words, four draws
 summed and halved as Opacus's `secure_mode` does against floating-point attacks. Otherwise
@@ -47,6 +52,7 @@ import numpy.typing as npt
 
 from veil.training import export
 from veil.training.claim import DpSgdPlan
+from veil.training.distributed import SINGLE, World
 from veil.training.errors import TrainingError, TrainingRefusedError
 
 if TYPE_CHECKING:
@@ -190,7 +196,7 @@ def build_network(
     return nn.Sequential(*layers)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     import torch
 
     if name == "auto":
@@ -223,11 +229,14 @@ def secure_normal(shape: Sequence[int], std: float, reference: torch.Tensor) -> 
     return noise.to(device=reference.device, dtype=reference.dtype)
 
 
-def _secure_optimizer_class(base: type) -> type:
+def _secure_optimizer_class(base: type[Any]) -> type:
     """`base` (a DPOptimizer class) with its noise drawn by `secure_normal`."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     def add_noise(self: Any) -> None:
+        if getattr(self, "rank", 0) != 0:  # distributed: rank 0's noise is the step's only
+            base.add_noise(self)
+            return
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -241,10 +250,19 @@ def _secure_optimizer_class(base: type) -> type:
 class _Sampler:
     """Poisson batches: each row joins each step's batch with probability q."""
 
-    def __init__(self, n: int, q: float, device: torch.device, secure: bool, seed: int | None):
+    def __init__(
+        self,
+        n: int,
+        q: float,
+        device: torch.device,
+        secure: bool,
+        seed: int | None,
+        *,
+        stream: int = 1,
+    ):
         self.n, self.q, self.device, self.secure = n, q, device, secure
         self.threshold = np.uint64(min(2**64 - 1, math.floor(q * 2.0**64)))
-        self.generator = None if secure else _generator(device, seed, 1)
+        self.generator = None if secure else _generator(device, seed, stream)
 
     def draw(self) -> torch.Tensor:
         import torch
@@ -276,9 +294,12 @@ def make_private(
     seed: int | None,
 ) -> _Private:
     """Opacus's per-sample-gradient module and DP optimizer, with the plan's σ, C and the
-    expected batch size (public) as the divisor; no data loader involved."""
+    expected batch size (public) as the divisor; no data loader involved. A network wrapped
+    in Opacus's DPDDP gets Opacus's distributed optimizer and, as `make_private` gives it,
+    the per-replica divisor B / W (the all-reduce sums the replicas and divides by W)."""
     import torch
     from opacus.accountants import RDPAccountant
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
     from opacus.grad_sample.utils import prepare_module
     from opacus.optimizers import get_optimizer_class
 
@@ -296,14 +317,18 @@ def make_private(
         base = torch.optim.Adam(parameters, lr=settings.learning_rate)
     else:
         base = torch.optim.SGD(parameters, lr=settings.learning_rate, momentum=settings.momentum)
-    optimizer_class = get_optimizer_class("flat", distributed=False, grad_sample_mode=mode)
+    distributed = isinstance(network, DifferentiallyPrivateDistributedDataParallel)
+    divisor: float = plan.batch_size
+    if distributed:
+        divisor = plan.batch_size / torch.distributed.get_world_size()
+    optimizer_class = get_optimizer_class("flat", distributed=distributed, grad_sample_mode=mode)
     if settings.secure_rng:
         optimizer_class = _secure_optimizer_class(optimizer_class)
     optimizer = optimizer_class(
         base,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
-        expected_batch_size=plan.batch_size,
+        expected_batch_size=divisor,
         loss_reduction="mean",
         generator=None if settings.secure_rng else _generator(device, seed, 2),
         secure_mode=False,  # secure_rng draws its own noise (Opacus's needs torchcsprng)
@@ -346,11 +371,14 @@ def _noise_only_step(optimizer: Any) -> None:
     for p in optimizer.params:
         p.summed_grad = torch.zeros_like(p)
         p.grad_sample = p.summed_grad.new_zeros((0, *p.shape))  # one (empty) iteration
-    optimizer.add_noise()
+    optimizer.add_noise()  # distributed: rank 0's noise; the others add none
     optimizer.scale_grad()
     if optimizer.step_hook:
         optimizer.step_hook(optimizer)
     optimizer._is_last_step_skipped = False
+    reduce = getattr(optimizer, "reduce_gradients", None)
+    if reduce is not None:  # distributed: this replica joins the step's all-reduce
+        reduce()
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for p in optimizer.params:
@@ -367,15 +395,19 @@ def fit(
     settings: DpSgdSettings,
     seed: int | None,
     private: bool = True,
+    world: World = SINGLE,
 ) -> DpSgdFit:
     """Train `family` by DP-SGD under `plan` on scaled features `x` and class indices `y`.
+
+    With `world.distributed` (the group joined), `x` and `y` are this replica's chunk of the
+    training rows, and the replicas train one model together (`veil.training.distributed`).
 
     `private=False` trains the same network the same way without clipping or noise (for
     tests and benchmarks only: such a model is not DP and `train` never makes one)."""
     import torch
 
     settings.check(family, x.shape[1])
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
     if settings.threads > 0 and device.type == "cpu":
         torch.set_num_threads(settings.threads)
     if seed is not None:
@@ -383,11 +415,21 @@ def fit(
     network = build_network(family, x.shape[1], len(classes), settings).to(device)
     features = torch.as_tensor(x, dtype=torch.float32, device=device)
     labels = torch.as_tensor(y, dtype=torch.int64, device=device)
-    sampler = _Sampler(len(x), plan.sampling_rate, device, settings.secure_rng, seed)
+    # Each replica its own stream (rank 0's is the single process's): independent draws.
+    sampler = _Sampler(
+        len(x), plan.sampling_rate, device, settings.secure_rng, seed, stream=1 + 2 * world.rank
+    )
     started = time.perf_counter()
     sampled = 0
     try:
+        if world.distributed and not private:
+            raise TrainingRefusedError("the non-private baseline trains in one process only")
         if private:
+            if world.distributed:
+                from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+                # Broadcasts rank 0's initial weights.
+                network = DifferentiallyPrivateDistributedDataParallel(network)
             state = make_private(network, plan, settings, device, seed)
             state.module.train()
             with warnings.catch_warnings():
@@ -396,8 +438,10 @@ def fit(
                     chosen = sampler.draw()
                     sampled += len(chosen)
                     private_step(state, features, labels, chosen, settings.max_physical_batch_size)
-            _check_run(state, plan, settings)
+            _check_run(state, plan, settings, world)
             trained = state.module.to_standard_module()  # Opacus's hooks removed
+            if world.distributed:
+                trained = trained.module  # the network inside DPDDP
         else:
             trained, sampled = _fit_non_private(
                 network,
@@ -462,16 +506,31 @@ def _fit_non_private(
     return network, sampled
 
 
-def _check_run(private: _Private, plan: DpSgdPlan, settings: DpSgdSettings) -> None:
+def _check_run(
+    private: _Private, plan: DpSgdPlan, settings: DpSgdSettings, world: World = SINGLE
+) -> None:
     """What Opacus trained with must be what the claim states: its optimizer's σ, C and
-    divisor, and its accountant's record of the noisy steps taken, (σ, q, T)."""
+    divisor, and its accountant's record of the noisy steps taken, (σ, q, T); across
+    replicas, on every replica, with Opacus's distributed optimizer, and all of them left
+    holding the same model."""
+    from opacus.optimizers import DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping
+
+    from veil.training import distributed
+
     optimizer = private.optimizer
-    if (
-        optimizer.noise_multiplier != plan.noise_multiplier
-        or optimizer.max_grad_norm != settings.max_grad_norm
-        or optimizer.expected_batch_size != plan.batch_size
-        or private.accountant.history != [(plan.noise_multiplier, plan.sampling_rate, plan.steps)]
-    ):
+    ok = (
+        optimizer.noise_multiplier == plan.noise_multiplier
+        and optimizer.max_grad_norm == settings.max_grad_norm
+        and optimizer.expected_batch_size == plan.batch_size / world.size
+        and private.accountant.history == [(plan.noise_multiplier, plan.sampling_rate, plan.steps)]
+        and world.distributed
+        == isinstance(
+            optimizer, DistributedDPOptimizer | DistributedDPOptimizerFastGradientClipping
+        )
+    )
+    if world.distributed:
+        ok = distributed.all_ok(ok) and distributed.same_parameters(private.module)
+    if not ok:
         raise TrainingError("the DP-SGD run differs from the claim's mechanism: not written")
 
 

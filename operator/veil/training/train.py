@@ -31,6 +31,12 @@ records the DP-SGD event instead of the first: `{"type": "dpsgd", "samplingRate"
 declared row count, batch size and epochs; σ calibrated to (ε, δ) or given), and exactly
 what Opacus trains with; the result's `dpsgd` section adds Opacus's own accountants' ε.
 
+**Replicas.** A PyTorchJob's replicas (WORLD_SIZE > 1; DP-SGD only) train one network
+together (`train_replica`, `veil.training.distributed`): every replica reads the table and
+splits it with rank 0's salt, trains on its own keyed-hash chunk of the training rows, and the
+run is the same DP-SGD event as in one process; rank 0 alone evaluates, exports, seals and
+writes.
+
 **Export check.** The ONNX export must predict like the trained model on points drawn from
 the public bounds box (never on data rows), or nothing is written.
 
@@ -58,8 +64,9 @@ import numpy as np
 import numpy.typing as npt
 
 from veil.synthesis import tables
-from veil.training import data, dpsgd, evaluate, export, learners
+from veil.training import data, distributed, dpsgd, evaluate, export, learners
 from veil.training.claim import DpSgdPlan, claim_mechanisms
+from veil.training.distributed import SINGLE, World
 from veil.training.dpsgd import DpSgdSettings
 from veil.training.errors import TrainingError, TrainingRefusedError
 from veil.training.options import plan_for
@@ -81,6 +88,7 @@ __all__ = [
     "plan_of",
     "prepare",
     "train",
+    "train_replica",
 ]
 
 DPSGD_FAMILIES: tuple[str, ...] = dpsgd.FAMILIES
@@ -205,14 +213,15 @@ class Prepared:
         return self.plan.classes.array()[self.rows.y[mask]]
 
 
-def prepare(config: TrainingConfig) -> Prepared:
+def prepare(config: TrainingConfig, salt: bytes | None = None) -> Prepared:
     """Check the request and the header, read the usable rows, and split them by keyed hash
-    when an evaluation is paid for (otherwise every usable row trains)."""
+    when an evaluation is paid for (otherwise every usable row trains). `salt`: the hash key
+    (replicas share rank 0's); default: the run's own (`data.run_salt`)."""
     _check(config)
     plan, raw = _read(config)
     if config.family in DPSGD_FAMILIES:  # the CNN's shape against the header's features
         config.dpsgd.check(config.family, len(plan.features))
-    rows = data.usable_rows(raw, plan, data.run_salt(config.seed))
+    rows = data.usable_rows(raw, plan, data.run_salt(config.seed) if salt is None else salt)
     if config.evaluation_epsilon > 0:
         test = data.in_test(rows.digests, config.test_fraction)
     else:
@@ -220,11 +229,27 @@ def prepare(config: TrainingConfig) -> Prepared:
     return Prepared(plan, rows, test, export.bounds_scaler(plan.lower, plan.upper))
 
 
-def fit_model(config: TrainingConfig, prepared: Prepared) -> Any:
-    """The DP model, fitted at ε on the training rows (a forest's trees by keyed hash), or
-    the DP-SGD network under its plan."""
+def shard(prepared: Prepared, world: World) -> npt.NDArray[np.bool_]:
+    """This replica's training rows: those whose keyed hash names its rank (`data.tree_of`),
+    so the replicas' chunks are disjoint and cover the training rows, row by row."""
     training = ~prepared.test
+    if not world.distributed:
+        return training
+    mine: npt.NDArray[np.bool_] = training & (
+        data.tree_of(prepared.rows.digests, world.size) == world.rank
+    )
+    return mine
+
+
+def fit_model(config: TrainingConfig, prepared: Prepared, world: World = SINGLE) -> Any:
+    """The DP model, fitted at ε on the training rows (a forest's trees by keyed hash), or
+    the DP-SGD network under its plan (with replicas: trained on this replica's chunk)."""
+    training = shard(prepared, world)
     plan = plan_of(config)
+    if world.distributed and plan is None:
+        raise TrainingRefusedError(
+            f"only the DP-SGD families ({', '.join(DPSGD_FAMILIES)}) train across replicas"
+        )
     if plan is not None:
         return dpsgd.fit(
             config.family,
@@ -234,6 +259,7 @@ def fit_model(config: TrainingConfig, prepared: Prepared) -> Any:
             plan=plan,
             settings=config.dpsgd,
             seed=config.seed,
+            world=world,
         )
     digests = [d for d, keep in zip(prepared.rows.digests, training, strict=True) if keep]
     return learners.fit(
@@ -277,10 +303,47 @@ def _verified_onnx(
 
 def train(config: TrainingConfig, wrapper: KeyWrapper) -> dict[str, Any]:
     """Train, export, verify, seal and write; returns the result (see the module docstring)."""
+    prepared = prepare(config)
+    return _release(config, wrapper, prepared, fit_model(config, prepared))
+
+
+def train_replica(
+    config: TrainingConfig, wrapper: KeyWrapper | None, world: World
+) -> dict[str, Any] | None:
+    """One replica of a distributed DP-SGD run: join the others, read and split the table
+    with rank 0's salt, train on this replica's chunk; rank 0 then releases as `train` does
+    and returns the result (`wrapper` needed there only), the others return None."""
+    if config.family not in DPSGD_FAMILIES:
+        raise TrainingRefusedError(
+            f"only the DP-SGD families ({', '.join(DPSGD_FAMILIES)}) train across replicas"
+        )
+    if world.rank == 0 and wrapper is None:
+        raise TrainingError("rank 0 needs the model key to seal the model")
+    _check(config)  # refused alike on every replica, before any of them waits on another
+    distributed.join(world, dpsgd.resolve_device(config.dpsgd.device))
+    try:
+        salt = distributed.broadcast_bytes(data.run_salt(config.seed))
+        failure: Exception | None = None
+        try:
+            prepared = prepare(config, salt)
+        except Exception as failed:  # raised below, once the others know
+            failure = failed
+        if not distributed.all_ok(failure is None):
+            raise failure or TrainingError("another replica could not read the table")
+        model = fit_model(config, prepared, world)
+    finally:
+        distributed.leave()
+    if world.rank != 0 or wrapper is None:
+        return None
+    return _release(config, wrapper, prepared, model)
+
+
+def _release(
+    config: TrainingConfig, wrapper: KeyWrapper, prepared: Prepared, model: Any
+) -> dict[str, Any]:
+    """Evaluate (when paid for), export, verify, seal and write; the result."""
     from veil.runtime.sealing import read_header, seal_bytes
 
-    prepared = prepare(config)
-    model = fit_model(config, prepared)
     evaluation = _evaluate(config, prepared, model) if config.evaluation_epsilon > 0 else None
     onnx_bytes, check = _verified_onnx(model, config, prepared.plan, prepared.scaler)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -267,9 +268,7 @@ def test_a_pytorchjob_that_succeeded_is_complete() -> None:
     assert workload_outcome(job("Job", ("Complete", "ok"))) == ("Complete", "ok")
 
 
-def test_other_replicas_than_rank_0_read_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _public_key(tmp_path: Path) -> Path:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "key.pem"
     pem.write_bytes(
@@ -277,20 +276,74 @@ def test_other_replicas_than_rank_0_read_nothing(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    args = build.train_args(spec(workers=2))
+    return pem
+
+
+def _local(args: list[str], pem: Path, **paths: Path) -> list[str]:
+    """The Job's args with local paths and a public key in place of the vault."""
     vault = args.index("--vault-url")
     args = [*args[:vault], *args[vault + 4 :], "--public-key", str(pem)]
-    monkeypatch.setenv("RANK", "1")
+    for flag, path in paths.items():
+        args[args.index(f"--{flag}") + 1] = str(path)
+    return args
+
+
+def test_a_pytorchjobs_replicas_train_together_and_spend_the_claim(tmp_path: Path) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    from tests.unit.training.test_dpsgd_distributed import launch
+    from veil.training.train import claim_mechanisms
+
+    loaded = load_breast_cancer(as_frame=True)
+    frame = pd.DataFrame(
+        {"radius": loaded.frame["mean radius"], "malignant": 1 - loaded.frame["target"]}
+    )
+    frame.to_csv(tmp_path / "oncology.csv", index=False)
+    model = spec(workers=2, epochs=5, batchSize=64, noiseMultiplier=1.5, hidden=[8])
+    pem = _public_key(tmp_path)
+    per_rank = [  # the same args, but each rank's own output paths
+        _local(
+            build.train_args(model),
+            pem,
+            dataset=tmp_path / "oncology.csv",
+            output=tmp_path / f"{r}.sealed",
+            result=tmp_path / f"{r}.json",
+        )
+        for r in range(2)
+    ]
+    (code0, out0, err0), (code1, out1, err1) = launch(per_rank, fresh=False)
+    assert (code0, code1) == (0, 0), (err0, err1)
+    # Rank 0 writes the model and the result, the controller's claim; rank 1 only trained.
+    result = json.loads(out0)
+    assert json.loads((tmp_path / "0.json").read_text()) == result
+    assert (tmp_path / "0.sealed").exists()
+    assert out1 == ""
+    assert not (tmp_path / "1.sealed").exists()
+    assert not (tmp_path / "1.json").exists()
+    plan = options.spec_plan(model.training)
+    assert plan is not None
+    assert result["mechanisms"] == claim_mechanisms(4.0, 0.0, 1e-5, plan)
+    assert result["dpsgd"]["steps"] == plan.steps
+
+
+def test_other_families_train_on_rank_0_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = _local(build.train_args(spec(workers=2)), _public_key(tmp_path))
+    args[args.index("--family") + 1] = "logisticRegression"
     namespace = parse(args)
     read: list[str] = []
 
-    def reads(_: argparse.Namespace) -> Any:
-        read.append("request")
+    def reads(_: Any, *__: Any) -> Any:
+        read.append("rows")
         raise ValueError("stop here")
 
-    monkeypatch.setattr("veil.training.commands.config_from_args", reads)
+    monkeypatch.setattr("veil.training.train.prepare", reads)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     assert namespace.func(namespace) == 0
-    assert read == [], "a worker replica read the request (and so the data)"
+    assert read == [], "a peer of rank 0 read rows for a one-process family"
     monkeypatch.setenv("RANK", "0")
-    assert namespace.func(namespace) == 2  # the master goes on to read: the stub refuses
-    assert read == ["request"]
+    with pytest.raises(ValueError, match="stop here"):
+        namespace.func(namespace)  # rank 0 goes on to read, in one process
+    assert read == ["rows"]
