@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -302,7 +303,10 @@ async def test_metrics_are_exposed_and_count_on_their_own_port(mlp_server: Serve
 class _SlowModel(OnnxModel):
     """The real MLP, made to take a moment so a request is still in flight at shutdown."""
 
+    entered = threading.Event()
+
     def run(self, inputs: Any, outputs: Any) -> Any:
+        self.entered.set()
         time.sleep(0.4)
         return super().run(inputs, outputs)
 
@@ -320,8 +324,12 @@ async def test_in_flight_request_finishes_during_graceful_shutdown(mlp_model: by
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     async with httpx.AsyncClient() as client:
+        _SlowModel.entered.clear()
         request = asyncio.create_task(client.post(f"{url}/v2/models/mlp/infer", json=_infer_body()))
-        await asyncio.sleep(0.15)  # the request is now inside the model
+        deadline = time.monotonic() + 30
+        while not _SlowModel.entered.is_set():  # until the request is inside the model
+            assert time.monotonic() < deadline, "the request never reached the model"
+            await asyncio.sleep(0.01)
         started = time.perf_counter()
         await runner.cleanup()  # stops listening, drains, waits for the in-flight request
         waited = time.perf_counter() - started
