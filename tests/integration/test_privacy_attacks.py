@@ -200,14 +200,14 @@ def test_deleting_a_budget_does_not_reset_what_its_dataset_has_spent(
     wait_for(lambda: "veil.dev/finalizer" in store.get(first)["metadata"].get("finalizers", []))
     objects.delete_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, "registry")
 
-    def gone() -> bool:
+    def gone(ref: BudgetRef) -> bool:
         try:
-            store.get(first)
+            store.get(ref)
         except BudgetGoneError:
             return True
         return False
 
-    wait_for(gone, timeout=60, what="the budget to be deleted")
+    wait_for(lambda: gone(first), timeout=60, what="the budget to be deleted")
     records = store.spending_records(dataset)
     assert len(records) == 1
     assert records[0]["verified"]
@@ -226,6 +226,9 @@ def test_deleting_a_budget_does_not_reset_what_its_dataset_has_spent(
         API_GROUP, API_VERSION, NAMESPACE, PLURAL, "registry-v2"
     )
     wait_for(lambda: len(store.spending_records(dataset)) == 2, timeout=60, what="2nd record")
+    # Its record is written before the finalizer lets it go: until it is gone, it still
+    # protects the dataset and a third budget would be refused the binding.
+    wait_for(lambda: gone(second), timeout=60, what="the second budget to be deleted")
     third = make_budget(objects, "registry-v3", dataset)
     assert spend(store, third, "g5", 0.04, dataset) == "Granted"
     assert store.get(third)["status"]["epsilonSpent"] == pytest.approx(0.99)
