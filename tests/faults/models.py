@@ -4,12 +4,16 @@ pool each, and polling that keeps every condition message seen on the way."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import yaml
 from kubernetes import client
 
-from tests.integration.conftest import REPO, TOKEN, condition, wait_for
+from tests.cluster.localcluster import LocalCluster
+from tests.integration.conftest import REPO, TOKEN, OperatorProcess, condition, wait_for
 from veil import API_GROUP, API_VERSION
 from veil_standins.arm import ArmDouble
 from veil_standins.keyvault import KeyVaultDouble
@@ -46,6 +50,26 @@ class Doubles:
     def stop(self) -> None:
         for server in self._servers:
             server.stop()
+
+
+@contextmanager
+def operator_in(
+    crds: LocalCluster, namespace: str, user: str, doubles: Doubles, log: Path
+) -> Iterator[OperatorProcess]:
+    """A namespace of its own and an operator on it, running as `user` (so the audit log tells
+    its writes apart); both gone afterwards."""
+    crds.kubectl("create", "namespace", namespace)
+    kubeconfig = crds.user_kubeconfig(user, "veil:operators")
+    crds.kubectl(
+        "create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}"
+    )
+    operator = OperatorProcess(crds, log, kubeconfig, doubles.operator_env(), namespaces=namespace)
+    try:
+        operator.wait_healthy()
+        yield operator
+    finally:
+        operator.stop()
+        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def model(doubles: Doubles, namespace: str, name: str, pool: str) -> dict[str, Any]:

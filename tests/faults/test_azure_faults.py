@@ -32,10 +32,10 @@ from tests.faults.models import (
     converge,
     listed,
     model,
+    operator_in,
 )
 from tests.faults.results import record
 from tests.integration.conftest import (
-    OperatorProcess,
     condition,
     wait_for,
 )
@@ -68,23 +68,9 @@ def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
 def objects(
     crds: LocalCluster, api: client.ApiClient, doubles: Doubles, tmp_path_factory: Any
 ) -> Iterator[client.CustomObjectsApi]:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    kubeconfig = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
-    crds.kubectl(
-        "create",
-        "clusterrolebinding",
-        OPERATOR_USER,
-        "--clusterrole=cluster-admin",
-        f"--user={OPERATOR_USER}",
-    )
     log = Path(tmp_path_factory.mktemp("faults-operator")) / "veil.log"
-    operator = OperatorProcess(crds, log, kubeconfig, doubles.operator_env(), namespaces=NAMESPACE)
-    try:
-        operator.wait_healthy()
+    with operator_in(crds, NAMESPACE, OPERATOR_USER, doubles, log):
         yield client.CustomObjectsApi(api)
-    finally:
-        operator.stop()
-        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
 def test_a_burst_under_30_percent_azure_faults_converges_whole(

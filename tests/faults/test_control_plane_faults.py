@@ -33,9 +33,10 @@ from tests.faults.models import (
     converge,
     listed,
     model,
+    operator_in,
 )
 from tests.faults.results import record
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.conftest import wait_for
 from veil import API_GROUP, API_VERSION
 from veil.azure.keyvault import DEFAULT_KEY_SIZE
 from veil_standins.tls import make_tls
@@ -64,23 +65,9 @@ def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
 def objects(
     crds: LocalCluster, api: client.ApiClient, doubles: Doubles, tmp_path_factory: Any
 ) -> Iterator[client.CustomObjectsApi]:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    kubeconfig = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
-    crds.kubectl(
-        "create",
-        "clusterrolebinding",
-        OPERATOR_USER,
-        "--clusterrole=cluster-admin",
-        f"--user={OPERATOR_USER}",
-    )
     log = Path(tmp_path_factory.mktemp("cp-operator")) / "veil.log"
-    operator = OperatorProcess(crds, log, kubeconfig, doubles.operator_env(), namespaces=NAMESPACE)
-    try:
-        operator.wait_healthy()
+    with operator_in(crds, NAMESPACE, OPERATOR_USER, doubles, log):
         yield client.CustomObjectsApi(api)
-    finally:
-        operator.stop()
-        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
 def burst(objects: client.CustomObjectsApi, doubles: Doubles, prefix: str) -> list[str]:
