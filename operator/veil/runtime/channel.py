@@ -92,7 +92,8 @@ def key_id_of(public: bytes) -> bytes:
     return hashlib.sha256(public).digest()[:KEY_ID_BYTES]
 
 
-def _split_header(header_length: int | None, body: bytes) -> int:
+def header_field(header_length: int | None, body: bytes) -> int:
+    """The u32 a sealed message carries for `header_length` (NO_HEADER: plain JSON)."""
     if header_length is None:
         return NO_HEADER
     if not 0 <= header_length <= len(body) or header_length == NO_HEADER:
@@ -187,7 +188,7 @@ def seal_request(
 ) -> SealedRequest:
     """Encrypt an OIP v2 request body to the runtime's key."""
     response_key = secrets.token_bytes(RESPONSE_KEY_BYTES)
-    inner = _INNER_REQUEST.pack(response_key, _split_header(header_length, body)) + body
+    inner = _INNER_REQUEST.pack(response_key, header_field(header_length, body)) + body
     sealed = seal_to(public, inner, REQUEST_INFO)
     return SealedRequest(sealed, response_key, enc_of(sealed))
 

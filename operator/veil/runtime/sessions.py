@@ -58,6 +58,7 @@ from veil.runtime.channel import (
     ChannelError,
     ChannelPrivateKey,
     ChannelPublicKey,
+    header_field,
     seal_to,
 )
 
@@ -110,14 +111,6 @@ def _derive(secret: bytes, key_id: bytes) -> _Keys:
         AESGCM(request_key),
         AESGCM(material[SESSION_ID_BYTES + KEY_BYTES :]),
     )
-
-
-def _header_field(header_length: int | None, body: bytes) -> int:
-    if header_length is None:
-        return NO_HEADER
-    if not 0 <= header_length <= len(body) or header_length == NO_HEADER:
-        raise ChannelError("the binary header length does not fit the body")
-    return header_length
 
 
 def _header_length(field: int, payload: bytes) -> int | None:
@@ -207,7 +200,7 @@ class CallerSession:
         with self._lock:
             self._uses_left -= 1
         nonce = secrets.token_bytes(NONCE_BYTES)
-        inner = _INNER_REQUEST.pack(_header_field(header_length, body)) + body
+        inner = _INNER_REQUEST.pack(header_field(header_length, body)) + body
         sealed = self._keys.request.encrypt(nonce, inner, REQUEST_AAD + self._keys.session_id)
         return SealedSessionRequest(self._keys.session_id + nonce + sealed, self._keys, nonce)
 
