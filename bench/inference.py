@@ -173,9 +173,18 @@ def bodies(samples: npt.NDArray[np.float32]) -> dict[str, Body]:
 # --- the minimal server (runs in its own process) ---------------------------------------------
 
 
-def minimal_app(model: bytes) -> web.Application:
-    """The leanest honest OIP v2 infer endpoint: aiohttp around the same onnxruntime session."""
+def minimal_app(model: bytes, json_library: str = "json") -> web.Application:
+    """The leanest honest OIP v2 infer endpoint: aiohttp around the same onnxruntime session,
+    with the standard library's JSON (the anchor) or orjson (what `veil serve` uses)."""
     from veil.runtime.tensors import V2_TO_NUMPY, numpy_to_v2
+
+    if json_library == "orjson":
+        import orjson
+
+        loads: Callable[[bytes], Any] = orjson.loads
+        dumps: Callable[[Any], bytes] = orjson.dumps
+    else:
+        loads, dumps = json.loads, lambda document: json.dumps(document).encode()
 
     session = OnnxModel.from_bytes(MODEL_NAME, model).session
     output_names = [output.name for output in session.get_outputs()]
@@ -183,7 +192,7 @@ def minimal_app(model: bytes) -> web.Application:
     async def infer(request: web.Request) -> web.Response:
         raw = await request.read()
         offset = int(request.headers.get(HEADER_LENGTH, len(raw)))  # binary data starts here
-        document = json.loads(raw[:offset])
+        document = loads(raw[:offset])
         feeds = {}
         for tensor in document["inputs"]:
             dtype = V2_TO_NUMPY[tensor["datatype"]]
@@ -209,7 +218,7 @@ def minimal_app(model: bytes) -> web.Application:
             "model_version": "1",
             "outputs": outputs,
         }
-        header = json.dumps(payload).encode()
+        header = dumps(payload)
         if not binary:
             return web.Response(body=header, content_type="application/json")
         headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
@@ -220,8 +229,8 @@ def minimal_app(model: bytes) -> web.Application:
     return app
 
 
-def serve_minimal(model_path: Path, port: int) -> None:
-    app = minimal_app(model_path.read_bytes())
+def serve_minimal(model_path: Path, port: int, json_library: str) -> None:
+    app = minimal_app(model_path.read_bytes(), json_library)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -299,11 +308,13 @@ def veil_command(scratch: Path, model: bytes, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def minimal_command(scratch: Path, model: bytes, port: int) -> list[str]:
+def minimal_command(
+    scratch: Path, model: bytes, port: int, json_library: str = "json"
+) -> list[str]:
     path = scratch / "model.onnx"
     path.write_bytes(model)
     command = [sys.executable, "-m", "bench.inference", "--serve-minimal", str(path)]
-    return [*command, "--port", str(port)]
+    return [*command, "--port", str(port), "--minimal-json", json_library]
 
 
 def event_loop() -> str:
@@ -719,9 +730,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--serve-minimal", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--minimal-json", choices=("json", "orjson"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_minimal is not None:
-        serve_minimal(args.serve_minimal, args.port)
+        serve_minimal(args.serve_minimal, args.port, args.minimal_json or "json")
         return {}
     base = QUICK if args.quick else FULL
     settings = Settings(

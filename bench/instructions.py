@@ -8,8 +8,9 @@ instructions each server executes per request instead, which no neighbour can ch
 serve` and the minimal aiohttp wrapper of bench/inference.py each run under callgrind with
 instrumentation off (so start-up is not counted), and it is switched on only around N
 sequential requests of one kind, then off and dumped. Kinds: plain JSON batch 1 on both
-servers; on `veil serve`, the same request encrypted in a channel session and sealed on its
-own with HPKE.
+servers (the minimal one also with orjson, the JSON library `veil serve` uses, which shows
+Veil's own overhead apart from its faster JSON); on `veil serve`, the same request encrypted
+in a channel session and sealed on its own with HPKE.
 
 Counted: user-space instructions of the server process (the interpreter, onnxruntime,
 OpenSSL, uvloop). Not counted: the kernel's share (the same socket calls for every kind) and
@@ -120,16 +121,17 @@ def measure(requests: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="veil-instructions-") as tmp:
         scratch = Path(tmp)
         out = scratch / "callgrind.out"
-        port = inference.free_port()
-        minimal = inference.minimal_command(scratch, model, port)
-        with (
-            under_callgrind(minimal, port, out) as (pid, url),
-            httpx.Client(base_url=url, timeout=120) as client,
-        ):
-            send = _post(inference.INFER_PATH, plain.content, "application/json")
-            counts["minimal_plain"] = instructions_per_request(
-                pid, client, send, "minimal_plain", requests=requests, out=out
-            )
+        for kind, library in (("minimal_plain", "json"), ("minimal_orjson", "orjson")):
+            port = inference.free_port()
+            minimal = inference.minimal_command(scratch, model, port, library)
+            with (
+                under_callgrind(minimal, port, out) as (pid, url),
+                httpx.Client(base_url=url, timeout=120) as client,
+            ):
+                send = _post(inference.INFER_PATH, plain.content, "application/json")
+                counts[kind] = instructions_per_request(
+                    pid, client, send, kind, requests=requests, out=out
+                )
         port = inference.free_port()
         veil = inference.veil_command(scratch, model, port)
         with (
@@ -162,6 +164,8 @@ def measure(requests: int) -> dict[str, Any]:
         "requests_per_kind": requests,
         "instructions_per_request": {kind: round(count) for kind, count in counts.items()},
         "server_vs_minimal_ratio": round(counts["minimal_plain"] / plain_count, 4),
+        # The same wrapper with the JSON library `veil serve` uses: Veil's own overhead alone.
+        "server_vs_minimal_orjson_ratio": round(counts["minimal_orjson"] / plain_count, 4),
         "encrypted_vs_plaintext_ratio": round(plain_count / counts["veil_session"], 4),
         "hpke_per_request_vs_plaintext_ratio": round(plain_count / counts["veil_hpke"], 4),
     }

@@ -1,5 +1,12 @@
 """The wire form of infer requests and responses: a JSON document, or (the binary tensor data
 extension) a JSON header of `Inference-Header-Content-Length` bytes followed by raw tensor bytes.
+
+JSON goes through orjson: for a small model's request, the standard library's parser and
+encoder were about a tenth of the server's time (11.6 and 6.2 µs against 1.4 and 0.4 µs here).
+What orjson refuses and the standard library reads (NaN and Infinity, lone surrogates, nesting
+past 1,024 levels) falls back to the standard library, so no request that was accepted before
+is refused now; orjson reads an integer beyond 64 bits as a float, which the tensor checks then
+judge by the tensor's datatype.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy.typing as npt
+import orjson
 
 from veil.runtime.protocol import InferRequest, RequestError
 from veil.runtime.tensors import NUMPY_TO_V2, encode_binary_tensor, encode_tensor, numpy_to_v2
@@ -18,6 +26,14 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def load_json(raw: bytes) -> Any:
     """Decode a JSON document; every way it can fail is a `RequestError`."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _load_json_leniently(raw)
+
+
+def _load_json_leniently(raw: bytes) -> Any:
+    """The standard library's reading, for what orjson refuses: NaN stays a NaN."""
     try:
         return json.loads(raw)
     except RecursionError:
@@ -82,7 +98,17 @@ def encode_response(
     }
     if request.id is not None:
         payload["id"] = request.id
-    header = json.dumps(payload).encode()
+    header = _dump_json(payload)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _dump_json(payload: dict[str, Any]) -> bytes:
+    """orjson's encoding, unless it would change a value: it writes NaN and infinities as null
+    (no null is otherwise in a response) and refuses a lone surrogate in a request's id."""
+    try:
+        encoded = orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        return json.dumps(payload).encode()
+    return json.dumps(payload).encode() if b"null" in encoded else encoded

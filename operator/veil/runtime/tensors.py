@@ -133,9 +133,14 @@ def _exact_integers(name: str, datatype: str, data: list[Any]) -> npt.NDArray[An
     """Integers numpy could only hold as float64 (int64 and uint64 ones mixed), kept exact."""
     target = V2_TO_NUMPY[datatype]
     values = np.asarray(data, dtype=object).ravel()
-    if not all(type(value) is int for value in values):
-        raise TensorError(f"input {name!r} is {datatype} but its data holds non-integer values")
     info = np.iinfo(target)
+    if not all(type(value) is int for value in values):
+        # The JSON parser reads an integer beyond 64 bits as a float.
+        if all(type(v) is int or (type(v) is float and abs(v) >= 2.0**63) for v in values):
+            raise TensorError(
+                f"input {name!r} has values outside the {datatype} range {info.min}..{info.max}"
+            )
+        raise TensorError(f"input {name!r} is {datatype} but its data holds non-integer values")
     if min(values) < info.min or max(values) > info.max:
         raise TensorError(
             f"input {name!r} has values outside the {datatype} range {info.min}..{info.max}"

@@ -148,6 +148,42 @@ async def test_json_and_binary_inputs_mix_and_outputs_choose(identity: httpx.Asy
     assert set(arrays) == {"d_out"}
 
 
+async def test_json_edges_keep_their_values(identity: httpx.AsyncClient) -> None:
+    """What the fast JSON path does not read or write itself (NaN, infinities, a lone surrogate
+    in the id, integers at both ends of 64 bits) comes back as it went in."""
+    special = np.array([float("nan"), float("inf"), -float("inf")], np.float64)
+    document = {
+        "id": "caf\ud800",
+        "inputs": [_json_input(name, VALUES[name]) for name in TYPES if name != "d"]
+        + [_json_input("d", special)],
+    }
+    body = json.dumps(document).encode()  # writes NaN and Infinity, as Python clients do
+    assert b"NaN" in body
+    assert b"Infinity" in body
+    response = await identity.post("/v2/models/id/infer", content=body)
+    assert response.status_code == 200, response.text
+    header = json.loads(response.content)
+    assert header["id"] == "caf\ud800"
+    data = {output["name"]: output["data"] for output in header["outputs"]}
+    np.testing.assert_array_equal(np.array(data["d_out"]), special)
+    assert data["i64_out"] == VALUES["i64"].tolist()
+    assert data["u64_out"] == VALUES["u64"].tolist()
+
+
+async def test_an_integer_beyond_64_bits_is_refused_for_an_integer_input(
+    identity: httpx.AsyncClient,
+) -> None:
+    finite = {name: values for name, values in VALUES.items() if name not in ("f", "i64")}
+    document = {
+        "inputs": [_json_input(name, values) for name, values in finite.items()]
+        + [{"name": "f", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.0]}]
+        + [{"name": "i64", "datatype": "INT64", "shape": [3], "data": [2**70, 0, 1]}]
+    }
+    response = await identity.post("/v2/models/id/infer", content=json.dumps(document))
+    assert response.status_code == 400, response.text
+    assert "input 'i64' has values outside the INT64 range" in response.json()["error"]
+
+
 async def test_binary_outputs_for_a_json_request(identity: httpx.AsyncClient) -> None:
     document = {
         "inputs": [_json_input(name, VALUES[name]) for name in TYPES if name != "f"]

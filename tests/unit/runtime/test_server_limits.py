@@ -63,13 +63,12 @@ BINARY_WITHOUT_SECTION = {
 }
 MALFORMED: list[tuple[str, bytes, dict[str, str], str]] = [
     ("huge dimension", json.dumps(_tensor(shape=[2**70, 4])).encode(), {}, "larger than the limit"),
-    ("zero and huge", json.dumps(_tensor(shape=[0, 2**70])).encode(), {}, "but the model expects"),
+    ("zero and huge", json.dumps(_tensor(shape=[0, 2**70])).encode(), {}, "larger than the limit"),
     ("float dimension", json.dumps(_tensor(shape=[1.0, 4])).encode(), {}, "non-negative integers"),
     ("bool dimension", json.dumps(_tensor(shape=[True, 4])).encode(), {}, "non-negative integers"),
     ("negative dimension", json.dumps(_tensor(shape=[-1, 4])).encode(), {}, "non-negative"),
     ("deep JSON", b"[" * 200_000 + b"]" * 200_000, {}, "nested too deeply"),
     ("deep data", json.dumps(_tensor(data=json.loads("[" * 500 + "]" * 500))).encode(), {}, "'x'"),
-    ("huge integer", json.dumps(_tensor(data=[2**70, 1, 2, 3])).encode(), {}, "64 bits"),
     ("strings", json.dumps(_tensor(data=["a", "b", "c", "d"])).encode(), {}, "non-numeric"),
     ("ragged", json.dumps(_tensor(shape=[2, 4], data=[[1, 2, 3, 4], [1]])).encode(), {}, "'x'"),
     ("id not a string", json.dumps({**_tensor(), "id": 7}).encode(), {}, "'id'"),
