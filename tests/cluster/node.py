@@ -460,22 +460,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
         self._write_cni_config()
         self._start_containerd()
 
-        node_kubeconfig = self.cluster.user_kubeconfig(f"system:node:{NODE_NAME}", "system:nodes")
-        labels = ",".join(f"{k}={v}" for k, v in REAL_NODE_LABELS.items())
-        self._start(
-            "kubelet",
-            [
-                str(self.bin_dir / "kubelet"),
-                f"--config={self._write_kubelet_config()}",
-                f"--kubeconfig={node_kubeconfig}",
-                f"--root-dir={self.directory / 'kubelet'}",
-                f"--cert-dir={self.directory / 'kubelet' / 'pki'}",
-                f"--hostname-override={NODE_NAME}",
-                f"--node-ip={NODE_IP}",
-                f"--node-labels={labels}",
-                "--v=1",
-            ],
-        )
+        self._start_kubelet()
         proxy_kubeconfig = self.cluster.user_kubeconfig("system:kube-proxy", "system:node-proxier")
         self._start(
             "kube-proxy",
@@ -494,23 +479,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
             ],
         )
         self._apply_dns_service()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for name in self.processes:
-                self._check_alive(name)
-            ready = self.cluster.kubectl(
-                "get",
-                "node",
-                NODE_NAME,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
-                check=False,
-            )
-            if ready.strip() == "True":
-                break
-            time.sleep(1)
-        else:
-            raise NodeError(f"node {NODE_NAME} not Ready after 120s; see kubelet.log")
+        self._wait_ready()
         # kube-router finds its Node object at start: only once the kubelet registered it.
         self._start(
             "kube-router",
@@ -533,6 +502,55 @@ state = "{RUN_DIR / "containerd" / "state"}"
             if time.monotonic() > deadline:
                 raise NodeError("kube-router installed no firewall chains within 60s")
             time.sleep(0.5)
+
+    def _start_kubelet(self) -> None:
+        node_kubeconfig = self.cluster.user_kubeconfig(f"system:node:{NODE_NAME}", "system:nodes")
+        labels = ",".join(f"{k}={v}" for k, v in REAL_NODE_LABELS.items())
+        self._start(
+            "kubelet",
+            [
+                str(self.bin_dir / "kubelet"),
+                f"--config={self._write_kubelet_config()}",
+                f"--kubeconfig={node_kubeconfig}",
+                f"--root-dir={self.directory / 'kubelet'}",
+                f"--cert-dir={self.directory / 'kubelet' / 'pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                f"--node-labels={labels}",
+                "--v=1",
+            ],
+        )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for name in self.processes:
+                self._check_alive(name)
+            ready = self.cluster.kubectl(
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                check=False,
+            )
+            if ready.strip() == "True":
+                return
+            time.sleep(1)
+        raise NodeError(f"node {NODE_NAME} not Ready after 120s; see kubelet.log")
+
+    def restart(self) -> None:
+        """What a reboot does to the node's pods: the kubelet and containerd stop and every
+        container dies with its memory (released keys, unsealed models); then both start again
+        and the kubelet brings the node's pods back. Disk stays, as it does across a reboot
+        (emptyDir volumes, images); so do the vTPM (the node's hardware, whose state a reboot
+        keeps) and the host network agents (stateless over iptables)."""
+        self._terminate("kubelet")
+        remove_containers()
+        self._terminate("containerd")
+        self._start_containerd()
+        self._start_kubelet()
+        self._wait_ready()
 
     def stop(self) -> None:
         """Stop the agents and leave the machine as it was: no containers, mounts, rules."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from tests.cluster.localenv import (
     load_yaml,
 )
 from tests.e2e.conftest import repo_path
+from tests.faults.results import record
 
 MODEL_NS, CLIENTS_NS, OUTSIDERS_NS, SYNTH_NS = (
     "veil-cvm",
@@ -286,3 +289,101 @@ def test_a_killed_model_pod_comes_back_and_serves_again(
     wait_until("a new model pod Ready", replaced_and_ready, timeout=240)
     served = _outputs(_infer(environment, CLIENTS_NS, classifier.sample, "client-after-kill"))
     assert served["label"].shape[0] == classifier.sample.shape[0]
+
+
+def _running_containers(pod: dict[str, Any]) -> dict[str, str] | None:
+    """Container ids by name once every container of `pod` is ready, else None."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    if not statuses or not all(s["ready"] for s in statuses):
+        return None
+    return {s["name"]: s["containerID"] for s in statuses}
+
+
+def _files_holding(root: Path, needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """Which regular files under `root` contain each needle (the node's disk, as a host sees it)."""
+    found: dict[str, list[str]] = {name: [] for name in needles}
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        for name, needle in needles.items():
+            if needle in data:
+                found[name].append(str(path))
+    return found
+
+
+@pytest.mark.faults
+def test_after_a_node_restart_the_model_re_attests_and_serves_with_no_key_on_disk(
+    environment: LocalEnvironment, served_model: dict[str, Any], classifier: demo.Classifier
+) -> None:
+    """Issue 19, scenario 6: the node's kubelet and containerd restart and every container dies,
+    as in a reboot. The model pod must serve again only after the node agent attested the node
+    anew and released the key to the new container: nothing of the key or the model's plaintext
+    was kept on the node's disk to start from."""
+    cluster = environment.cluster
+    real_node = cluster.real_node
+    assert real_node is not None
+    agents = "app.kubernetes.io/component=node-agent"
+    [model_before] = _model_pods(environment)
+    [agent_before] = get(cluster, "pods", "-n", OPERATOR_NAMESPACE, "-l", agents)["items"]
+    containers_before = {
+        **(_running_containers(model_before) or {}),
+        **(_running_containers(agent_before) or {}),
+    }
+    assert len(containers_before) >= 2, containers_before
+
+    started = time.monotonic()
+    real_node.restart()
+
+    def back() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        models = _model_pods(environment)
+        agents_now = get(cluster, "pods", "-n", OPERATOR_NAMESPACE, "-l", agents)["items"]
+        if len(models) != 1 or len(agents_now) != 1:
+            return None
+        [model], [agent] = models, agents_now
+        running = {**(_running_containers(model) or {}), **(_running_containers(agent) or {})}
+        if len(running) < len(containers_before):
+            return None
+        if set(running.values()) & set(containers_before.values()):
+            return None  # a container from before the restart still reported
+        return model, agent
+
+    model, agent = wait_until("the model and node agent pods running anew", back, timeout=300)
+    served = _outputs(_infer(environment, CLIENTS_NS, classifier.sample, "client-after-restart"))
+    recovery_seconds = time.monotonic() - started
+    assert model["metadata"]["uid"] == model_before["metadata"]["uid"]  # the same pod, rebooted
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(classifier.onnx, providers=["CPUExecutionProvider"])
+    expected_label, _ = session.run(None, {"X": classifier.sample})
+    assert served["label"].tolist() == expected_label.tolist()
+
+    # The new containers' own logs: the agent attested the node again and released the key to
+    # this pod; the runtime started from that release, not from anything kept.
+    model_name = model["metadata"]["name"]
+    agent_log = cluster.kubectl("logs", agent["metadata"]["name"], "-n", OPERATOR_NAMESPACE)
+    runtime_log = cluster.kubectl("logs", model_name, "-n", MODEL_NS, "-c", "runtime")
+    assert "node attested by" in agent_log, agent_log[-2000:]
+    assert f"released to pod {MODEL_NS}/{model_name}" in agent_log, agent_log[-2000:]
+    assert "released by the node agent" in runtime_log, runtime_log[-2000:]
+
+    # The host reads the node's disk: the sealed model is there (the emptyDir a reboot keeps),
+    # the model's plaintext is not anywhere under the kubelet's root.
+    sealed = environment.download(f"models/{MODEL}.onnx.sealed")
+    middle = len(classifier.onnx) // 2
+    found = _files_holding(
+        real_node.directory / "kubelet",
+        {"sealed": sealed[-256:], "plaintext": classifier.onnx[middle : middle + 256]},
+    )
+    assert found["sealed"], "the scan did not reach the model pod's sealed-model volume"
+    assert found["plaintext"] == [], found["plaintext"]
+    record(
+        "node_restart_model_pod",
+        checked="kubelet and containerd restarted, every container killed; the model pod "
+        "served again after the node agent re-attested and re-released the key; no plaintext "
+        "model on the node's disk",
+        recovery_seconds=round(recovery_seconds, 1),
+    )
