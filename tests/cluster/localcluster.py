@@ -394,13 +394,14 @@ class LocalCluster:
         return completed.stdout
 
     def add_nodes(
-        self, ordinary: int = 2, confidential: int = 2, *, tainted: bool = False
+        self, ordinary: int = 2, confidential: int = 2, *, tainted: bool = False, first: int = 0
     ) -> list[str]:
         """kwok's fake nodes; `tainted` keeps every pod that does not tolerate
-        `kwok.x-k8s.io/node=fake` off them (beside a real node, for scale tests only)."""
+        `kwok.x-k8s.io/node=fake` off them (beside a real node, for scale tests only).
+        Names count from `first`, so that nodes added later do not replace earlier ones."""
         names = []
-        for index in range(ordinary + confidential):
-            is_confidential = index >= ordinary
+        for index in range(first, first + ordinary + confidential):
+            is_confidential = index >= first + ordinary
             name = f"{'cvm' if is_confidential else 'node'}-{index}"
             labels = {
                 "kubernetes.io/hostname": name,

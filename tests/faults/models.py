@@ -15,10 +15,11 @@ from kubernetes import client
 from tests.cluster.localcluster import LocalCluster
 from tests.integration.conftest import REPO, TOKEN, OperatorProcess, condition, wait_for
 from veil import API_GROUP, API_VERSION
+from veil.azure.keyvault import DEFAULT_KEY_SIZE
 from veil_standins.arm import ArmDouble
 from veil_standins.keyvault import KeyVaultDouble
 from veil_standins.server import ServerThread
-from veil_standins.tls import TlsFiles
+from veil_standins.tls import TlsFiles, make_tls
 
 PLURAL = "confidentialmodels"
 SUB, RG, AKS = "00000000-0000-0000-0000-00000000fa17", "veil-rg", "veil-aks"
@@ -50,6 +51,18 @@ class Doubles:
     def stop(self) -> None:
         for server in self._servers:
             server.stop()
+
+
+@contextmanager
+def doubles_with_keys(tls_directory: Path, keys: int) -> Iterator[Doubles]:
+    """The stand-ins, their Key Vault holding `keys` keys made beforehand: Key Vault makes keys
+    in its HSMs, not on this machine's two cores, so a burst should not wait for key math."""
+    made = Doubles(make_tls(tls_directory))
+    made.key_vault.pregenerate(keys, size=DEFAULT_KEY_SIZE)
+    try:
+        yield made
+    finally:
+        made.stop()
 
 
 @contextmanager

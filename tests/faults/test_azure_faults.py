@@ -30,6 +30,7 @@ from tests.faults.models import (
     Messages,
     assert_one_line,
     converge,
+    doubles_with_keys,
     listed,
     model,
     operator_in,
@@ -40,9 +41,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from veil import API_GROUP, API_VERSION
-from veil.azure.keyvault import DEFAULT_KEY_SIZE
 from veil_standins.faults import FaultPlan
-from veil_standins.tls import make_tls
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
@@ -55,13 +54,8 @@ CONVERGE_TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
-    made = Doubles(make_tls(tmp_path_factory.mktemp("faults-tls")))
-    # Key Vault makes keys in its HSMs, not on this machine's two cores.
-    made.key_vault.pregenerate(BURST + 2, size=DEFAULT_KEY_SIZE)
-    try:
+    with doubles_with_keys(tmp_path_factory.mktemp("faults-tls"), BURST + 2) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture(scope="module")

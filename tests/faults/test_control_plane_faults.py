@@ -31,6 +31,7 @@ from tests.faults.models import (
     assert_one_line,
     children_owned_once,
     converge,
+    doubles_with_keys,
     listed,
     model,
     operator_in,
@@ -38,42 +39,39 @@ from tests.faults.models import (
 from tests.faults.results import record
 from tests.integration.conftest import wait_for
 from veil import API_GROUP, API_VERSION
-from veil.azure.keyvault import DEFAULT_KEY_SIZE
-from veil_standins.tls import make_tls
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
 NAMESPACE = "veil-faults-control-plane"
 OPERATOR_USER = "veil-faults-cp-operator"
-BURST = 10
+BURST = 200  # models per fault
+MODELS_PER_NODE = 20  # a model pod asks 0.5 CPU plus its sidecar's; a fake node has 16
 ETCD_PAUSE = 20  # seconds: past the operator's API requests' and watches' patience
-CONVERGE_TIMEOUT = 240
-CLAIMANTS = 32  # per fault: half before it, half after
+CONVERGE_TIMEOUT = 420
+CLAIMANTS = 64  # per fault: half before it, half after
 
 
 @pytest.fixture(scope="module")
 def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
-    made = Doubles(make_tls(tmp_path_factory.mktemp("cp-tls")))
-    made.key_vault.pregenerate(2 * BURST, size=DEFAULT_KEY_SIZE)
-    try:
+    with doubles_with_keys(tmp_path_factory.mktemp("cp-tls"), 2 * BURST) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture(scope="module")
 def objects(
     crds: LocalCluster, api: client.ApiClient, doubles: Doubles, tmp_path_factory: Any
 ) -> Iterator[client.CustomObjectsApi]:
+    # Confidential capacity for both bursts' pods, beside the cluster's first four nodes.
+    crds.add_nodes(ordinary=0, confidential=2 * BURST // MODELS_PER_NODE, first=4)
     log = Path(tmp_path_factory.mktemp("cp-operator")) / "veil.log"
     with operator_in(crds, NAMESPACE, OPERATOR_USER, doubles, log):
         yield client.CustomObjectsApi(api)
 
 
 def burst(objects: client.CustomObjectsApi, doubles: Doubles, prefix: str) -> list[str]:
-    names = [f"{prefix}-{i:02d}" for i in range(BURST)]
+    names = [f"{prefix}-{i:03d}" for i in range(BURST)]
     for i, name in enumerate(names):
-        body = model(doubles, NAMESPACE, name, f"{prefix[:6]}{i:02d}")
+        body = model(doubles, NAMESPACE, name, f"{prefix[:6]}{i:03d}")
         objects.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body)
     # Mid-burst: the operator has begun (some keys made), not finished.
     wait_for(

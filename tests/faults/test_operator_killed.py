@@ -34,14 +34,13 @@ from tests.faults.models import (
     assert_one_line,
     children_owned_once,
     converge,
+    doubles_with_keys,
     model,
 )
 from tests.faults.results import record
 from tests.integration.conftest import OperatorProcess, wait_for
 from veil import API_GROUP, API_VERSION
-from veil.azure.keyvault import DEFAULT_KEY_SIZE
 from veil_standins.faults import FaultPlan
-from veil_standins.tls import make_tls
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
@@ -54,12 +53,8 @@ CONVERGE_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
-    made = Doubles(make_tls(tmp_path_factory.mktemp("killed-tls")))
-    made.key_vault.pregenerate(3, size=DEFAULT_KEY_SIZE)
-    try:
+    with doubles_with_keys(tmp_path_factory.mktemp("killed-tls"), 3) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from veil.training.train import TrainingConfig, fit_model, prepare, shard
 DELTA = 1e-5
 CANCER_ROWS = 569
 WORLD = 2
+JOIN_SECONDS = 240  # far past a run here (seconds), short of pytest's own 600 s
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +271,13 @@ def _spawn(worker: Any, *args: Any) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     try:
-        mp.start_processes(worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+        ranks = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="fork")
+        deadline = time.monotonic() + JOIN_SECONDS
+        while not ranks.join(timeout=1):  # raises as soon as a rank fails
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                raise AssertionError(f"the {WORLD} ranks did not finish in {JOIN_SECONDS} s")
     finally:
         del os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
 
