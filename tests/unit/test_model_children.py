@@ -211,6 +211,19 @@ def test_drift_ignores_server_defaults_but_sees_edits() -> None:
     assert first_difference({"a": True}, {"a": 1}) == ".a"
 
 
+def test_drift_compares_resource_quantities_by_amount() -> None:
+    """The API server stores quantities canonically: "0.5" CPU reads back as "500m"."""
+    desired = {"resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": 2}}}
+    live = {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2"}}}
+    assert contains(live, desired)
+    live["resources"]["requests"]["cpu"] = "600m"
+    assert first_difference(live, desired) == ".resources.requests.cpu"
+    volume = {"emptyDir": {"sizeLimit": "2048Mi"}}
+    assert contains({"emptyDir": {"sizeLimit": "2Gi"}}, volume)
+    # Elsewhere a string is a string: a label "1.0" is not the label "1".
+    assert first_difference({"labels": {"v": "1.0"}}, {"labels": {"v": "1"}}) == ".labels.v"
+
+
 def test_cloud_settings_reach_every_container_of_every_pod_veil_builds() -> None:
     from veil.config import PodSettings
     from veil.resources import synthetic_dataset, training

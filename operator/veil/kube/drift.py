@@ -7,10 +7,33 @@ differs: a settled child costs a read, never a write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 
-def _same_scalar(live: Any, desired: Any) -> bool:
+_amount: Callable[[Any], Decimal] = parse_quantity  # the client's own parser, untyped
+
+# Where values are resource quantities, which the API server stores in canonical form
+# ("0.5" comes back "500m", "1024Mi" as "1Gi"): compared by amount, not by spelling.
+_QUANTITY_MAPS = (".requests.", ".limits.")
+
+
+def _is_quantity(path: str) -> bool:
+    return any(marker in path for marker in _QUANTITY_MAPS) or path.endswith(".sizeLimit")
+
+
+def _same_quantity(live: Any, desired: Any) -> bool:
+    try:
+        return _amount(live) == _amount(desired)
+    except (ValueError, TypeError, InvalidOperation):
+        return bool(live == desired)
+
+
+def _same_scalar(live: Any, desired: Any, path: str) -> bool:
+    if _is_quantity(path):
+        return _same_quantity(live, desired)
     if isinstance(desired, bool) or isinstance(live, bool):
         return live is desired
     if isinstance(desired, int | float) and isinstance(live, int | float):
@@ -35,7 +58,7 @@ def _children(live: Any, desired: Any) -> list[tuple[str, Any, Any]] | None:
 def first_difference(live: Any, desired: Any, path: str = "") -> str | None:
     """The path where `live` first departs from `desired`; None when it holds all of it."""
     if not isinstance(desired, dict | list):
-        return None if _same_scalar(live, desired) else (path or ".")
+        return None if _same_scalar(live, desired, path) else (path or ".")
     pairs = _children(live, desired)
     if pairs is None:
         return path or "."
