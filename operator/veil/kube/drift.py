@@ -41,13 +41,15 @@ def _same_scalar(live: Any, desired: Any, path: str) -> bool:
     return bool(live == desired)
 
 
+_MISSING = object()
+
+
 def _children(live: Any, desired: Any) -> list[tuple[str, Any, Any]] | None:
     """(suffix, live child, desired child) for containers; None when the shapes differ."""
     if isinstance(desired, dict):
         if not isinstance(live, dict):
             return None
-        missing = object()
-        return [(f".{k}", live.get(k, missing), v) for k, v in desired.items()]
+        return [(f".{k}", live.get(k, _MISSING), v) for k, v in desired.items()]
     if not isinstance(live, list) or len(live) != len(desired):
         return None
     return [
@@ -59,6 +61,8 @@ def first_difference(live: Any, desired: Any, path: str = "") -> str | None:
     """The path where `live` first departs from `desired`; None when it holds all of it."""
     if not isinstance(desired, dict | list):
         return None if _same_scalar(live, desired, path) else (path or ".")
+    if not desired and (live is _MISSING or live is None):
+        return None  # the API server drops an empty map or list (e.g. `requests: {}`)
     pairs = _children(live, desired)
     if pairs is None:
         return path or "."
