@@ -320,8 +320,7 @@ class AsyncClient:
                 url = self.url + verified.infer_path
                 status, answered_as, answer = await self._post(url, sealed.body, media_type)
             except InferenceError as refused:
-                if attempt == 1 and refused.status == 400 and _STALE_KEY in str(refused):
-                    self.verified = None  # the runtime restarted with a new key: verify again
+                if attempt == 1 and self._forget_stale(refused.status, str(refused)):
                     continue
                 raise
             if status == 200 and answered_as == expected:
@@ -330,14 +329,23 @@ class AsyncClient:
                 except ChannelError as exc:
                     raise InferenceError(status, str(exc)) from exc
             message = error_reason(answer)
-            if attempt == 1 and status == 400 and _STALE_KEY in message:
-                self.verified = None  # the runtime restarted with a new key: verify again
-                continue
-            if attempt == 1 and status == 400 and channel_sessions.SESSION_UNKNOWN in message:
-                self._channel = None  # expired, evicted, or the runtime restarted: reopen
+            if attempt == 1 and self._forget_stale(status, message):
                 continue
             raise InferenceError(status, message)
         raise AssertionError("unreachable")
+
+    def _forget_stale(self, status: int, message: str) -> bool:
+        """Whether a refusal says what this client holds is stale (then forgotten, so that
+        the one retry starts afresh)."""
+        if status != 400:
+            return False
+        if _STALE_KEY in message:
+            self.verified = None  # the runtime restarted with a new key: verify again
+            return True
+        if channel_sessions.SESSION_UNKNOWN in message:
+            self._channel = None  # expired, evicted, or the runtime restarted: reopen
+            return True
+        return False
 
     async def infer(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Infer: `inputs` is {input name: array-like} or an OIP v2 request document; returns
