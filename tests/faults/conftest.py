@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client, config
 
 from tests.cluster.localcluster import LocalCluster, running
-from tests.integration.conftest import REPO
+from tests.integration.conftest import install_crds
 
 
 @pytest.fixture(scope="package")
@@ -24,18 +24,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="package")
 def crds(cluster: LocalCluster) -> LocalCluster:
-    cluster.kubectl(
-        "apply", "--server-side", "--field-manager=veil-tests", "-f", str(REPO / "crds")
-    )
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=veil",
-        "--timeout=60s",
-    )
-    return cluster
+    return install_crds(cluster)
 
 
 @pytest.fixture(scope="package")

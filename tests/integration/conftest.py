@@ -41,8 +41,8 @@ def api(cluster: LocalCluster) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(cluster.kubeconfig))
 
 
-@pytest.fixture(scope="session")
-def crds(cluster: LocalCluster) -> LocalCluster:
+def install_crds(cluster: LocalCluster) -> LocalCluster:
+    """Veil's CRDs from crds/, applied and Established (the fault tier's cluster uses it too)."""
     cluster.kubectl(
         "apply", "--server-side", "--field-manager=veil-tests", "-f", str(REPO / "crds")
     )
@@ -55,6 +55,11 @@ def crds(cluster: LocalCluster) -> LocalCluster:
         "--timeout=60s",
     )
     return cluster
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: LocalCluster) -> LocalCluster:
+    return install_crds(cluster)
 
 
 @dataclass(frozen=True)
