@@ -106,7 +106,8 @@ def encode_response(
 
 def _dump_json(payload: dict[str, Any]) -> bytes:
     """orjson's encoding, unless it would change a value: it writes NaN and infinities as null
-    (no null is otherwise in a response) and refuses a lone surrogate in a request's id."""
+    (a response has no null of its own; a string holding "null" only takes the slower path)
+    and refuses a lone surrogate in a request's id."""
     try:
         encoded = orjson.dumps(payload)
     except orjson.JSONEncodeError:
