@@ -15,7 +15,8 @@ operator started to converged) is kept in bench/results/faults.json.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from tests.faults.models import (
 from tests.faults.results import record
 from tests.integration.conftest import OperatorProcess, wait_for
 from veil import API_GROUP, API_VERSION
-from veil_standins.faults import FaultPlan
+from veil_standins.faults import FaultPlan, Faults
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
@@ -79,76 +80,88 @@ def objects(api: client.ApiClient) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api)
 
 
-def start(cluster: LocalCluster, kubeconfig: Path, doubles: Doubles, log: Path) -> OperatorProcess:
-    operator = OperatorProcess(
-        cluster, log, kubeconfig, doubles.operator_env(), namespaces=NAMESPACE
-    )
-    operator.wait_healthy()
-    return operator
+@dataclass(frozen=True)
+class Rig:
+    """What each kill needs: the cluster, the operator's kubeconfig, the doubles, the API."""
+
+    cluster: LocalCluster
+    kubeconfig: Path
+    doubles: Doubles
+    objects: client.CustomObjectsApi
+
+    def start(self, log: Path) -> OperatorProcess:
+        operator = OperatorProcess(
+            self.cluster, log, self.kubeconfig, self.doubles.operator_env(), namespaces=NAMESPACE
+        )
+        operator.wait_healthy()
+        return operator
+
+    def killed_while_an_answer_is_held(
+        self,
+        faults: Faults,
+        held: tuple[str, str],
+        body: dict[str, Any],
+        reached: Callable[[], object],
+        log: Path,
+    ) -> None:
+        """An operator starts and `body` is created; the double behind `faults` carries out
+        the call `held` names (method, path part) but holds its answer; once `reached()` says
+        the call landed, the operator is SIGKILLed, never having seen the answer."""
+        method, path_part = held
+        faults.inject(
+            FaultPlan(
+                rate=1.0,
+                kinds=("hang",),
+                hang_seconds=HELD,
+                methods=frozenset({method}),
+                path_contains=path_part,
+            )
+        )
+        first = self.start(log)
+        try:
+            self.objects.create_namespaced_custom_object(
+                API_GROUP, API_VERSION, NAMESPACE, PLURAL, body
+            )
+            wait_for(reached, timeout=60, interval=0.05, what=f"{method} {path_part}")
+        finally:
+            first.kill()
+            faults.clear()
+        assert faults.injected().get("hang", 0) >= 1, "the answer was held back"
+
+    def restarted_converges(self, name: str, log: Path) -> tuple[dict[str, Any], float]:
+        """A new operator; the model Ready; the seconds from the new operator's start."""
+        started = time.monotonic()
+        second = self.start(log)
+        messages = Messages()
+        try:
+            (found,) = converge(self.objects, NAMESPACE, [name], messages, CONVERGE_TIMEOUT)
+        finally:
+            second.stop()
+        assert_one_line(messages)
+        return found, time.monotonic() - started
 
 
-def restarted_converges(
-    *,
-    cluster: LocalCluster,
-    kubeconfig: Path,
-    doubles: Doubles,
-    objects: client.CustomObjectsApi,
-    name: str,
-    log: Path,
-) -> tuple[dict[str, Any], float]:
-    """A new operator; the model Ready; the seconds from the new operator's start."""
-    started = time.monotonic()
-    second = start(cluster, kubeconfig, doubles, log)
-    messages = Messages()
-    try:
-        (found,) = converge(objects, NAMESPACE, [name], messages, CONVERGE_TIMEOUT)
-    finally:
-        second.stop()
-    assert_one_line(messages)
-    return found, time.monotonic() - started
+@pytest.fixture
+def rig(
+    crds: LocalCluster, kubeconfig: Path, doubles: Doubles, objects: client.CustomObjectsApi
+) -> Rig:
+    return Rig(crds, kubeconfig, doubles, objects)
 
 
-def test_killed_during_a_key_creation(
-    *,
-    crds: LocalCluster,
-    api: client.ApiClient,
-    objects: client.CustomObjectsApi,
-    doubles: Doubles,
-    kubeconfig: Path,
-    tmp_path: Path,
-) -> None:
+def test_killed_during_a_key_creation(rig: Rig, doubles: Doubles, tmp_path: Path) -> None:
     """Key Vault makes the key and holds its answer; the operator dies waiting for it. The
     new operator, which never saw the answer, finds the key instead of making another."""
     kv, name = doubles.key_vault, "killed-key"
-    kv.faults.inject(
-        FaultPlan(
-            rate=1.0,
-            kinds=("hang",),
-            hang_seconds=HELD,
-            methods=frozenset({"POST"}),
-            path_contains=f"/keys/{name}/create",
-        )
+    rig.killed_while_an_answer_is_held(
+        kv.faults,
+        ("POST", f"/keys/{name}/create"),
+        model(doubles, NAMESPACE, name, "kkey"),
+        lambda: name in kv.keys,
+        tmp_path / "first.log",
     )
-    first = start(crds, kubeconfig, doubles, tmp_path / "first.log")
-    try:
-        objects.create_namespaced_custom_object(
-            API_GROUP, API_VERSION, NAMESPACE, PLURAL, model(doubles, NAMESPACE, name, "kkey")
-        )
-        wait_for(lambda: name in kv.keys, timeout=60, interval=0.05, what="the key creation")
-    finally:
-        first.kill()
-        kv.faults.clear()
-    assert kv.faults.injected().get("hang", 0) >= 1, "the answer was held back"
     assert len(kv.keys[name]) == 1
 
-    found, recovery = restarted_converges(
-        cluster=crds,
-        kubeconfig=kubeconfig,
-        doubles=doubles,
-        objects=objects,
-        name=name,
-        log=tmp_path / "second.log",
-    )
+    found, recovery = rig.restarted_converges(name, tmp_path / "second.log")
     print(f"\nkilled during a key creation: model Ready {recovery:.1f} s after the restart")
     record("operator-killed-key-creation", recovery_seconds=round(recovery, 1))
     versions = kv.keys[name]
@@ -159,45 +172,24 @@ def test_killed_during_a_key_creation(
 
 
 def test_killed_during_a_node_pool_request(
-    *,
-    crds: LocalCluster,
+    rig: Rig,
     api: client.ApiClient,
     objects: client.CustomObjectsApi,
     doubles: Doubles,
-    kubeconfig: Path,
     tmp_path: Path,
 ) -> None:
     """AKS takes the pool's PUT and holds its answer; the operator dies waiting for it. The
     new operator reads the pool AKS made instead of requesting it again."""
     arm, name, pool = doubles.arm, "killed-pool", "kpool"
-    arm.faults.inject(
-        FaultPlan(
-            rate=1.0,
-            kinds=("hang",),
-            hang_seconds=HELD,
-            methods=frozenset({"PUT"}),
-            path_contains=f"/agentPools/{pool}",
-        )
+    rig.killed_while_an_answer_is_held(
+        arm.faults,
+        ("PUT", f"/agentPools/{pool}"),
+        model(doubles, NAMESPACE, name, pool),
+        lambda: arm.puts(AKS, pool),
+        tmp_path / "first.log",
     )
-    first = start(crds, kubeconfig, doubles, tmp_path / "first.log")
-    try:
-        objects.create_namespaced_custom_object(
-            API_GROUP, API_VERSION, NAMESPACE, PLURAL, model(doubles, NAMESPACE, name, pool)
-        )
-        wait_for(lambda: arm.puts(AKS, pool), timeout=60, interval=0.05, what="the pool request")
-    finally:
-        first.kill()
-        arm.faults.clear()
-    assert arm.faults.injected().get("hang", 0) >= 1, "the answer was held back"
 
-    found, recovery = restarted_converges(
-        cluster=crds,
-        kubeconfig=kubeconfig,
-        doubles=doubles,
-        objects=objects,
-        name=name,
-        log=tmp_path / "second.log",
-    )
+    found, recovery = rig.restarted_converges(name, tmp_path / "second.log")
     print(f"\nkilled during a node-pool request: model Ready {recovery:.1f} s after the restart")
     record("operator-killed-node-pool-request", recovery_seconds=round(recovery, 1))
     assert len(arm.puts(AKS, pool)) == 1, "the pool was requested once"
@@ -232,11 +224,10 @@ def _status_written(event: dict[str, Any]) -> bool:
 )
 def test_killed_at_a_write_mid_burst_of_claims(
     *,
+    rig: Rig,
     crds: LocalCluster,
     api: client.ApiClient,
     objects: client.CustomObjectsApi,
-    doubles: Doubles,
-    kubeconfig: Path,
     tmp_path: Path,
     point: str,
     reached: Any,
@@ -247,7 +238,7 @@ def test_killed_at_a_write_mid_burst_of_claims(
     claimants = claims.burst(NAMESPACE, f"kill-{point}", CLAIMANTS)
     claims.create_budget_of(objects, claimants)
     _, offset = crds.audit_since(0)
-    first = start(crds, kubeconfig, doubles, tmp_path / "first.log")
+    first = rig.start(tmp_path / "first.log")
     try:
         claims.create_datasets(objects, claimants, list(claimants.names[: CLAIMANTS // 2]))
 
@@ -264,7 +255,7 @@ def test_killed_at_a_write_mid_burst_of_claims(
     claims.create_datasets(objects, claimants, list(claimants.names[CLAIMANTS // 2 :]))
 
     restarted = time.monotonic()
-    second = start(crds, kubeconfig, doubles, tmp_path / "second.log")
+    second = rig.start(tmp_path / "second.log")
     try:
         items = claims.wait_answered(objects, claimants, CONVERGE_TIMEOUT)
     finally:
