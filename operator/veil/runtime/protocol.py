@@ -25,6 +25,7 @@ from veil.runtime.tensors import (
     decode_binary_tensor,
     decode_tensor,
     describe_shape,
+    read_past_64_bits,
 )
 
 _NONE: frozenset[str] = frozenset()
@@ -61,12 +62,8 @@ def _flag(parameters: dict[str, Any], key: str, what: str, default: bool) -> boo
     return value
 
 
-_INT64_BOUND = 2.0**63
-
-
 def _shape_error(name: str, spec: TensorSpec, shape: Any) -> RequestError:
-    if type(shape) is list and any(type(d) is float and d >= _INT64_BOUND for d in shape):
-        # The JSON parser reads an integer beyond 64 bits as a float.
+    if type(shape) is list and any(read_past_64_bits(d) for d in shape):
         return RequestError(f"input {name!r} has a 'shape' dimension larger than the limit")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         return RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")

@@ -129,14 +129,18 @@ def numpy_to_v2(dtype: np.dtype[Any]) -> str:
         raise TensorError(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
 
 
+def read_past_64_bits(value: Any) -> bool:
+    """Whether `value` is a float the JSON parser (orjson) made of an integer beyond 64 bits."""
+    return type(value) is float and abs(value) >= 2.0**63
+
+
 def _exact_integers(name: str, datatype: str, data: list[Any]) -> npt.NDArray[Any]:
     """Integers numpy could only hold as float64 (int64 and uint64 ones mixed), kept exact."""
     target = V2_TO_NUMPY[datatype]
     values = np.asarray(data, dtype=object).ravel()
     info = np.iinfo(target)
     if not all(type(value) is int for value in values):
-        # The JSON parser reads an integer beyond 64 bits as a float.
-        if all(type(v) is int or (type(v) is float and abs(v) >= 2.0**63) for v in values):
+        if all(type(v) is int or read_past_64_bits(v) for v in values):
             raise TensorError(
                 f"input {name!r} has values outside the {datatype} range {info.min}..{info.max}"
             )
