@@ -66,23 +66,38 @@ def doubles_with_keys(tls_directory: Path, keys: int) -> Iterator[Doubles]:
 
 
 @contextmanager
+def operator_users(
+    crds: LocalCluster, namespace: str, users: tuple[str, ...]
+) -> Iterator[dict[str, Path]]:
+    """A namespace of its own and a kubeconfig for each operator user (so the audit log tells
+    their writes apart); the namespace goes afterwards."""
+    crds.kubectl("create", "namespace", namespace)
+    made = {}
+    for user in users:
+        made[user] = crds.user_kubeconfig(user, "veil:operators")
+        crds.kubectl(
+            "create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}"
+        )
+    try:
+        yield made
+    finally:
+        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@contextmanager
 def operator_in(
     crds: LocalCluster, namespace: str, user: str, doubles: Doubles, log: Path
 ) -> Iterator[OperatorProcess]:
-    """A namespace of its own and an operator on it, running as `user` (so the audit log tells
-    its writes apart); both gone afterwards."""
-    crds.kubectl("create", "namespace", namespace)
-    kubeconfig = crds.user_kubeconfig(user, "veil:operators")
-    crds.kubectl(
-        "create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}"
-    )
-    operator = OperatorProcess(crds, log, kubeconfig, doubles.operator_env(), namespaces=namespace)
-    try:
-        operator.wait_healthy()
-        yield operator
-    finally:
-        operator.stop()
-        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    """`operator_users` for one user, and an operator on the namespace running as it."""
+    with operator_users(crds, namespace, (user,)) as kubeconfigs:
+        operator = OperatorProcess(
+            crds, log, kubeconfigs[user], doubles.operator_env(), namespaces=namespace
+        )
+        try:
+            operator.wait_healthy()
+            yield operator
+        finally:
+            operator.stop()
 
 
 def model(doubles: Doubles, namespace: str, name: str, pool: str) -> dict[str, Any]:

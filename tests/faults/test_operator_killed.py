@@ -37,6 +37,7 @@ from tests.faults.models import (
     converge,
     doubles_with_keys,
     model,
+    operator_users,
 )
 from tests.faults.results import record
 from tests.integration.conftest import OperatorProcess, wait_for
@@ -60,19 +61,8 @@ def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
 
 @pytest.fixture(scope="module")
 def kubeconfig(crds: LocalCluster) -> Iterator[Path]:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    made = crds.user_kubeconfig(OPERATOR_USER, "veil:operators")
-    crds.kubectl(
-        "create",
-        "clusterrolebinding",
-        OPERATOR_USER,
-        "--clusterrole=cluster-admin",
-        f"--user={OPERATOR_USER}",
-    )
-    try:
-        yield made
-    finally:
-        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+    with operator_users(crds, NAMESPACE, (OPERATOR_USER,)) as made:
+        yield made[OPERATOR_USER]
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from tests.faults.models import (
     converge,
     doubles_with_keys,
     model,
+    operator_users,
 )
 from tests.faults.results import record
 from tests.integration.conftest import REPO, OperatorProcess, wait_for
@@ -63,25 +64,18 @@ def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
 
 @pytest.fixture(scope="module")
 def kubeconfigs(crds: LocalCluster) -> Iterator[dict[str, Path]]:
-    crds.kubectl("create", "namespace", NAMESPACE)
-    made = {}
-    for user in USERS:
-        made[user] = crds.user_kubeconfig(user, "veil:operators")
-        crds.kubectl(
-            "create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}"
-        )
-    try:
+    with operator_users(crds, NAMESPACE, USERS) as made:
         yield made
-    finally:
-        crds.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
-def writes(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
-    """Writes in the namespace by (user, resource[/subresource], name)."""
+def writes(
+    events: list[dict[str, Any]], namespace: str = NAMESPACE
+) -> Counter[tuple[str, str, str]]:
+    """Writes in `namespace` by (user, resource[/subresource], name)."""
     counted: Counter[tuple[str, str, str]] = Counter()
     for event in events:
         ref = event.get("objectRef") or {}
-        if event.get("verb") not in WRITES or ref.get("namespace") != NAMESPACE:
+        if event.get("verb") not in WRITES or ref.get("namespace") != namespace:
             continue
         if ref.get("resource") == "events":
             continue
@@ -259,20 +253,11 @@ def test_with_peering_the_lower_priority_operator_backs_off(
         for twin in twins.values():
             twin.stop()
         crds.kubectl("delete", "namespace", PEERED, "--wait=false", check=False)
-    writes = [
-        e
-        for e in events
-        if e.get("verb") in WRITES
-        and (e.get("objectRef") or {}).get("namespace") == PEERED
-        and (e.get("objectRef") or {}).get("resource") not in ("events", "kopfpeerings")
-    ]
-    worked = Counter(e.get("user", {}).get("username") for e in writes)
-    assert worked[high] > 0, f"the higher-priority operator did the work: {dict(worked)}"
-    by_low = [
-        (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("name"))
-        for e in writes
-        if e.get("user", {}).get("username") == low
-    ]
+    # Peering's own keep-alives aside, the namespace's writes by (user, resource, name).
+    counted = {k: n for k, n in writes(events, PEERED).items() if "kopfpeerings" not in k[1]}
+    by_high = [key for key in counted if key[0] == high]
+    by_low = [key for key in counted if key[0] == low]
+    assert by_high, f"the higher-priority operator did the work: {counted}"
     assert not by_low, f"the paused operator wrote nothing: {by_low}"
 
 
