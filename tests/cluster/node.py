@@ -58,6 +58,8 @@ CLUSTER_DNS = "10.96.0.10"
 BRIDGE = "veil0"
 RUN_DIR = Path("/run/veil-node")
 CONTAINERD_SOCKET = RUN_DIR / "containerd" / "containerd.sock"
+# Where build-image.sh names its images (containerd's CRI wants docker.io/... names).
+LOCAL_IMAGES = "docker.io/local/"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 GUARD_TABLE = "veil_node_guard"
 # Labels of the real node: an AKS confidential VM, so model pods land on it.
@@ -390,10 +392,38 @@ state = "{RUN_DIR / "containerd" / "state"}"
         else:
             raise NodeError("containerd did not answer on its socket within 30s")
         remove_containers()
-        present = _ctr("images", "list", "--quiet")
+        present = _ctr("images", "list", "--quiet").split()
         for image in self.images.values():
-            if image.reference not in present.split():
-                _ctr("images", "import", "--no-unpack", str(image.archive))
+            if image.reference not in present:
+                self.import_image(image.archive)
+        self.remove_superseded_images()
+
+    def images_in_store(self) -> dict[str, str]:
+        """Every image name in the node's containerd (the CRI's namespace), with the digest of
+        the manifest it names."""
+        rows = _ctr("images", "list").splitlines()[1:]
+        return {row.split()[0]: row.split()[2] for row in rows if row.strip()}
+
+    def import_image(self, archive: Path) -> None:
+        """Import an OCI archive under the names its index gives (not unpacked until used)."""
+        _ctr("images", "import", "--no-unpack", str(archive))
+
+    def remove_superseded_images(self) -> list[str]:
+        """Remove older builds of the local images from containerd; returns the names removed."""
+        # Every change to Veil's tree is a new image of over a gigabyte, and the store outlives
+        # clusters: without this, a day of builds fills the disk.
+        store = self.images_in_store()
+        current = {image.reference for image in self.images.values()}
+        in_use = {store[name] for name in current if name in store}
+        # Besides its own names, the CRI names each image by its id (`sha256:…`): an older
+        # build's id keeps its gigabytes until it goes too.
+        ours = [name for name in store if name.startswith((LOCAL_IMAGES, "sha256:"))]
+        in_use |= {digest for name, digest in store.items() if name not in ours}
+        superseded = [name for name in ours if store[name] not in in_use]
+        if superseded:
+            # --sync: the content and snapshots are gone when this returns, not at the next GC.
+            _ctr("images", "remove", "--sync", *superseded)
+        return superseded
 
     def _apply_dns_service(self) -> None:
         service = {

@@ -6,8 +6,10 @@ runs, and a killed model pod that comes back.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -93,12 +95,96 @@ def _outputs(answer: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def test_the_chart_operator_runs_as_a_pod_on_the_real_node(environment: LocalEnvironment) -> None:
-    pods = get(environment.cluster, "pods", "-n", OPERATOR_NAMESPACE)["items"]
-    operators = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/name") == "veil"]
-    assert operators, [p["metadata"]["name"] for p in pods]
-    for pod in operators:
+    def chart_pods() -> dict[str, list[dict[str, Any]]]:
+        pods = get(environment.cluster, "pods", "-n", OPERATOR_NAMESPACE)["items"]
+        by_component: dict[str, list[dict[str, Any]]] = {}
+        for pod in pods:
+            labels = pod["metadata"]["labels"]
+            if labels.get("app.kubernetes.io/name") == "veil":
+                component = labels.get("app.kubernetes.io/component", "")
+                by_component.setdefault(component, []).append(pod)
+        return by_component
+
+    def all_ready() -> dict[str, list[dict[str, Any]]] | None:
+        # helm --wait lets a DaemonSet be one pod short, and the node agent's readiness probe
+        # runs every 10 s: its pod may start unready.
+        by_component = chart_pods()
+        pods = [pod for group in by_component.values() for pod in group]
+        statuses = [s for pod in pods for s in pod["status"].get("containerStatuses", [])]
+        return by_component if statuses and all(s["ready"] for s in statuses) else None
+
+    by_component = wait_until("the chart's pods ready", all_ready, timeout=120)
+    assert by_component.keys() == {"operator", "node-agent"}, by_component.keys()
+    for pod in (pod for group in by_component.values() for pod in group):
         assert pod["spec"]["nodeName"] == node.NODE_NAME
-        assert all(status["ready"] for status in pod["status"]["containerStatuses"])
+
+
+def test_the_node_drops_older_builds_images_and_keeps_the_ones_in_use(
+    environment: LocalEnvironment, tmp_path: Path
+) -> None:
+    """Each build is a new image of over a gigabyte and the node's image store outlives
+    clusters: an older build must go, under every name, and the images in use must stay."""
+    real_node = environment.cluster.real_node
+    assert real_node is not None
+    in_use = real_node.images_in_store()
+    older = f"{node.LOCAL_IMAGES}veil:an-older-build"
+    digest = _write_oci_archive(tmp_path / "older.oci.tar", older)
+    real_node.import_image(tmp_path / "older.oci.tar")
+    assert real_node.images_in_store()[older] == digest
+
+    removed = real_node.remove_superseded_images()
+    store = real_node.images_in_store()
+    assert older in removed
+    assert digest not in store.values(), [name for name, d in store.items() if d == digest]
+    assert set(in_use) <= set(store), set(in_use) - set(store)
+
+
+def _write_oci_archive(path: Path, name: str) -> str:
+    """A one-layer image as an OCI archive named `name`; returns its manifest's digest."""
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes, media_type: str) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    layer_bytes = io.BytesIO()
+    with tarfile.open(fileobj=layer_bytes, mode="w") as layer_tar:
+        content = f"an older build of {name}\n".encode()
+        info = tarfile.TarInfo("build.txt")
+        info.size = len(content)
+        layer_tar.addfile(info, io.BytesIO(content))
+    layer = blob(layer_bytes.getvalue(), "application/vnd.oci.image.layer.v1.tar")
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]},
+        "config": {},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [layer],
+    }
+    manifest_descriptor = blob(json.dumps(manifest).encode(), manifest["mediaType"])
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {**manifest_descriptor, "annotations": {"org.opencontainers.image.ref.name": name}}
+        ],
+    }
+    files = {
+        "oci-layout": b'{"imageLayoutVersion":"1.0.0"}',
+        "index.json": json.dumps(index).encode(),
+        **{f"blobs/sha256/{d.removeprefix('sha256:')}": data for d, data in blobs.items()},
+    }
+    with tarfile.open(path, "w") as archive:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return str(manifest_descriptor["digest"])
 
 
 def test_model_is_fetched_released_unsealed_and_answers_like_onnxruntime(
