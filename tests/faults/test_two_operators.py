@@ -38,7 +38,7 @@ from tests.faults.models import (
     operator_users,
 )
 from tests.faults.results import record
-from tests.integration.conftest import REPO, OperatorProcess, wait_for
+from tests.integration.conftest import REPO, OperatorProcess, run_operator_code, wait_for
 from veil import API_GROUP, API_VERSION
 from veil.labels import FIELD_MANAGER
 
@@ -58,7 +58,8 @@ CHILD_RESOURCES = frozenset(
 
 @pytest.fixture(scope="module")
 def doubles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doubles]:
-    with doubles_with_keys(tmp_path_factory.mktemp("twins-tls"), MODELS + 2) as made:
+    # The models', the peering test's and the key-race test's keys.
+    with doubles_with_keys(tmp_path_factory.mktemp("twins-tls"), MODELS + 3) as made:
         yield made
 
 
@@ -187,6 +188,92 @@ def test_two_standalone_operators_neither_double_grant_nor_fight(
 PEERED = "veil-faults-peered"
 PEERING = "veil-twins"
 PEERED_MODELS = 3
+
+
+def test_two_operators_that_both_read_no_key_make_one_key_version(
+    crds: LocalCluster, api: client.ApiClient, doubles: Doubles, kubeconfigs: dict[str, Path]
+) -> None:
+    """The race the scenario above leaves to chance, forced: two operators read the same model
+    and the same empty vault, and both decide to create the key. Key Vault would make two
+    versions; the claim on the model (a write with the resourceVersion both read) lets one."""
+    objects = client.CustomObjectsApi(api)
+    body = model(doubles, NAMESPACE, "key-race", "keyrace")
+    # No operator runs: nothing but the two claimants below writes the model.
+    read = objects.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body)
+    try:
+        outcome = run_operator_code(
+            crds.kubeconfig, _KEY_RACE, read, extra_env=doubles.operator_env()
+        )
+        created = [o for o in outcome if o.startswith("created ")]
+        assert len(created) == 1, outcome
+        [refused] = [o for o in outcome if not o.startswith("created ")]
+        assert refused.startswith("refused: the model changed"), outcome
+        versions = doubles.key_vault.keys["key-race"]
+        assert [v.version for v in versions] == [created[0].removeprefix("created ")]
+
+        fresh = objects.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, PLURAL, "key-race"
+        )
+        later = run_operator_code(crds.kubeconfig, _CLAIM_AGAIN, fresh)
+    finally:
+        objects.delete_namespaced_custom_object(
+            API_GROUP, API_VERSION, NAMESPACE, PLURAL, "key-race"
+        )
+
+    # The winner's claim stands on the model: a third operator waits instead of creating...
+    assert later["within_lease"].startswith("refused: another Veil operator (twin-"), later
+    # ...and an operator that died between claiming and creating holds it up one lease at most.
+    assert later["after_lease"] == "claimed", later
+
+
+# Two threads as two operators: each read the model (`owner`) and an empty vault, and each
+# reaches the point of creating the key before either claims it.
+_KEY_RACE = """
+import functools, json, sys, threading
+from veil.api.confidential_model import ConfidentialModelSpec
+from veil.azure import AzureSettings
+from veil.controllers import key_creation
+from veil.controllers.azure_ports import AzurePorts
+
+owner = json.load(sys.stdin)
+spec = ConfidentialModelSpec.model_validate(owner["spec"])
+both_decided = threading.Barrier(2, timeout=60)
+outcome = []
+
+def operator(identity):
+    def claim(digest):
+        both_decided.wait()
+        key_creation.claim(owner, digest, identity=identity)
+    try:
+        key = AzurePorts(AzureSettings.from_env()).ensure_key(owner, spec, None, claim)
+        outcome.append(f"created {key.version}" if key.created else "found")
+    except key_creation.KeyCreationClaimedError as refused:
+        outcome.append(f"refused: {refused}")
+
+threads = [threading.Thread(target=operator, args=(f"twin-{n}",)) for n in "ab"]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps(outcome))
+"""
+
+_CLAIM_AGAIN = """
+import json, sys, time
+from veil.controllers import key_creation
+
+owner = json.load(sys.stdin)
+held = key_creation.Claim.read(owner)
+answers = {}
+lease = key_creation.LEASE_SECONDS
+for when, now in (("within_lease", held.at + 1), ("after_lease", held.at + lease + 1)):
+    try:
+        key_creation.claim(owner, held.policy_digest, identity="third", now=lambda: now)
+        answers[when] = "claimed"
+    except key_creation.KeyCreationClaimedError as refused:
+        answers[when] = f"refused: {refused}"
+print(json.dumps(answers))
+"""
 
 
 def test_with_peering_the_lower_priority_operator_backs_off(

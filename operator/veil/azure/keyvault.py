@@ -24,7 +24,7 @@ wrong and what to do; `retriable` tells the controller whether to back off and r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -220,12 +220,15 @@ def ensure_release_key(
     size: int = DEFAULT_KEY_SIZE,
     tags: Mapping[str, str] | None = None,
     unanswered: Unanswered = UNANSWERED_CREATIONS,
+    before_create: Callable[[str], None] | None = None,
 ) -> KeyState:
     """Ensure key `name`'s current version is an exportable RSA-HSM key whose immutable release
     policy demands `policy_bytes` (build them with `release_policy.release_policy(spec)`).
 
     No write when it already is; otherwise one new version, but never while an earlier
-    creation of the same version may still land (`unanswered`). Blocking; raises KeyVaultError.
+    creation of the same version may still land (`unanswered`). `before_create(policy digest)`
+    runs just before a new version is asked for, and raises to stop it (another operator's
+    creation). Blocking; raises KeyVaultError.
     """
     digest = policy_digest(policy_bytes)
     vault_url = client.vault_url
@@ -258,6 +261,8 @@ def ensure_release_key(
             retriable=True,
             retry_after=pending,
         )
+    if before_create is not None:
+        before_create(digest)
     reason = "absent" if current is None else "its release policy or key type differs"
     log.info("creating a new version of key %s in %s (%s)", name, vault_url, reason)
     all_tags = {TAG_MANAGED_BY: "veil", TAG_POLICY_DIGEST: digest, **(tags or {})}

@@ -6,7 +6,7 @@ Clients are built once per vault and per subscription and reused across reconcil
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from azure.keyvault.keys import KeyClient
@@ -45,6 +45,7 @@ class AzurePorts:
         owner: Mapping[str, Any],
         spec: ConfidentialModelSpec,
         measured: Mapping[str, str | bool] | None = None,
+        before_create: Callable[[str], None] | None = None,
     ) -> KeyRef:
         policy = release_policy(spec, measured)
         state = ensure_release_key(
@@ -54,6 +55,7 @@ class AzurePorts:
             tags={
                 "veil.dev/owner": f"{owner['metadata']['namespace']}/{owner['metadata']['name']}"
             },
+            before_create=before_create,
         )
         return KeyRef(kid=state.kid, version=state.version, created=state.created)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from veil.api.confidential_model import ConfidentialModelSpec, NodePool
 from veil.azure import KeyVaultError, NodePoolError, PoolState, ReleasePolicyError
 from veil.conditions import Outcome
 from veil.config import OperatorConfig
-from veil.controllers import key_lifecycle, model_status
+from veil.controllers import key_creation, key_lifecycle, model_status
 from veil.controllers import training as training_flow
 from veil.controllers.reconcile import Evaluation, Result, evaluate_blocking, first_line, forget
 from veil.kube import apply
@@ -52,9 +53,16 @@ KEY_FAILURE_REASONS = {KeyVaultError: "KeyVaultRefused", ReleasePolicyError: "In
 RESYNC_SECONDS = float(os.environ.get("VEIL_RESYNC_SECONDS", "60"))
 
 
-# (owner, spec, measured claims of a coco pod's agent policy or None) -> the key version.
+# (owner, spec, measured claims of a coco pod's agent policy or None, a hook run with the
+# policy digest just before a new version is created) -> the key version.
 KeyEnsurer = Callable[
-    [Mapping[str, Any], ConfidentialModelSpec, Mapping[str, str | bool] | None], build.KeyRef
+    [
+        Mapping[str, Any],
+        ConfidentialModelSpec,
+        Mapping[str, str | bool] | None,
+        Callable[[str], None] | None,
+    ],
+    build.KeyRef,
 ]
 KeyRemover = Callable[[Mapping[str, Any], ConfidentialModelSpec], str]
 # Disables every version of the model's key but the given one; returns those it disabled.
@@ -280,7 +288,15 @@ def _ensure_key(
         )
         return Result(Outcome.stalled_with("AgentPolicyRefused", message), status=status)
     try:
-        key = ports.ensure_key(owner, spec, measured)
+        key = ports.ensure_key(owner, spec, measured, functools.partial(key_creation.claim, owner))
+    except key_creation.KeyCreationClaimedError as claimed:
+        message = str(claimed)
+        return Result(
+            Outcome.progressing("KeyBeingCreated", message),
+            status=status,
+            requeue_after=claimed.retry_after,
+            conditions=[("KeyReady", "False", "KeyBeingCreated", message)],
+        )
     except (KeyVaultError, ReleasePolicyError) as refused:
         message = first_line(str(refused), 600)
         reason = KEY_FAILURE_REASONS[type(refused)]

@@ -96,6 +96,35 @@ def test_a_changed_policy_creates_a_new_version_and_never_edits(
     assert len(versions(client, key_name)) == 3
 
 
+def test_before_create_runs_only_when_a_version_is_made_and_can_stop_it(
+    client: KeyClient, key_name: str
+) -> None:
+    """The hook another operator's claim comes through: asked with the policy's digest before a
+    creation, never when the key is already right; raising it creates nothing."""
+
+    class ClaimedError(Exception):
+        pass
+
+    asked: list[str] = []
+
+    def refuse(digest: str) -> None:
+        asked.append(digest)
+        raise ClaimedError
+
+    with pytest.raises(ClaimedError):
+        ensure_release_key(client, key_name, POLICY_A, before_create=refuse)
+    assert asked == [release_policy(spec("confidentialVM", "sevsnp")).digest]
+    with pytest.raises(ResourceNotFoundError):
+        client.get_key(key_name)  # nothing was made
+
+    made = ensure_release_key(client, key_name, POLICY_A, before_create=asked.append)
+    assert made.created
+    assert len(asked) == 2
+    again = ensure_release_key(client, key_name, POLICY_A, before_create=refuse)
+    assert not again.created
+    assert len(asked) == 2  # an existing right key asks nobody
+
+
 def test_a_key_that_cannot_be_released_gets_a_proper_new_version(
     client: KeyClient, key_name: str
 ) -> None:
