@@ -77,18 +77,36 @@ def _example_model(work: Path, azure: AzureDoubles, oncology: Path) -> dict[str,
     return model
 
 
-def _get(objects: Any) -> dict[str, Any]:
+def _model(objects: Any, name: str = "tumour-grader") -> dict[str, Any]:
     found: dict[str, Any] = objects.get_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", "tumour-grader"
+        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", name
     )
     return found
 
 
-def _ledger(objects: Any) -> Ledger:
-    budget = objects.get_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", "oncology-records"
+def _ledger(objects: Any, budget: str = "oncology-records") -> Ledger:
+    found = objects.get_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", budget
     )
-    return Ledger.from_wire(budget["status"]["ledger"])
+    return Ledger.from_wire((found.get("status") or {}).get("ledger") or {})
+
+
+def _training_job(batch: client.BatchV1Api, name: str, typed: ConfidentialModelSpec) -> Any:
+    """The Job of the model's current training run, once the operator made it."""
+    return wait_for(
+        lambda: next(
+            (
+                j
+                for j in batch.list_namespaced_job(
+                    NAMESPACE, label_selector=f"app.kubernetes.io/instance={name}"
+                ).items
+                if j.metadata.name.endswith(run_id(typed))
+            ),
+            None,
+        ),
+        timeout=60,
+        what=f"the training Job of {name}",
+    )
 
 
 def _train_as_the_job(
@@ -96,20 +114,7 @@ def _train_as_the_job(
 ) -> tuple[Any, dict[str, Any]]:
     """Wait for this run's Job; run the trainer here with its arguments; return Job and result."""
     typed = ConfidentialModelSpec.model_validate(spec)
-    job = wait_for(
-        lambda: next(
-            (
-                j
-                for j in batch.list_namespaced_job(
-                    NAMESPACE, label_selector="app.kubernetes.io/instance=tumour-grader"
-                ).items
-                if j.metadata.name.endswith(run_id(typed))
-            ),
-            None,
-        ),
-        timeout=60,
-        what="the training Job",
-    )
+    job = _training_job(batch, "tumour-grader", typed)
     args = job.spec.template.spec.containers[0].args
     assert args == train_args(typed)
     run_veil(args, azure.operator_env())
@@ -117,8 +122,9 @@ def _train_as_the_job(
     return job, result
 
 
-def _serving(objects: Any, sha256: str) -> dict[str, Any] | None:
-    obj = _get(objects)
+def _serving(objects: Any, sha256: str, name: str = "tumour-grader") -> dict[str, Any] | None:
+    """The model, once Ready and serving the trained model with this sha256."""
+    obj = _model(objects, name)
     ready = next(
         (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {}
     )
@@ -330,20 +336,6 @@ def _own_data(objects: Any, oncology: Path, work: Path, budget: str) -> Path:
     return data
 
 
-def _ledger_of(objects: Any, budget: str) -> Ledger:
-    found = objects.get_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "privacybudgets", budget
-    )
-    return Ledger.from_wire((found.get("status") or {}).get("ledger") or {})
-
-
-def _model(objects: Any, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = objects.get_namespaced_custom_object(
-        API_GROUP, API_VERSION, NAMESPACE, "confidentialmodels", name
-    )
-    return found
-
-
 def test_an_mlp_is_claimed_trained_by_dpsgd_sealed_and_served(
     objects: Any,
     azure: AzureDoubles,
@@ -360,20 +352,7 @@ def test_an_mlp_is_claimed_trained_by_dpsgd_sealed_and_served(
     )
     typed = ConfidentialModelSpec.model_validate(spec)
     batch = client.BatchV1Api(api)
-    job = wait_for(
-        lambda: next(
-            (
-                j
-                for j in batch.list_namespaced_job(
-                    NAMESPACE, label_selector="app.kubernetes.io/instance=tumour-net"
-                ).items
-                if j.metadata.name.endswith(run_id(typed))
-            ),
-            None,
-        ),
-        timeout=60,
-        what="the DP-SGD training Job",
-    )
+    job = _training_job(batch, "tumour-net", typed)
     (container,) = job.spec.template.spec.containers
     assert container.args == train_args(typed)
     assert "--dataset-rows" in container.args
@@ -389,7 +368,7 @@ def test_an_mlp_is_claimed_trained_by_dpsgd_sealed_and_served(
     assert result["onnx"]["check"]["drawnFrom"] == "publicBounds"
 
     obj = wait_for(
-        lambda: _serving_named(objects, "tumour-net", result["sealed"]["sha256"]),
+        lambda: _serving(objects, result["sealed"]["sha256"], "tumour-net"),
         timeout=120,
         what="the DP-SGD model served",
     )
@@ -399,22 +378,13 @@ def test_an_mlp_is_claimed_trained_by_dpsgd_sealed_and_served(
     fetch = deployment.spec.template.spec.init_containers[0].args
     assert fetch[fetch.index("--sha256") + 1] == result["sealed"]["sha256"]
     # The budget was charged exactly what the trainer spent: the DP-SGD event and the estimate.
-    claim = _ledger_of(objects, "oncology-net").claims[
+    claim = _ledger(objects, "oncology-net").claims[
         f"{obj['metadata']['uid']}.{obj['status']['trainingRun']}"
     ]
     assert claim.state == "Consumed"
     assert [m.model_dump(mode="json", by_alias=True) for m in claim.mechanisms] == result[
         "mechanisms"
     ]
-
-
-def _serving_named(objects: Any, name: str, sha256: str) -> dict[str, Any] | None:
-    obj = _model(objects, name)
-    ready = next(
-        (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {}
-    )
-    trained = obj.get("status", {}).get("trainedModel") or {}
-    return obj if ready.get("status") == "True" and trained.get("sha256") == sha256 else None
 
 
 @pytest.mark.parametrize(
@@ -479,7 +449,7 @@ def test_workers_wait_for_the_training_operator_then_run_as_a_pytorchjob(
 
     ready = wait_for(stalled, timeout=60, what="TrainingOperatorNotInstalled")
     assert "install the Kubeflow training operator" in ready["message"]
-    assert _ledger_of(objects, "oncology-ddp").claims == {}, "claimed without a way to train"
+    assert _ledger(objects, "oncology-ddp").claims == {}, "claimed without a way to train"
 
     # The training operator's own CRD, from its Go module: then the run goes ahead.
     crd = subprocess.run(
@@ -524,7 +494,7 @@ def test_workers_wait_for_the_training_operator_then_run_as_a_pytorchjob(
         "kubernetes.azure.com/security-type": "ConfidentialVM"
     }
     uid = _model(objects, "tumour-ddp")["metadata"]["uid"]
-    (claim,) = _ledger_of(objects, "oncology-ddp").claims.values()
+    (claim,) = _ledger(objects, "oncology-ddp").claims.values()
     assert claim.state == "Consumed"
     plan = spec_plan(typed.training)
     assert plan is not None
@@ -534,4 +504,4 @@ def test_workers_wait_for_the_training_operator_then_run_as_a_pytorchjob(
         "noiseMultiplier": plan.noise_multiplier,
         "steps": plan.steps,
     }
-    assert f"{uid}." in next(iter(_ledger_of(objects, "oncology-ddp").claims))
+    assert f"{uid}." in next(iter(_ledger(objects, "oncology-ddp").claims))
