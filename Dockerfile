@@ -51,56 +51,17 @@ RUN /opt/veil/bin/pip wheel --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-lin
  && /opt/veil/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
       --target /opt/veil-app veil
 
-# --- trainer-builder: the same virtualenv plus torch and Opacus (the dpsgd extra) ---------------
+# --- trainer-builder: the builder's virtualenv plus torch and Opacus (the dpsgd extra) ----------
 # A few GB (torch from PyPI is the CUDA build), so only the trainer image carries them.
-FROM ${PYTHON_IMAGE} AS trainer-builder
-ARG WHEELHOUSE=wheelhouse
+FROM builder AS trainer-builder
 ARG PIP_OFFLINE=
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-WORKDIR /src
-COPY --from=builder /opt/veil /opt/veil
-COPY pyproject.toml ${WHEELHOUSE}* /wheels/
-COPY pyproject.toml ./
 RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dpsgd"], sep="\n")' \
       > dpsgd.txt \
  && /opt/veil/bin/pip install --no-cache-dir ${PIP_OFFLINE:+--no-index} --find-links /wheels \
       -r dpsgd.txt
 
-# --- trainer: `veil train` with the DP-SGD families (mlp, cnn), on CPU or NVIDIA GPUs ----------
-#   docker build --target trainer -t veil-trainer .
-FROM ${PYTHON_IMAGE} AS trainer
-ARG VERSION=0.1.0
-LABEL org.opencontainers.image.title="veil-trainer" \
-      org.opencontainers.image.description="Veil's DP trainer with torch and Opacus (DP-SGD)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid 65532 veil \
- && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin veil \
- && if python -m pip --version >/dev/null 2>&1; then \
-      python -m pip uninstall --yes pip setuptools wheel; fi \
- && rm -rf /root/.cache
-COPY --from=trainer-builder /opt/veil /opt/veil
-COPY --from=builder /opt/veil-app /opt/veil-app
-RUN /opt/veil/bin/python -m pip uninstall --yes pip
-ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
-    PYTHONPATH=/opt/veil-app \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
-USER 65532:65532
-ENTRYPOINT ["veil"]
-CMD ["train", "--help"]
-
-# --- final (the default target): the interpreter, the virtualenv, nothing to build or fetch with
-FROM ${PYTHON_IMAGE}
-ARG VERSION=0.1.0
-LABEL org.opencontainers.image.title="veil" \
-      org.opencontainers.image.description="Veil: a Kubernetes operator for confidential AI workloads" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
+# --- runtime: what both images run on: the interpreter, the non-root user, no pip ---------------
+FROM ${PYTHON_IMAGE} AS runtime
 # UID/GID 65532, as distroless' nonroot: the chart's runAsUser and Pod Security `restricted`.
 RUN groupadd --system --gid 65532 veil \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
@@ -108,6 +69,34 @@ RUN groupadd --system --gid 65532 veil \
  && if python -m pip --version >/dev/null 2>&1; then \
       python -m pip uninstall --yes pip setuptools wheel; fi \
  && rm -rf /root/.cache
+ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
+    PYTHONPATH=/opt/veil-app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+
+# --- trainer: `veil train` with the DP-SGD families (mlp, cnn), on CPU or NVIDIA GPUs ----------
+#   docker build --target trainer -t veil-trainer .
+FROM runtime AS trainer
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="veil-trainer" \
+      org.opencontainers.image.description="Veil's DP trainer with torch and Opacus (DP-SGD)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=trainer-builder /opt/veil /opt/veil
+COPY --from=builder /opt/veil-app /opt/veil-app
+RUN /opt/veil/bin/python -m pip uninstall --yes pip
+USER 65532:65532
+ENTRYPOINT ["veil"]
+CMD ["train", "--help"]
+
+# --- final (the default target): the interpreter, the virtualenv, nothing to build or fetch with
+FROM runtime
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="veil" \
+      org.opencontainers.image.description="Veil: a Kubernetes operator for confidential AI workloads" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=builder /opt/veil /opt/veil
 COPY --from=builder /opt/veil-app /opt/veil-app
 # The virtualenv's own pip: nothing installs at run time.
@@ -123,11 +112,6 @@ RUN if ! command -v tpm2_quote >/dev/null; then \
            tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \
       && rm -rf /var/lib/apt/lists/*; \
     fi
-ENV PATH=/opt/veil-app/bin:/opt/veil/bin:$PATH \
-    PYTHONPATH=/opt/veil-app \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
 USER 65532:65532
 # 8080 Prometheus metrics, 8081 liveness (veil run); `veil serve` listens where its pod says.
 EXPOSE 8080 8081
