@@ -392,7 +392,7 @@ state = "{RUN_DIR / "containerd" / "state"}"
         else:
             raise NodeError("containerd did not answer on its socket within 30s")
         remove_containers()
-        present = _ctr("images", "list", "--quiet").split()
+        present = self.images_in_store()
         for image in self.images.values():
             if image.reference not in present:
                 self.import_image(image.archive)
@@ -401,8 +401,8 @@ state = "{RUN_DIR / "containerd" / "state"}"
     def images_in_store(self) -> dict[str, str]:
         """Every image name in the node's containerd (the CRI's namespace), with the digest of
         the manifest it names."""
-        rows = _ctr("images", "list").splitlines()[1:]
-        return {row.split()[0]: row.split()[2] for row in rows if row.strip()}
+        rows = [row.split() for row in _ctr("images", "list").splitlines()[1:]]
+        return {row[0]: row[2] for row in rows if row}
 
     def import_image(self, archive: Path) -> None:
         """Import an OCI archive under the names its index gives (not unpacked until used)."""

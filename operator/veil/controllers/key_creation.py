@@ -22,9 +22,9 @@ from typing import Any
 from kubernetes.dynamic.exceptions import ConflictError
 
 from veil import API_GROUP, API_VERSION
+from veil.api.confidential_model import ConfidentialModel
 from veil.kube import apply
 
-KIND = "ConfidentialModel"
 ANNOTATION = f"{API_GROUP}/key-creation"
 LEASE_SECONDS = 60.0
 # This process: a pod's hostname is its name; the pid tells apart operators on one host.
@@ -81,7 +81,8 @@ def claim(
         if left > 0:
             raise KeyCreationClaimedError(
                 f"another Veil operator ({held.by}) is creating this model's key version; "
-                f"this one checks again in {max(1, round(left))} s",
+                f"this one checks for it every few seconds, and takes over if its claim "
+                f"lapses (in {max(1, round(left))} s)",
                 retry_after=min(left, 5.0),
             )
     patch = {
@@ -93,7 +94,11 @@ def claim(
     }
     try:
         written = apply.patch_object(
-            f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["namespace"], patch
+            f"{API_GROUP}/{API_VERSION}",
+            ConfidentialModel.kind_name,
+            meta["name"],
+            meta["namespace"],
+            patch,
         )
     except ConflictError:
         raise KeyCreationClaimedError(
